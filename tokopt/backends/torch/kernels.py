@@ -1,0 +1,208 @@
+"""Eager torch implementations of every built-in op: the numerical definition of the IR.
+
+Kernels are plain functions registered per op name; plugins that declare new ops
+register a kernel here too.  They favour clarity over speed — this is the oracle
+backends and passes are checked against — and compute in the executor's dtype (fp32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from tokopt.optimizer.errors import UnsupportedOpError
+from tokopt.optimizer.graph import Node
+
+if TYPE_CHECKING:
+    from tokopt.backends.torch.kv_cache import KVCache
+
+
+@dataclass
+class StepContext:
+    """What a kernel may need beyond its inputs: weights, positions and the cache."""
+
+    weights: Callable[[str], torch.Tensor]
+    positions: torch.Tensor  # (seq,) absolute positions of this step's tokens
+    input_ids: torch.Tensor
+    cache: KVCache | None
+
+
+Kernel = Callable[[Node, list[torch.Tensor], StepContext], torch.Tensor]
+KERNELS: dict[str, Kernel] = {}
+
+
+def kernel(op: str) -> Callable[[Kernel], Kernel]:
+    def deco(fn: Kernel) -> Kernel:
+        KERNELS[op] = fn
+        return fn
+    return deco
+
+
+def get_kernel(op: str) -> Kernel:
+    try:
+        return KERNELS[op]
+    except KeyError:
+        raise UnsupportedOpError(f"the torch reference executor has no kernel for op {op!r}") from None
+
+
+def _w(node: Node, ctx: StepContext, role: str) -> torch.Tensor | None:
+    name = node.params.get(role)
+    return ctx.weights(name) if name is not None else None
+
+
+@kernel("Input")
+def _input(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    if node.attrs["kind"] == "input_ids":
+        return ctx.input_ids
+    if node.attrs["kind"] == "position_ids":
+        return ctx.positions.unsqueeze(0).expand(ctx.input_ids.shape[0], -1)
+    raise UnsupportedOpError(f"unknown graph input kind {node.attrs['kind']!r}")
+
+
+@kernel("Embedding")
+def _embedding(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return F.embedding(ins[0], _w(node, ctx, "weight"))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@kernel("RMSNorm")
+def _rms_norm(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return rms_norm(ins[0], _w(node, ctx, "weight"), node.attrs["eps"])
+
+
+@kernel("LayerNorm")
+def _layer_norm(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    w = _w(node, ctx, "weight")
+    return F.layer_norm(ins[0], w.shape, w, _w(node, ctx, "bias"), node.attrs["eps"])
+
+
+@kernel("Linear")
+def _linear(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return F.linear(ins[0], _w(node, ctx, "weight"), _w(node, ctx, "bias"))
+
+
+def activation(kind: str, x: torch.Tensor) -> torch.Tensor:
+    if kind == "silu":
+        return F.silu(x)
+    if kind == "gelu":
+        return F.gelu(x)
+    if kind == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if kind == "relu":
+        return F.relu(x)
+    raise UnsupportedOpError(f"unknown activation {kind!r}")
+
+
+@kernel("Activation")
+def _activation(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return activation(node.attrs["kind"], ins[0])
+
+
+@kernel("Add")
+def _add(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return ins[0] + ins[1]
+
+
+@kernel("Mul")
+def _mul(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return ins[0] * ins[1]
+
+
+@kernel("MoE")
+def _moe(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    a = node.attrs
+    x = ins[0]
+    flat = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(F.linear(flat, _w(node, ctx, "router")).float(), dim=-1)
+    weights, experts = torch.topk(probs, a["top_k"], dim=-1)
+    if a["norm_topk_prob"]:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(x.dtype)
+    gate, up, down = (_w(node, ctx, r) for r in ("experts.gate", "experts.up", "experts.down"))
+    out = torch.zeros_like(flat)
+    for e in torch.unique(experts).tolist():
+        rows, slot = torch.nonzero(experts == e, as_tuple=True)
+        h = flat[rows]
+        y = F.linear(activation(a["activation"], F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])
+        out.index_add_(0, rows, y * weights[rows, slot, None])
+    if "shared.gate" in node.params:
+        h = activation(a["activation"], F.linear(flat, _w(node, ctx, "shared.gate"))) * F.linear(flat, _w(node, ctx, "shared.up"))
+        shared = F.linear(h, _w(node, ctx, "shared.down"))
+        if a.get("shared_gate"):
+            shared = torch.sigmoid(F.linear(flat, _w(node, ctx, "shared_gate"))) * shared
+        out = out + shared
+    return out.reshape(x.shape)
+
+
+def rope_tables(rope: dict, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape (seq, rotary_dim) for absolute ``positions`` (HF half-rotation layout)."""
+    inv_freq = torch.tensor(rope["inv_freq"], dtype=torch.float32)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    factor = rope.get("attention_factor", 1.0)
+    return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` features of x (batch, heads, seq, dim)."""
+    rd = cos.shape[-1]
+    xr, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    return torch.cat([xr * cos + rotated * sin, rest], dim=-1)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """Boolean (q, k) mask: causal, then sliding window keeping the first ``sinks`` positions."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = diff >= 0 if attrs.get("causal", True) else torch.ones_like(diff, dtype=torch.bool)
+    window = attrs.get("window")
+    if window:
+        in_window = diff < window
+        sinks = int(attrs.get("sinks") or 0)
+        if sinks:
+            in_window = in_window | (k_pos[None, :] < sinks)
+        allowed = allowed & in_window
+    return allowed
+
+
+@kernel("Attention")
+def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    a = node.attrs
+    q, k, v = ins
+    bsz, seq, _ = q.shape
+    h, kvh, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    q = q.view(bsz, seq, h, d).transpose(1, 2)
+    k = k.view(bsz, seq, kvh, d).transpose(1, 2)
+    v = v.view(bsz, seq, kvh, d).transpose(1, 2)
+    if a.get("qk_norm"):
+        q = rms_norm(q, _w(node, ctx, "q_norm"), a["qk_norm"]["eps"])
+        k = rms_norm(k, _w(node, ctx, "k_norm"), a["qk_norm"]["eps"])
+    if a.get("rope"):
+        cos, sin = rope_tables(a["rope"], ctx.positions, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_pos = ctx.positions
+    if ctx.cache is not None:
+        layer = ctx.cache.layer(node.name)
+        layer.append(k, v, ctx.positions)
+        k, v, k_pos = layer.k, layer.v, layer.positions
+    if kvh != h:
+        k = k.repeat_interleave(h // kvh, dim=1)
+        v = v.repeat_interleave(h // kvh, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * a["scale"]
+    if a.get("softcap"):
+        scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
+    mask = attention_mask(ctx.positions, k_pos, a)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = probs @ v
+    return out.transpose(1, 2).reshape(bsz, seq, h * d)

@@ -1,0 +1,56 @@
+"""Lazy access to a Hugging Face checkpoint's tensors.
+
+safetensors files are opened memory-mapped and each tensor becomes a
+:class:`~tokopt.optimizer.weights.LazyTensor`; nothing is read until used.  Legacy
+``pytorch_model*.bin`` files load with ``weights_only=True`` (no pickled code runs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tokopt.optimizer.errors import ModelSourceError
+from tokopt.optimizer.weights import LazyTensor, dtype_name
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+              "I8": "int8", "U8": "uint8", "BOOL": "bool", "F64": "float64"}
+
+
+def _safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def _load_safetensor(path: Path, key: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, LazyTensor]:
+    """All tensors of the checkpoint in ``model_dir``, by their checkpoint names."""
+    tensors: dict[str, LazyTensor] = {}
+    files = _safetensor_files(model_dir)
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtype = _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower())
+                tensors[key] = LazyTensor(tuple(sl.get_shape()), dtype,
+                                          lambda p=path, k=key: _load_safetensor(p, k))
+    if files:
+        return tensors
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    if not bins:
+        raise ModelSourceError(f"{model_dir} has no *.safetensors or pytorch_model*.bin weights")
+    for path in bins:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for key, value in state.items():
+            tensors[key] = LazyTensor(tuple(value.shape), dtype_name(value.dtype), lambda v=value: v)
+    return tensors

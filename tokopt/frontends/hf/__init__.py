@@ -1,0 +1,62 @@
+"""Hugging Face checkpoints → IR, one builder module per architecture.
+
+``ARCHITECTURES`` maps a config's ``model_type`` to its builder; plugins add more with
+:func:`register_architecture`.  Only the config and safetensors are read — no model
+code from the checkpoint ever runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from tokopt.frontends.checkpoint import read_checkpoint
+from tokopt.frontends.hf import gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3
+from tokopt.frontends.hf.builder import HFSource
+from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
+from tokopt.optimizer.graph import Graph
+
+Builder = Callable[[HFSource], Graph]
+
+ARCHITECTURES: dict[str, Builder] = {
+    "llama": llama.build,
+    "mistral": mistral.build,
+    "qwen2": qwen2.build,
+    "qwen3": qwen3.build,
+    "gpt2": gpt2.build,
+    "mixtral": mixtral.build,
+    "qwen2_moe": qwen2_moe.build,
+}
+
+
+def register_architecture(model_type: str, builder: Builder) -> None:
+    ARCHITECTURES[model_type] = builder
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise ModelSourceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_hf_directory(model_dir: Path) -> Graph:
+    """Build the IR for the checkpoint in ``model_dir``."""
+    config_dict = read_config(model_dir)
+    model_type = config_dict.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(supported_architectures())}")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    src = HFSource(model_dir, config, config_dict, read_checkpoint(model_dir))
+    return ARCHITECTURES[model_type](src)

@@ -1,0 +1,38 @@
+"""Exception types.  Every error a user can cause is a :class:`TokoptError`.
+
+The CLI turns a ``TokoptError`` into a one-line message and its ``exit_code``;
+anything else is a bug in tokopt (or a plugin) and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class TokoptError(Exception):
+    """Base class for errors caused by input the user can fix (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelSourceError(TokoptError):
+    """The model argument does not name a loadable model (missing path, unknown hub id…)."""
+
+
+class UnsupportedArchitectureError(TokoptError):
+    """The checkpoint's architecture (or one of its features) has no frontend builder."""
+
+
+class UnsupportedOpError(TokoptError):
+    """A backend or executor meets an op, or op attribute, it cannot run faithfully."""
+
+
+class VerificationError(TokoptError):
+    """The graph broke an IR invariant; ``stage`` names the frontend or pass that produced it."""
+
+    exit_code = 3
+
+    def __init__(self, problems: list[str], stage: str = "graph") -> None:
+        self.problems = problems
+        self.stage = stage
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(f"{stage} produced an invalid graph: {shown}{more}")

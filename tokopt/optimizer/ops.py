@@ -1,0 +1,247 @@
+"""Op kinds of the IR, each declared once: schema, shape inference and cost model.
+
+An :class:`OpSpec` says what an op consumes and produces, which attributes it takes
+(with defaults), which parameters it owns, how to infer its output types, and what it
+costs per decoded token.  Plugins declare new ops with :func:`register_op`; every
+consumer (verifier, executor, backends, reports) looks ops up here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tokopt.optimizer.errors import UnsupportedOpError
+from tokopt.optimizer.weights import DTYPE_BYTES, weight_nbytes, weight_shape
+
+if TYPE_CHECKING:
+    from tokopt.optimizer.graph import Graph, Node, TensorInfo
+
+InferFn = Callable[["Node", list["TensorInfo"], "Graph"], list["TensorInfo"]]
+CostFn = Callable[["Node", "Graph", int], int]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Declaration of one op kind.
+
+    ``flops`` returns forward FLOPs for one token whose KV context holds ``context``
+    tokens.  ``bytes_read`` returns parameter bytes one decoded token reads (an
+    embedding reads one row; an MoE reads only its routed experts).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Any]
+    params: tuple[str, ...]
+    infer: InferFn
+    flops: CostFn
+    doc: str
+    optional_params: tuple[str, ...] = ()
+    bytes_read: CostFn | None = None
+    variadic: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_OPS: dict[str, OpSpec] = {}
+
+
+def register_op(spec: OpSpec, *, replace: bool = False) -> None:
+    if spec.name in _OPS and not replace:
+        raise ValueError(f"op {spec.name!r} is already declared")
+    _OPS[spec.name] = spec
+
+
+def get_op(name: str) -> OpSpec:
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise UnsupportedOpError(f"unknown op {name!r}; declared ops: {', '.join(sorted(_OPS))}") from None
+
+
+def all_ops() -> dict[str, OpSpec]:
+    return dict(_OPS)
+
+
+def param_bytes(node: Node, graph: Graph, _context: int = 0) -> int:
+    return sum(weight_nbytes(graph.params[p]) for p in node.params.values())
+
+
+def _info(shape: tuple[int, ...], dtype: str = "float32") -> TensorInfo:
+    from tokopt.optimizer.graph import TensorInfo
+
+    return TensorInfo(tuple(shape), dtype)
+
+
+def _zero(_node: Node, _graph: Graph, _context: int = 0) -> int:
+    return 0
+
+
+def _same_as_first(node: Node, ins: list[TensorInfo], graph: Graph) -> list[TensorInfo]:
+    return [ins[0]]
+
+
+def _elementwise_flops(node: Node, graph: Graph, context: int = 0) -> int:
+    return math.prod(node.outputs[0].shape)
+
+
+# -- Input ----------------------------------------------------------------------------
+register_op(OpSpec(
+    "Input", (), ("value",), {"kind": "input_ids"}, (),
+    lambda n, ins, g: [_info((), "int64")], _zero,
+    "A graph input: token ids or position ids, shape (batch, seq).",
+))
+
+
+# -- Embedding ------------------------------------------------------------------------
+def _embedding_infer(node: Node, ins: list[TensorInfo], graph: Graph) -> list[TensorInfo]:
+    return [_info((weight_shape(graph.params[node.params["weight"]])[1],))]
+
+
+def _embedding_bytes(node: Node, graph: Graph, _context: int = 0) -> int:
+    w = graph.params[node.params["weight"]]
+    return weight_nbytes(w) // weight_shape(w)[0]
+
+
+register_op(OpSpec(
+    "Embedding", ("ids",), ("out",), {}, ("weight",), _embedding_infer, _zero,
+    "Row lookup in a (num_embeddings, dim) table; used for tokens and learned positions.",
+    bytes_read=_embedding_bytes,
+))
+
+
+# -- Norms ----------------------------------------------------------------------------
+register_op(OpSpec(
+    "RMSNorm", ("x",), ("out",), {"eps": 1e-6}, ("weight",), _same_as_first,
+    lambda n, g, c=0: 4 * n.outputs[0].shape[-1],
+    "x / sqrt(mean(x^2) + eps) * weight, over the last dimension.",
+))
+register_op(OpSpec(
+    "LayerNorm", ("x",), ("out",), {"eps": 1e-5}, ("weight",), _same_as_first,
+    lambda n, g, c=0: 8 * n.outputs[0].shape[-1],
+    "(x - mean) / sqrt(var + eps) * weight + bias, over the last dimension.",
+    optional_params=("bias",),
+))
+
+
+# -- Linear ---------------------------------------------------------------------------
+def _linear_infer(node: Node, ins: list[TensorInfo], graph: Graph) -> list[TensorInfo]:
+    out_f, _ = weight_shape(graph.params[node.params["weight"]])
+    return [_info((out_f,))]
+
+
+def _linear_flops(node: Node, graph: Graph, _context: int = 0) -> int:
+    out_f, in_f = weight_shape(graph.params[node.params["weight"]])
+    return 2 * out_f * in_f + (out_f if "bias" in node.params else 0)
+
+
+register_op(OpSpec(
+    "Linear", ("x",), ("out",), {}, ("weight",), _linear_infer, _linear_flops,
+    "y = x @ weight.T + bias; weight is (out_features, in_features), dense or quantized.",
+    optional_params=("bias",),
+))
+
+
+# -- Activation and elementwise ---------------------------------------------------------
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+register_op(OpSpec(
+    "Activation", ("x",), ("out",), {"kind": "silu"}, (), _same_as_first, _elementwise_flops,
+    f"Pointwise nonlinearity; kind is one of {', '.join(ACTIVATIONS)}.",
+))
+register_op(OpSpec("Mul", ("a", "b"), ("out",), {}, (), _same_as_first, _elementwise_flops,
+                   "Elementwise product."))
+register_op(OpSpec("Add", ("a", "b"), ("out",), {}, (), _same_as_first, _elementwise_flops,
+                   "Elementwise sum (residual connections)."))
+
+
+# -- Attention ------------------------------------------------------------------------
+DEFAULT_KV_CACHE = {
+    "layout": "BNSH",  # cache tensor layout: batch, kv heads, sequence, head dim
+    "dtype": "float32",  # element type of cached K/V
+    "storage": "dynamic",  # dynamic (grows), static (pre-allocated max_len), paged
+    "block_size": None,  # tokens per page when paged
+    "scale_bytes_per_token": 0,  # quantization scales stored per cached token (all heads, K+V)
+}
+
+
+def _attention_infer(node: Node, ins: list[TensorInfo], graph: Graph) -> list[TensorInfo]:
+    a = node.attrs
+    return [_info((a["num_heads"] * a["head_dim"],))]
+
+
+def _attention_flops(node: Node, graph: Graph, context: int = 1) -> int:
+    a = node.attrs
+    span = attended_span(a, context)
+    # QK^T and PV: 2 * 2 * heads * head_dim * span
+    return 4 * a["num_heads"] * a["head_dim"] * span
+
+
+def attended_span(attrs: dict[str, Any], context: int) -> int:
+    """Keys one query at position ``context - 1`` attends to (window- and sink-aware)."""
+    window = attrs.get("window")
+    if not window:
+        return context
+    return min(context, window + int(attrs.get("sinks") or 0))
+
+
+def kv_bytes_per_token(attrs: dict[str, Any]) -> float:
+    """Bytes one cached token costs in this attention layer (K and V, all KV heads)."""
+    cache = attrs["kv_cache"]
+    elem = DTYPE_BYTES[cache["dtype"]]
+    return 2 * attrs["num_kv_heads"] * attrs["head_dim"] * elem + cache.get("scale_bytes_per_token", 0)
+
+
+register_op(OpSpec(
+    "Attention", ("q", "k", "v"), ("out",),
+    {
+        "num_heads": None, "num_kv_heads": None, "head_dim": None, "scale": None,
+        "rope": None,  # {"theta", "type", "rotary_dim", "interleaved", "inv_freq", "attention_factor"}
+        "qk_norm": None,  # {"eps"} when q_norm/k_norm params normalise each head
+        "causal": True, "window": None, "sinks": 0, "softcap": None,
+        "kv_cache": DEFAULT_KV_CACHE, "layer_index": 0,
+    },
+    (), _attention_infer, _attention_flops,
+    "Scaled dot-product attention over projected q (heads*head_dim), k and v (kv_heads*head_dim), "
+    "with RoPE, optional per-head q/k RMSNorm, causal mask, sliding window with sink tokens, "
+    "logit softcap, and a KV cache described by kv_cache.",
+    optional_params=("q_norm", "k_norm"),
+))
+
+
+# -- MoE ------------------------------------------------------------------------------
+def _moe_flops(node: Node, graph: Graph, _context: int = 0) -> int:
+    a = node.attrs
+    hidden, inter = a["hidden_size"], a["intermediate_size"]
+    flops = 2 * hidden * a["num_experts"] + a["top_k"] * 3 * 2 * hidden * inter
+    if a.get("shared_intermediate_size"):
+        flops += 3 * 2 * hidden * a["shared_intermediate_size"] + 2 * hidden
+    return flops
+
+
+def _moe_bytes(node: Node, graph: Graph, _context: int = 0) -> int:
+    a = node.attrs
+    total = 0
+    for role, pname in node.params.items():
+        nbytes = weight_nbytes(graph.params[pname])
+        if role.startswith("experts."):
+            nbytes = nbytes * a["top_k"] // a["num_experts"]
+        total += nbytes
+    return total
+
+
+register_op(OpSpec(
+    "MoE", ("x",), ("out",),
+    {"num_experts": None, "top_k": None, "hidden_size": None, "intermediate_size": None,
+     "norm_topk_prob": True, "activation": "silu", "shared_intermediate_size": None,
+     "shared_gate": False},
+    ("router", "experts.gate", "experts.up", "experts.down"),
+    _same_as_first, _moe_flops,
+    "Top-k routed mixture of gated-MLP experts: softmax router, top_k selection (renormalised "
+    "when norm_topk_prob), experts stacked as (E, I, H) gate/up and (E, H, I) down, and an "
+    "optional shared expert (shared.gate/up/down) scaled by sigmoid(shared_gate).",
+    optional_params=("shared.gate", "shared.up", "shared.down", "shared_gate"),
+    bytes_read=_moe_bytes,
+))

@@ -1,0 +1,171 @@
+"""Parameter values: dense tensors, lazily loaded tensors and quantized weights.
+
+Weights stay on disk (memory-mapped safetensors) until an executor or a pass touches
+them, so ``tokopt inspect`` of a large checkpoint costs no RAM.  A quantized weight is
+its own value type holding the packed integers, scales and zero points, so analytic
+metrics count the bytes that are really stored and every backend sees the real format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPE_BYTES: dict[str, float] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int4": 0.5,
+    "uint4": 0.5, "int64": 8, "int32": 4,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` → ``"float32"``: the IR names dtypes with plain strings."""
+    return str(dtype).removeprefix("torch.")
+
+
+class LazyTensor:
+    """A tensor whose shape and dtype are known but whose data loads on first use.
+
+    ``loader`` is called at most once; derived views (slices, transposes) are new
+    ``LazyTensor`` objects whose loader applies the transform to the parent's data.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, loader: Callable[[], torch.Tensor]):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtype
+        self._loader = loader
+        self._value: torch.Tensor | None = None
+
+    def materialize(self) -> torch.Tensor:
+        if self._value is None:
+            value = self._loader()
+            if tuple(value.shape) != self.shape:
+                raise ValueError(f"lazy tensor loaded shape {tuple(value.shape)}, expected {self.shape}")
+            self._value = value
+        return self._value
+
+    def derive(self, shape: tuple[int, ...], fn: Callable[[torch.Tensor], torch.Tensor]) -> LazyTensor:
+        """A lazy view: ``fn`` applied to this tensor's data when first needed."""
+        return LazyTensor(shape, self.dtype, lambda: fn(self.materialize()))
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._value is not None else "lazy"
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype}, {state})"
+
+
+@dataclass
+class QuantizedWeight:
+    """A 2-D ``(out_features, in_features)`` weight stored as low-bit integers.
+
+    Codes ``q`` are unsigned in ``[0, 2**bits)`` and grouped along the input dimension:
+    ``w[o, i] = (q[o, i] - zero[o, g]) * scale[o, g]`` with ``g = i // group_size``.
+    For 4 bits two codes share a byte, element ``2j`` in the low nibble (the layout of
+    onnxruntime's ``MatMulNBits``).  Symmetric quantization stores no zero points; the
+    implied zero is ``2**(bits-1)``.
+    """
+
+    packed: torch.Tensor  # uint8, (out, in * bits / 8)
+    scales: torch.Tensor  # float, (out, n_groups)
+    zero_points: torch.Tensor | None  # uint8 (out, n_groups) or None when symmetric
+    bits: int
+    group_size: int  # == in_features for per-channel
+    shape: tuple[int, int]
+    method: str = "rtn"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.shape[1] / self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        total = self.packed.numel() * self.packed.element_size()
+        total += self.scales.numel() * self.scales.element_size()
+        if self.zero_points is not None:
+            total += self.zero_points.numel() * self.zero_points.element_size()
+        return total
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked integer codes, ``(out, in)`` int16."""
+        return unpack_codes(self.packed, self.bits, self.shape[1])
+
+    def zeros(self) -> torch.Tensor:
+        if self.zero_points is not None:
+            return self.zero_points.to(torch.float32)
+        return torch.full_like(self.scales, float(2 ** (self.bits - 1)), dtype=torch.float32)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out_f, in_f = self.shape
+        q = self.codes().to(torch.float32)
+        scale = self.scales.to(torch.float32).repeat_interleave(self.group_size, dim=1)[:, :in_f]
+        zero = self.zeros().repeat_interleave(self.group_size, dim=1)[:, :in_f]
+        return ((q - zero) * scale).to(dtype).reshape(out_f, in_f)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``(out, in)`` integer codes into uint8 bytes along the last dimension."""
+    codes = codes.to(torch.uint8)
+    if bits == 8:
+        return codes.contiguous()
+    if bits == 4:
+        if codes.shape[-1] % 2:
+            codes = torch.nn.functional.pad(codes, (0, 1))
+        low, high = codes[..., 0::2], codes[..., 1::2]
+        return (low | (high << 4)).contiguous()
+    raise ValueError(f"cannot pack {bits}-bit codes; supported: 4, 8")
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`; returns int16 codes of width ``in_features``."""
+    if bits == 8:
+        return packed.to(torch.int16)
+    if bits == 4:
+        low = (packed & 0x0F).to(torch.int16)
+        high = (packed >> 4).to(torch.int16)
+        return torch.stack([low, high], dim=-1).flatten(-2)[..., :in_features]
+    raise ValueError(f"cannot unpack {bits}-bit codes; supported: 4, 8")
+
+
+Weight = torch.Tensor | LazyTensor | QuantizedWeight
+
+
+def weight_shape(w: Weight) -> tuple[int, ...]:
+    return tuple(w.shape)
+
+
+def weight_numel(w: Weight) -> int:
+    return math.prod(weight_shape(w))
+
+
+def weight_nbytes(w: Weight) -> int:
+    """Bytes as stored (packed data + scales + zero points for quantized weights)."""
+    if isinstance(w, QuantizedWeight):
+        return w.nbytes
+    if isinstance(w, LazyTensor):
+        return int(math.prod(w.shape) * DTYPE_BYTES[w.dtype])
+    return w.numel() * w.element_size()
+
+
+def weight_dtype(w: Weight) -> str:
+    if isinstance(w, QuantizedWeight):
+        return f"int{w.bits}"
+    if isinstance(w, LazyTensor):
+        return w.dtype
+    return dtype_name(w.dtype)
+
+
+def materialize(w: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A dense tensor for ``w``; quantized weights are dequantized exactly."""
+    if isinstance(w, QuantizedWeight):
+        t = w.dequantize(dtype or torch.float32)
+    elif isinstance(w, LazyTensor):
+        t = w.materialize()
+    else:
+        t = w
+    return t.to(dtype) if dtype is not None and t.dtype != dtype else t

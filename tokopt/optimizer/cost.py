@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from tokopt.optimizer.graph import Graph
 from tokopt.optimizer.ops import attended_span, get_op, kv_bytes_per_token, param_bytes
-from tokopt.optimizer.weights import weight_numel, weight_nbytes
+from tokopt.optimizer.weights import weight_nbytes, weight_numel
 
 DEFAULT_CONTEXTS = (512, 2048, 8192, 32768)
 

@@ -36,3 +36,31 @@ class VerificationError(TokoptError):
         shown = "; ".join(problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         super().__init__(f"{stage} produced an invalid graph: {shown}{more}")
+
+
+class PassOptionError(TokoptError):
+    """A pass was given an unknown option or an invalid value (the message lists valid ones)."""
+
+
+class PreconditionError(TokoptError):
+    """A pass cannot apply to this model or pipeline (e.g. expert pruning on a dense model)."""
+
+
+class BackendUnavailableError(TokoptError):
+    """The backend cannot run here (missing package or hardware); the message says which."""
+
+
+class BackendRefusalError(TokoptError):
+    """The backend cannot express something the graph requires (e.g. sinks, a KV dtype)."""
+
+
+class ParityError(TokoptError):
+    """A lowered artifact's logits disagree with the reference executor: nothing is shipped."""
+
+    exit_code = 4
+
+
+class PluginError(TokoptError):
+    """A plugin failed to load or crashed; the message names the plugin."""
+
+    exit_code = 5

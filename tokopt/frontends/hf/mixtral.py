@@ -1,7 +1,11 @@
 """Mixtral: llama attention with a sparse mixture of SwiGLU experts (top-k, renormalised)."""
 
 from tokopt.frontends.hf.builder import GraphBuilder, HFSource
-from tokopt.frontends.hf.llama_like import LlamaLikeSpec, build_llama_like, sliding_windows_from_config
+from tokopt.frontends.hf.llama_like import (
+    LlamaLikeSpec,
+    build_llama_like,
+    sliding_windows_from_config,
+)
 from tokopt.frontends.hf.moe import expert_params, moe_node
 from tokopt.optimizer.graph import Graph, Value
 

@@ -1,7 +1,11 @@
 """Qwen2: llama with biases on the q/k/v projections and optional per-layer sliding windows."""
 
 from tokopt.frontends.hf.builder import HFSource
-from tokopt.frontends.hf.llama_like import LlamaLikeSpec, build_llama_like, sliding_windows_from_config
+from tokopt.frontends.hf.llama_like import (
+    LlamaLikeSpec,
+    build_llama_like,
+    sliding_windows_from_config,
+)
 from tokopt.optimizer.graph import Graph
 
 

@@ -5,7 +5,12 @@ dense SwiGLU MLP, exactly as transformers builds them.
 """
 
 from tokopt.frontends.hf.builder import GraphBuilder, HFSource
-from tokopt.frontends.hf.llama_like import LlamaLikeSpec, build_llama_like, dense_mlp, sliding_windows_from_config
+from tokopt.frontends.hf.llama_like import (
+    LlamaLikeSpec,
+    build_llama_like,
+    dense_mlp,
+    sliding_windows_from_config,
+)
 from tokopt.frontends.hf.moe import expert_params, moe_node
 from tokopt.optimizer.graph import Graph, Value
 

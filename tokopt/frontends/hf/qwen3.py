@@ -1,7 +1,11 @@
 """Qwen3: llama with per-head RMSNorm on queries and keys (q_norm/k_norm) before RoPE."""
 
 from tokopt.frontends.hf.builder import HFSource
-from tokopt.frontends.hf.llama_like import LlamaLikeSpec, build_llama_like, sliding_windows_from_config
+from tokopt.frontends.hf.llama_like import (
+    LlamaLikeSpec,
+    build_llama_like,
+    sliding_windows_from_config,
+)
 from tokopt.optimizer.graph import Graph
 
 

@@ -64,7 +64,8 @@ def bytes_read_per_token(graph: Graph) -> int:
     return total
 
 
-def static_metrics(graph: Graph, contexts: tuple[int, ...] = DEFAULT_CONTEXTS, flops_context: int = 512) -> StaticMetrics:
+def static_metrics(graph: Graph, contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
+                   flops_context: int = 512) -> StaticMetrics:
     n = count_params(graph)
     wb = weight_bytes(graph)
     return StaticMetrics(

@@ -46,7 +46,8 @@ def _check_node(graph: Graph, node: Node) -> list[str]:
     for value in ins:
         producer = graph.node(value.node)
         if value.slot >= len(producer.outputs):
-            problems.append(f"{node.name}: reads output {value.slot} of {value.node}, which has {len(producer.outputs)}")
+            problems.append(f"{node.name}: reads output {value.slot} of {value.node}, "
+                            f"which has {len(producer.outputs)}")
     for role in spec.params:
         if role not in node.params:
             problems.append(f"{node.name} ({node.op}): missing parameter {role!r}")
@@ -112,7 +113,8 @@ def _check_attention(graph: Graph, node: Node, ins: list) -> list[str]:
         problems.append(f"{node.name}: sinks without a window have no effect")
     rope = a.get("rope")
     if rope is not None and len(rope["inv_freq"]) * 2 != rope["rotary_dim"]:
-        problems.append(f"{node.name}: rope inv_freq has {len(rope['inv_freq'])} entries for rotary_dim {rope['rotary_dim']}")
+        problems.append(f"{node.name}: rope inv_freq has {len(rope['inv_freq'])} entries "
+                        f"for rotary_dim {rope['rotary_dim']}")
     for role in ("q_norm", "k_norm"):
         if role in node.params and weight_shape(graph.params[node.params[role]]) != (d,):
             problems.append(f"{node.name}: {role} weight must have shape ({d},)")

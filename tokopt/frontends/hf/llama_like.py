@@ -58,7 +58,8 @@ def build_llama_like(src: HFSource, architecture: str, spec: LlamaLikeSpec, mlp:
         h = b.rms_norm(f"{p}.input_norm", x, f"{ck}.input_layernorm.weight", eps)
 
         def proj(n: str, bias: bool, ck: str = ck, p: str = p, h: Value = h) -> Value:
-            return b.linear(f"{p}.attn.{n}", h, f"{ck}.self_attn.{n}.weight", f"{ck}.self_attn.{n}.bias" if bias else None)
+            bias_name = f"{ck}.self_attn.{n}.bias" if bias else None
+            return b.linear(f"{p}.attn.{n}", h, f"{ck}.self_attn.{n}.weight", bias_name)
 
         q, k, v = proj("q_proj", spec.qkv_bias), proj("k_proj", spec.qkv_bias), proj("v_proj", spec.qkv_bias)
         params = {}
@@ -67,7 +68,7 @@ def build_llama_like(src: HFSource, architecture: str, spec: LlamaLikeSpec, mlp:
             "scale": default_scale(head_dim), "rope": rope, "window": windows[i], "layer_index": i,
         }
         if spec.qk_norm:
-            params = {"q_norm": b.param(f"{ck}.self_attn.q_norm.weight"), "k_norm": b.param(f"{ck}.self_attn.k_norm.weight")}
+            params = {role: b.param(f"{ck}.self_attn.{role}.weight") for role in ("q_norm", "k_norm")}
             attrs["qk_norm"] = {"eps": float(eps)}
         a = b.attention(f"{p}.attn", q, k, v, attrs, params)
         o = b.linear(f"{p}.attn.o_proj", a, f"{ck}.self_attn.o_proj.weight",

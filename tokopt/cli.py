@@ -1,8 +1,19 @@
 """The ``tokopt`` command line.  Thin: parse, call the API, print, exit.
 
-Exit codes: 0 success; 1 a quality or speed gate failed; 2 bad usage or input (unknown
-model, unsupported architecture, invalid option); 3 a pass or frontend produced an
-invalid graph (a bug in it, named in the message).
+Exit codes (stable; build systems rely on them):
+
+- 0: success;
+- 1: a quality or speed gate failed (``--max-ppl-increase``, ``--max-kl``,
+  ``--min-decode-speedup``); the message names the gate and by how much, nothing is written;
+- 2: bad usage or input (unknown model, unsupported architecture, unknown pass or invalid
+  pass option — the message lists the valid ones —, an existing OUT without ``--force``);
+- 3: a pass or frontend produced an invalid graph (a bug in it, named in the message);
+- 4: a lowered artifact's logits disagree with the reference executor (nothing is written);
+- 5: a plugin failed to load or crashed (the message names the plugin and the pass).
+
+Commands: ``inspect``, ``generate``, ``optimize``, ``eval``, ``bench``, ``passes``,
+``backends``, ``doctor``.  ``--json`` gives machine-readable output on stdout; progress
+bars go to stderr and only when it is a terminal.
 """
 
 from __future__ import annotations
@@ -97,16 +108,269 @@ def inspect(model: str, as_json: bool, show_graph: bool) -> None:
 @click.option("--prompt", required=True, help="Text to continue (used verbatim, no chat template).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True, help="Print prompt and generated token ids as JSON.")
-def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool) -> None:
+@click.option("--passes", "passes_text", metavar="PIPELINE",
+              help="Passes to apply first, as in optimize (e.g. sparse-attention:window=256,sinks=4).")
+def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool, passes_text: str | None) -> None:
     """Greedy generation with the reference executor and its KV cache."""
     from tokopt.frontends import load_model
     from tokopt.generation import generate_text
 
-    result = generate_text(load_model(model), prompt, max_new_tokens)
+    graph = load_model(model)
+    if passes_text:
+        from tokopt.optimizer.pipeline import Pipeline
+
+        graph = Pipeline.parse(passes_text).run(graph)
+    result = generate_text(graph, prompt, max_new_tokens)
     if as_json:
         _emit_json({"prompt_ids": result.prompt_ids, "new_ids": result.new_ids, "text": result.text})
     else:
         click.echo(prompt + result.text)
+
+
+# -- optimize / eval / bench --------------------------------------------------------------------
+def _eval_tokens(text: str | None) -> dict[str, int]:
+    """``"8x512"`` -> {sequences: 8, seq_len: 512}."""
+    if not text:
+        return {}
+    seqs, sep, length = text.lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        return {"sequences": int(seqs), "seq_len": int(length)}
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write SEQUENCESxLENGTH, e.g. 8x512", param_hint="--eval-tokens") from None
+
+
+_eval_tokens_option = click.option(
+    "--eval-tokens", metavar="NxLEN", help="Evaluation sequences x tokens each (default 8x512).")
+_long_context_option = click.option(
+    "--long-context", type=click.IntRange(2), metavar="N",
+    help="Length of the long-context perplexity (default 2048); measured when a pass moves long_ppl.")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--passes", default=None, metavar="SPEC",
+              help='Pipeline, e.g. "quantize:bits=8,group_size=64,gqa:num_kv_heads=1" (lists use ";"). '
+                   '"" runs none (a baseline report). See `tokopt passes`.')
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), help="YAML/TOML recipe (passes, gates, eval).")
+@click.option("--backend", default=None, help="Target backend (default torch; `tokopt backends`), or none.")
+@click.option("-o", "--out", type=click.Path(), help="Output directory (written atomically).")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
+              help="Evaluation text file (default: Python standard-library docstrings).")
+@click.option("--calib-text", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration text file (default: docstrings of other standard-library modules).")
+@click.option("--dry-run", is_flag=True, help="Resolve and check the pipeline, then stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json (or the dry-run plan) on stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (only once the new one is complete).")
+@click.option("--max-ppl-increase", type=float, metavar="PCT", help="Gate: fail if perplexity rises more than PCT %.")
+@click.option("--max-kl", type=float, metavar="X", help="Gate: fail if mean KL(baseline||final) exceeds X nats.")
+@click.option("--min-decode-speedup", type=float, metavar="X", help="Gate: fail if decode is not X times faster.")
+@_eval_tokens_option
+@_long_context_option
+@click.option("--speed", "speed_mode", type=click.Choice(["auto", "artifact", "reference", "off"]), default="auto",
+              show_default=True, help="Where speed is measured: each stage's artifact, the reference executor, "
+                                      "or not at all.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passes' RNG.")
+def optimize(model: str, passes: str | None, recipe: str | None, backend: str | None, out: str | None,
+             eval_text: str | None, calib_text: str | None, dry_run: bool, as_json: bool, force: bool,
+             max_ppl_increase: float | None, max_kl: float | None, min_decode_speedup: float | None,
+             eval_tokens: str | None, long_context: int | None, speed_mode: str, seed: int) -> None:
+    """Run a pipeline of passes on MODEL, measure every stage, lower to a backend, write OUT.
+
+    OUT receives the artifact, report.json, report.md, report.html and the resolved
+    recipe.yaml, all at once; on any failure (including a failed gate) nothing is left.
+    """
+    from tokopt.optimizer.gates import Gates
+    from tokopt.optimizer.optimize import optimize as run_optimize
+    from tokopt.optimizer.report import format_table
+
+    if passes is None and recipe is None:
+        raise click.UsageError("give the pipeline with --passes SPEC (\"\" for none) or --recipe FILE")
+    eval_options = {**_eval_tokens(eval_tokens), "long_context": long_context}
+    result = run_optimize(
+        model, passes, recipe=recipe, backend=backend, out=out, eval_text=eval_text, calib_text=calib_text,
+        dry_run=dry_run, force=force, gates=Gates(max_ppl_increase, max_kl, min_decode_speedup),
+        eval_options=eval_options, speed=speed_mode, seed=seed)
+    if dry_run:
+        plan = result.plan or {}
+        if as_json:
+            _emit_json(plan)
+            return
+        click.echo(f"{model}: pipeline checks out ({len(plan['recipe']['passes'])} pass(es)); nothing was run")
+        for entry in plan["recipe"]["passes"]:
+            click.echo(f"  {entry['spec']}  [{entry['plugin']}]")
+        click.echo(f"  backend {plan['backend'] or 'none'}; speed on {plan['speed']}; eval "
+                   f"{plan['eval']['sequences']} x {plan['eval']['seq_len']} tokens of {plan['eval']['name']}"
+                   + ("; long-context ppl" if plan["long_context"] else ""))
+        return
+    if as_json:
+        _emit_json(result.report)
+    else:
+        click.echo(format_table(result.report))
+        if result.out is not None:
+            click.echo(f"wrote {result.out}")
+    error = result.gate_error()
+    if error is not None:
+        raise error
+
+
+@cli.command("eval")
+@click.argument("model_or_artifact")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),
+              help="Evaluation text file (default: Python standard-library docstrings).")
+@_eval_tokens_option
+@_long_context_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_command(model_or_artifact: str, eval_text: str | None, eval_tokens: str | None, long_context: int | None,
+                 as_json: bool) -> None:
+    """Perplexity of a model or a lowered artifact on the evaluation text.
+
+    The batches are those `tokopt optimize` uses, so the result equals a report's baseline ppl.
+    """
+    from tokopt.optimizer.optimize import evaluate
+
+    result = evaluate(model_or_artifact, eval_text, eval_options={**_eval_tokens(eval_tokens),
+                                                                  "long_context": long_context},
+                      long=long_context is not None)
+    if as_json:
+        _emit_json(result)
+        return
+    ev = result["eval"]
+    click.echo(f"{result['model']}: ppl {result['ppl']:.4f} on {ev['sequences']} x {ev['seq_len']} tokens of "
+               f"{ev['name']}")
+    if "long_ppl" in result:
+        click.echo(f"  long-context ppl {result['long_ppl']:.4f} at {ev['long_context']} tokens")
+
+
+@cli.command()
+@click.argument("model_or_artifact")
+@click.option("--backend", default=None,
+              help="Lower a model to this backend first (default: the reference executor; an artifact uses its own).")
+@click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--decode-tokens", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="The batched measurement's size.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def bench(model_or_artifact: str, backend: str | None, prompt_len: int, decode_tokens: int, batch: int,
+          as_json: bool) -> None:
+    """Prefill and decode tokens/s (batch 1 and a batch) and peak memory."""
+    from tokopt.optimizer.optimize import bench as run_bench
+
+    result = run_bench(model_or_artifact, backend, speed_options={"prompt_len": prompt_len,
+                                                                  "decode_tokens": decode_tokens,
+                                                                  "batch_size": batch})
+    if as_json:
+        _emit_json(result)
+        return
+    click.echo(f"{result['model']} on {result['backend']}")
+    rows = [("prefill tok/s (batch 1)", f"{result['prefill_tok_s']:.1f}"),
+            ("decode tok/s (batch 1)", f"{result['decode_tok_s']:.1f}")]
+    if "prefill_tok_s_batch" in result:
+        rows += [(f"prefill tok/s (batch {batch})", f"{result['prefill_tok_s_batch']:.1f}"),
+                 (f"decode tok/s (batch {batch})", f"{result['decode_tok_s_batch']:.1f}")]
+    if "decode_tok_s_bound" in result:
+        rows.append(("decode speed-of-light tok/s", f"{result['decode_tok_s_bound']:.1f}"))
+    rows.append(("peak RSS", _human_bytes(result["peak_rss_bytes"])))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"  {key:<{width}}  {value}")
+
+
+# -- passes / backends / doctor ---------------------------------------------------------------------
+def _describe_passes() -> tuple[list[dict[str, Any]], list[str]]:
+    from tokopt.passes.registry import get_pass_class, known_pass_names
+
+    described, problems = [], []
+    for name in known_pass_names():
+        try:
+            described.append(get_pass_class(name).describe())
+        except TokoptError as exc:  # a broken plugin must not hide the others
+            problems.append(str(exc))
+            described.append({"name": name, "error": str(exc)})
+    return described, problems
+
+
+@cli.command("passes")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def passes_command(as_json: bool) -> None:
+    """Every pass (built-in and plugin) with its options, requirements and documentation."""
+    described, problems = _describe_passes()
+    if as_json:
+        _emit_json(described)
+    else:
+        for info in described:
+            if "error" in info:
+                continue
+            click.echo(f"{info['name']}  [{info['plugin']}]  {info['summary']}")
+            if info["requires"] or info["moves"]:
+                needs, moves = ", ".join(info["requires"]) or "-", ", ".join(info["moves"]) or "-"
+                click.echo(f"    requires: {needs}; moves: {moves}"
+                           + ("" if info["changes_numerics"] else "; numerics unchanged"))
+            for opt in info["options"]:
+                choices = f" ({'/'.join(map(str, opt['choices']))})" if opt["choices"] else ""
+                click.echo(f"    {opt['name']}: {opt['type']}{choices} = {opt['default']!r}  {opt['doc']}")
+    for problem in problems:
+        click.echo(f"warning: {problem}", err=True)
+
+
+def _describe_backends() -> list[dict[str, Any]]:
+    from tokopt.backends.registry import get_backend, known_backend_names
+
+    out = []
+    for name in known_backend_names():
+        try:
+            out.append(get_backend(name).describe())
+        except Exception as exc:  # noqa: BLE001 - listing must survive one broken backend and say why
+            out.append({"name": name, "available": False, "reason": f"cannot load: {type(exc).__name__}: {exc}",
+                        "plugin": None})
+    return out
+
+
+@cli.command("backends")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backends_command(as_json: bool) -> None:
+    """Every backend and whether it is usable here (and why not)."""
+    described = _describe_backends()
+    if as_json:
+        _emit_json(described)
+        return
+    for info in described:
+        mark = "yes" if info["available"] else "no "
+        click.echo(f"{mark}  {info['name']:<12} [{info.get('plugin') or '?'}]  {info['reason']}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """Versions, machine, measured memory bandwidth, backends, passes and plugins."""
+    from tokopt.optimizer.machine import describe_machine
+    from tokopt.optimizer.report import library_versions
+    from tokopt.plugins import describe_plugins, plugin_failures
+
+    passes, problems = _describe_passes()
+    backends = [{k: b.get(k) for k in ("name", "available", "reason", "plugin")} for b in _describe_backends()]
+    info = {"tokopt": __version__, "libraries": library_versions(), "machine": describe_machine(),
+            "backends": backends,
+            "passes": [p["name"] for p in passes if "error" not in p], "plugins": describe_plugins(),
+            "problems": problems + [f"plugin {k!r}: {v}" for k, v in plugin_failures().items()]}
+    if as_json:
+        _emit_json(info)
+        return
+    m = info["machine"]
+    click.echo(f"tokopt {__version__}")
+    click.echo("libraries: " + ", ".join(f"{k} {v}" for k, v in info["libraries"].items() if v))
+    click.echo(f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['torch_threads']} torch threads), "
+               f"{_human_bytes(m['memory_bytes'] or 0)} RAM, GPUs: {', '.join(m['gpus']) or 'none'}")
+    click.echo(f"memory read bandwidth: {m['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+               f"({m['memory_bandwidth_source']})")
+    click.echo("backends:")
+    for b in info["backends"]:
+        click.echo(f"  {'yes' if b['available'] else 'no '}  {b['name']:<12} {b['reason']}")
+    click.echo(f"passes: {', '.join(info['passes']) or 'none'}")
+    plugins = info["plugins"]
+    click.echo(f"plugins: {', '.join(str(p.get('name', p)) for p in plugins) if plugins else 'none'}")
+    for problem in info["problems"]:
+        click.echo(f"problem: {problem}")
 
 
 def main() -> None:

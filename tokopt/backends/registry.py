@@ -13,6 +13,9 @@ from tokopt.optimizer.errors import BackendUnavailableError
 
 BUILTIN_BACKENDS: dict[str, str] = {
     # name: "module:Class" — each built-in backend package adds its line here
+    "torch": "tokopt.backends.torch.backend:TorchBackend",
+    "onnxruntime": "tokopt.backends.onnxruntime.backend:OnnxRuntimeBackend",
+    "tensorrt": "tokopt.backends.tensorrt.backend:TensorRTBackend",
 }
 
 
@@ -22,11 +25,23 @@ def builtin_backend(name: str) -> Backend:
 
 
 def known_backend_names() -> list[str]:
-    return sorted(BUILTIN_BACKENDS)
+    """Built-in and plugin backend names (plugin manifests are read; no backend code is imported)."""
+    from tokopt.plugins import plugin_names
+
+    return sorted(set(BUILTIN_BACKENDS) | set(plugin_names("backend")))
 
 
 def get_backend(name: str) -> Backend:
+    """A backend instance; a plugin's has ``plugin`` set and its methods name the plugin when they crash."""
     if name in BUILTIN_BACKENDS:
         return builtin_backend(name)
+    from tokopt.plugins import plugin_backend, unknown_name_error
+
+    backend = plugin_backend(name)
+    if backend is not None:
+        return backend
+    broken = unknown_name_error("backend", name)
+    if broken is not None:
+        raise broken
     raise BackendUnavailableError(
         f"unknown backend {name!r}; available backends: {', '.join(known_backend_names()) or 'none'}")

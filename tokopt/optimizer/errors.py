@@ -64,3 +64,17 @@ class PluginError(TokoptError):
     """A plugin failed to load or crashed; the message names the plugin."""
 
     exit_code = 5
+
+
+class KVCacheFullError(TokoptError):
+    """A static KV cache reached its ``max_len``; raise it or use dynamic/paged storage."""
+
+
+class GateError(TokoptError):
+    """A quality or speed gate failed (``--max-ppl-increase`` …); the message says which and by how much."""
+
+    exit_code = 1
+
+
+class OutputExistsError(TokoptError):
+    """The output directory exists already; tokopt never overwrites it unless told to (``--force``)."""

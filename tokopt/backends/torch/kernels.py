@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from tokopt.backends.torch.kv_quant import quantize_kv
 from tokopt.optimizer.errors import UnsupportedOpError
 from tokopt.optimizer.graph import Node
 
@@ -190,9 +191,10 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
     if a.get("rope"):
         cos, sin = rope_tables(a["rope"], ctx.positions, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = quantize_kv(k, v, a["kv_cache"])  # an int8/int4 cache stores (and attention reads) quantized K/V
     k_pos = ctx.positions
     if ctx.cache is not None:
-        layer = ctx.cache.layer(node.name)
+        layer = ctx.cache.layer(node.name, a)  # the node's window/sinks/kv_cache shape the store
         layer.append(k, v, ctx.positions)
         k, v, k_pos = layer.k, layer.v, layer.positions
     if kvh != h:

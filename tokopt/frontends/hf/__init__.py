@@ -35,6 +35,9 @@ def register_architecture(model_type: str, builder: Builder) -> None:
 
 
 def supported_architectures() -> list[str]:
+    from tokopt.plugins import install_plugin_frontends
+
+    install_plugin_frontends()  # plugin architectures join the table (their builders import on first use)
     return sorted(ARCHITECTURES)
 
 
@@ -52,6 +55,10 @@ def load_hf_directory(model_dir: Path) -> Graph:
     """Build the IR for the checkpoint in ``model_dir``."""
     config_dict = read_config(model_dir)
     model_type = config_dict.get("model_type")
+    if model_type not in ARCHITECTURES:
+        from tokopt.plugins import install_plugin_frontends
+
+        install_plugin_frontends()
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported; supported: {', '.join(supported_architectures())}")

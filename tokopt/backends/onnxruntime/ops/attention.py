@@ -1,0 +1,211 @@
+"""Attention: ``com.microsoft::GroupQueryAttention`` where it fits, standard ops otherwise.
+
+GroupQueryAttention (CPU, fp32) applies RoPE itself from cos/sin caches, restricts keys
+to a sliding window (``local_window_size``) and writes new K/V into a shared
+past/present buffer of ``max_length`` slots.  It cannot express sink tokens, a KV cache
+dtype other than the activations', partial rotary or head sizes that are not a multiple
+of 16 (8 without rotary); such models are lowered with standard ops instead — the same
+semantics, a growing cache, never a dropped attribute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokopt.backends.onnxruntime.lower import KVSlot, LowerContext
+from tokopt.backends.onnxruntime.ops import register_lowering
+from tokopt.backends.onnxruntime.ops.basic import rms_norm
+from tokopt.optimizer.errors import UnsupportedOpError
+from tokopt.optimizer.graph import Node
+
+KV_DTYPES = ("float32",)
+_NEG = float(np.finfo(np.float32).min)  # finite: a fully masked (padded) row stays NaN-free
+
+
+def gqa_unsupported_reason(node: Node) -> str | None:
+    """Why GroupQueryAttention cannot run this attention node faithfully (None: it can)."""
+    a = node.attrs
+    rope = a.get("rope")
+    d = a["head_dim"]
+    if a.get("sinks"):
+        return f"{node.name}: sink tokens (GroupQueryAttention's local window has no sinks)"
+    if not a.get("causal", True):
+        return f"{node.name}: non-causal attention"
+    if a["kv_cache"]["dtype"] != "float32":
+        return f"{node.name}: a {a['kv_cache']['dtype']} KV cache (GroupQueryAttention's fp32 cache is float32)"
+    if rope and (rope["rotary_dim"] != d or rope.get("interleaved")):
+        return f"{node.name}: partial or interleaved rotary embedding"
+    if d % (16 if rope else 8):
+        return f"{node.name}: head_dim {d} is not a multiple of {16 if rope else 8}"
+    return None
+
+
+def _kv_slot(ctx: LowerContext, node: Node) -> KVSlot:
+    a = node.attrs
+    dtype = a["kv_cache"]["dtype"]
+    if dtype not in KV_DTYPES:
+        raise UnsupportedOpError(f"{node.name}: KV cache dtype {dtype!r} is not supported by the onnxruntime "
+                                 f"backend; supported: {', '.join(KV_DTYPES)}")
+    slot = KVSlot(node.name, len(ctx.kv), a["num_kv_heads"], a["head_dim"], dtype)
+    ctx.kv.append(slot)
+    return slot
+
+
+def rope_table(ctx: LowerContext, rope: dict, half: bool) -> tuple[str, str]:
+    """cos/sin tables (max_length, rotary_dim or rotary_dim/2), attention factor folded in."""
+    key = ("rope", tuple(rope["inv_freq"]), rope.get("attention_factor", 1.0), half)
+    if key not in ctx.cache:
+        inv_freq = torch.tensor(rope["inv_freq"], dtype=torch.float32)
+        freqs = torch.arange(ctx.max_length).float()[:, None] * inv_freq[None, :]
+        emb = freqs if half else torch.cat([freqs, freqs], dim=-1)
+        factor = rope.get("attention_factor", 1.0)
+        idx = sum(1 for k in ctx.cache if isinstance(k, tuple) and k[0] == "rope")
+        cos = ctx.b.initializer(f"rope{idx}.cos_cache", (emb.cos() * factor).numpy())
+        sin = ctx.b.initializer(f"rope{idx}.sin_cache", (emb.sin() * factor).numpy())
+        ctx.cache[key] = (cos, sin)
+    return ctx.cache[key]
+
+
+def _qk_norm(ctx: LowerContext, node: Node, x: str, heads: int, role: str) -> str:
+    """Per-head RMSNorm of a (B, S, heads*D) projection; returns (B, S, heads, D)."""
+    b, d = ctx.b, node.attrs["head_dim"]
+    x4 = b.op("Reshape", [x, b.const([0, 0, heads, d])], name=f"{node.name}/{role}_heads")
+    if node.attrs.get("qk_norm"):
+        x4 = rms_norm(ctx, x4, ctx.weight_init(node.params[f"{role}_norm"]), node.attrs["qk_norm"]["eps"],
+                      f"{node.name}/{role}_norm")
+    return x4
+
+
+@register_lowering("Attention")
+def lower_attention(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
+    if ctx.attention_mode == "gqa":
+        return _gqa(ctx, node, inputs)
+    return _decomposed(ctx, node, inputs)
+
+
+# -- GroupQueryAttention ------------------------------------------------------------------
+def _gqa_lengths(ctx: LowerContext) -> tuple[str, str]:
+    """seqlens_k (total length − 1 per row, int32) and total_sequence_length (int32 scalar)."""
+    if "gqa_lengths" not in ctx.cache:
+        b = ctx.b
+        total = b.op("ReduceSum", ["attention_mask", b.const([1])], keepdims=0, name="seqlens")
+        seqlens = b.op("Cast", [b.op("Sub", [total, b.const(1)])], to=6, name="seqlens_k")
+        tsl = b.op("Cast", [b.op("Squeeze", [ctx.shape_dim("attention_mask", 1), b.const([0])])], to=6,
+                   name="total_seq_len")
+        ctx.cache["gqa_lengths"] = (seqlens, tsl)
+    return ctx.cache["gqa_lengths"]
+
+
+def _gqa(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
+    a, b = node.attrs, ctx.b
+    h, kvh, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    q, k, v = inputs
+    if a.get("qk_norm"):
+        q = b.op("Reshape", [_qk_norm(ctx, node, q, h, "q"), b.const([0, 0, h * d])])
+        k = b.op("Reshape", [_qk_norm(ctx, node, k, kvh, "k"), b.const([0, 0, kvh * d])])
+    slot = _kv_slot(ctx, node)
+    seqlens, tsl = _gqa_lengths(ctx)
+    packed = ctx.cache.get(("packed_qkv", node.name))
+    if packed is not None:
+        q, k, v = packed, "", ""
+    ins = [q, k, v, f"past_key_values.{slot.index}.key", f"past_key_values.{slot.index}.value", seqlens, tsl]
+    rope = a.get("rope")
+    if rope:
+        ins += list(rope_table(ctx, rope, half=True))
+    window = a.get("window")
+    out, _, _ = b.ms("GroupQueryAttention", ins,
+                     outputs=[b.fresh(f"{node.name}/out"), f"present.{slot.index}.key", f"present.{slot.index}.value"],
+                     num_heads=h, kv_num_heads=kvh, scale=float(a["scale"]), do_rotary=int(bool(rope)),
+                     rotary_interleaved=0, local_window_size=int(window) if window else -1,
+                     softcap=float(a["softcap"]) if a.get("softcap") else None, name=node.name)
+    return [out]
+
+
+# -- standard ops ----------------------------------------------------------------------------
+def _mask(ctx: LowerContext, a: dict) -> str:
+    """Additive (B, 1, 1, S, T) mask: causal, window, sinks, and the padding in attention_mask."""
+    window, sinks, causal = a.get("window"), int(a.get("sinks") or 0), bool(a.get("causal", True))
+    key = ("mask", window, sinks, causal)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    b = ctx.b
+    total = b.op("Squeeze", [ctx.shape_dim("attention_mask", 1), b.const([0])])
+    seq = b.op("Squeeze", [ctx.shape_dim("input_ids", 1), b.const([0])])
+    q_slot = b.op("Range", [b.op("Sub", [total, seq]), total, b.const(1)], name="q_slots")
+    k_slot = b.op("Range", [b.const(0), total, b.const(1)], name="k_slots")
+    diff = b.op("Sub", [b.op("Unsqueeze", [q_slot, b.const([1])]), b.op("Unsqueeze", [k_slot, b.const([0])])])
+    if causal:
+        allowed = b.op("GreaterOrEqual", [diff, b.const(0)])
+    else:
+        allowed = b.op("Expand", [b.const(True, "bool"), b.op("Shape", [diff])])
+    if window:
+        in_window = b.op("Less", [diff, b.const(int(window))])
+        if sinks:
+            in_window = b.op("Or", [in_window, b.op("Unsqueeze", [b.op("Less", [k_slot, b.const(sinks)]),
+                                                                   b.const([0])])])
+        allowed = b.op("And", [allowed, in_window])
+    padding = b.op("Cast", [b.op("Unsqueeze", ["attention_mask", b.const([1, 2, 3])])], to=9)  # (B,1,1,1,T)
+    allowed = b.op("And", [padding, allowed])
+    mask = b.op("Where", [allowed, b.const(0.0, "float32"), b.const(_NEG, "float32")], name="attn_mask")
+    ctx.cache[key] = mask
+    return mask
+
+
+def _rope_bshd(ctx: LowerContext, x: str, rope: dict, head_dim: int, name: str) -> str:
+    """Rotate the first rotary_dim features of x (B, S, heads, D), HF half-rotation layout."""
+    b = ctx.b
+    key = ("rope_gathered", tuple(rope["inv_freq"]), rope.get("attention_factor", 1.0))
+    if key not in ctx.cache:
+        cos_t, sin_t = rope_table(ctx, rope, half=False)
+        pos = ctx.position_ids()
+        ctx.cache[key] = tuple(b.op("Unsqueeze", [b.op("Gather", [t, pos], axis=0), b.const([2])], name="rope")
+                               for t in (cos_t, sin_t))
+    cos, sin = ctx.cache[key]
+    rd = rope["rotary_dim"]
+    half = rd // 2
+    x_rot = x if rd == head_dim else b.op("Slice", [x, b.const([0]), b.const([rd]), b.const([-1])])
+    x1 = b.op("Slice", [x_rot, b.const([0]), b.const([half]), b.const([-1])])
+    x2 = b.op("Slice", [x_rot, b.const([half]), b.const([rd]), b.const([-1])])
+    rotated = b.op("Concat", [b.op("Neg", [x2]), x1], axis=-1)
+    out = b.op("Add", [b.op("Mul", [x_rot, cos]), b.op("Mul", [rotated, sin])], name=name)
+    return out
+
+
+def _decomposed(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
+    a, b = node.attrs, ctx.b
+    h, kvh, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    rep = h // kvh
+    q4 = _qk_norm(ctx, node, inputs[0], h, "q")  # (B, S, H, D)
+    k4 = _qk_norm(ctx, node, inputs[1], kvh, "k")
+    v4 = b.op("Reshape", [inputs[2], b.const([0, 0, kvh, d])])
+    rope = a.get("rope")
+    if rope:
+        rd = rope["rotary_dim"]
+        if rd == d:
+            q4 = _rope_bshd(ctx, q4, rope, d, f"{node.name}/q_rope")
+            k4 = _rope_bshd(ctx, k4, rope, d, f"{node.name}/k_rope")
+        else:
+            parts = []
+            for x in (q4, k4):
+                rest = b.op("Slice", [x, b.const([rd]), b.const([d]), b.const([-1])])
+                parts.append(b.op("Concat", [_rope_bshd(ctx, x, rope, d, f"{node.name}/rope"), rest], axis=-1))
+            q4, k4 = parts
+    slot = _kv_slot(ctx, node)
+    present = []
+    for x, kind in ((k4, "key"), (v4, "value")):
+        new = b.op("Transpose", [x], perm=[0, 2, 1, 3])  # (B, kvh, S, D)
+        cat = b.op("Concat", [f"past_key_values.{slot.index}.{kind}", new], axis=2,
+                   outputs=[f"present.{slot.index}.{kind}"])
+        present.append(b.op("Unsqueeze", [cat, b.const([2])]))  # (B, kvh, 1, T, D)
+    k5, v5 = present
+    q5 = b.op("Reshape", [b.op("Transpose", [q4], perm=[0, 2, 1, 3]), b.const([0, kvh, rep, -1, d])])
+    scores = b.op("MatMul", [q5, b.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])], name=f"{node.name}/qk")
+    scores = b.op("Mul", [scores, b.const(float(a["scale"]), "float32")])
+    if a.get("softcap"):
+        cap = b.const(float(a["softcap"]), "float32")
+        scores = b.op("Mul", [b.op("Tanh", [b.op("Div", [scores, cap])]), cap])
+    probs = b.op("Softmax", [b.op("Add", [scores, _mask(ctx, a)])], axis=-1)
+    out = b.op("MatMul", [probs, v5], name=f"{node.name}/pv")  # (B, kvh, rep, S, D)
+    out = b.op("Transpose", [b.op("Reshape", [out, b.const([0, h, -1, d])])], perm=[0, 2, 1, 3])
+    return [b.op("Reshape", [out, b.const([0, 0, h * d])], name=node.name)]

@@ -1,0 +1,177 @@
+"""Linear layers: dense MatMul/Gemm, or ``com.microsoft::MatMulNBits`` for quantized weights.
+
+The IR's :class:`QuantizedWeight` already packs 4-bit codes as MatMulNBits does (uint8,
+element ``2j`` in the low nibble), so lowering only regroups bytes into the op's
+``(N, k_blocks, blob_size)`` B layout, ``(N, k_blocks)`` scales and, for asymmetric
+weights, zero points packed two per byte per row (8-bit: one per byte).  Symmetric
+weights carry no zero points: the op's default (8 for 4-bit, 128 for 8-bit) is the
+IR's implied ``2**(bits-1)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tokopt.backends.onnxruntime.lower import LowerContext
+from tokopt.backends.onnxruntime.ops import register_lowering
+from tokopt.optimizer.graph import Node, Value
+from tokopt.optimizer.weights import QuantizedWeight
+
+
+def nbits_supported(w: QuantizedWeight) -> bool:
+    """MatMulNBits needs a power-of-two block size ≥ 16 and 4- or 8-bit codes."""
+    g = w.group_size
+    return w.bits in (4, 8) and g >= 16 and g & (g - 1) == 0 and w.scales.dim() == 2
+
+
+def nbits_tensors(w: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(B, scales, zero_points) in MatMulNBits' layouts for a quantized ``(N, K)`` weight."""
+    n, k = w.shape
+    g, bits = w.group_size, w.bits
+    k_blocks = math.ceil(k / g)
+    codes = w.codes().to(torch.uint8)  # (N, K)
+    pad = k_blocks * g - k
+    if pad:  # padded codes multiply nothing: A has only K columns
+        codes = torch.nn.functional.pad(codes, (0, pad), value=2 ** (bits - 1))
+    codes = codes.reshape(n, k_blocks, g)
+    if bits == 4:
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    else:
+        packed = codes.contiguous()
+    scales = w.scales.to(torch.float32).reshape(n, k_blocks).contiguous().numpy()
+    zp = None
+    if w.zero_points is not None:
+        z = w.zero_points.to(torch.uint8).reshape(n, k_blocks)
+        if bits == 4:
+            if k_blocks % 2:
+                z = torch.nn.functional.pad(z, (0, 1), value=8)
+            z = z[:, 0::2] | (z[:, 1::2] << 4)
+        zp = z.contiguous().numpy()
+    return packed.numpy(), scales, zp
+
+
+def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None, name: str) -> str:
+    """``x @ W.T + b`` with ``x`` of any rank ≥ 2."""
+    b = ctx.b
+    w = ctx.raw(weight_param)
+    if isinstance(w, QuantizedWeight) and nbits_supported(w):
+        y = _matmul_nbits(ctx, x, weight_param, w, name)
+    elif ctx.is_shared(weight_param):
+        # a tied embedding: keep one (V, H) copy and let Gemm read it transposed
+        out_f, in_f = w.shape
+        flat = b.op("Reshape", [x, b.const([-1, in_f])], name=f"{name}/flatten")
+        y2 = b.op("Gemm", [flat, ctx.weight_init(weight_param)], transB=1, name=name)
+        lead = b.op("Shape", [x], start=0, end=-1, name=f"{name}/lead")
+        y = b.op("Reshape", [y2, b.op("Concat", [lead, b.const([out_f])], axis=0)], name=f"{name}/unflatten")
+    else:
+        y = b.op("MatMul", [x, ctx.weight_init(weight_param, "T", lambda t: t.t())], name=name)
+    if bias_param is not None:
+        y = b.op("Add", [y, ctx.weight_init(bias_param)], name=f"{name}/bias")
+    return y
+
+
+def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, name: str) -> str:
+    key = (param, "nbits")
+    if key not in ctx.cache:
+        packed, scales, zp = nbits_tensors(w)
+        names = [ctx.b.initializer(f"{param}.q{w.bits}", packed), ctx.b.initializer(f"{param}.scales", scales)]
+        if zp is not None:
+            names.append(ctx.b.initializer(f"{param}.zero_points", zp))
+        ctx.cache[key] = names
+        ctx.params[param] = {"kind": "nbits", "B": names[0], "scales": names[1],
+                             "zero_points": names[2] if zp is not None else None, "bits": w.bits,
+                             "group_size": w.group_size, "shape": list(w.shape), "method": w.method}
+    n, k = w.shape
+    return ctx.b.ms("MatMulNBits", [x, *ctx.cache[key]], K=k, N=n, bits=w.bits, block_size=w.group_size,
+                    accuracy_level=int(ctx.options.accuracy_level), name=name)
+
+
+@register_lowering("Linear")
+def lower_linear(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
+    if ctx.options.fuse_qkv and (group := qkv_group(ctx, node)) is not None:
+        return lower_fused_qkv(ctx, group, inputs[0])[[p.name for p in group[1]].index(node.name)]
+    return linear(ctx, inputs[0], node.params["weight"], node.params.get("bias"), node.name)
+
+
+# -- fused QKV -----------------------------------------------------------------------------
+def qkv_group(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
+    """(attention, [q, k, v]) when ``node`` is one of three projections that can run as one matmul.
+
+    They must read the same tensor, feed only their attention node, and store their
+    weights alike (all dense, or all MatMulNBits-quantized with the same bits, block size
+    and symmetry) so that concatenating along the output axis changes no number.
+    """
+    users = ctx.graph.users_of(Value(node.name, 0))
+    if len(users) != 1 or ctx.graph.node(users[0][0]).op != "Attention":
+        return None
+    attn = ctx.graph.node(users[0][0])
+    producers = [ctx.graph.producer(v) for v in ctx.graph.inputs_of(attn.name)]
+    if any(p.op != "Linear" or len(ctx.graph.users_of(Value(p.name, 0))) != 1 for p in producers):
+        return None
+    if len({ctx.graph.inputs_of(p.name)[0] for p in producers}) != 1 or len({p.name for p in producers}) != 3:
+        return None
+    if len({"bias" in p.params for p in producers}) != 1:
+        return None
+    weights = [ctx.raw(p.params["weight"]) for p in producers]
+    if any(ctx.is_shared(p.params["weight"]) for p in producers):
+        return None
+    kinds = {_storage_kind(w) for w in weights}
+    if len(kinds) != 1 or None in kinds:
+        return None
+    return attn, producers
+
+
+def _storage_kind(w) -> tuple | None:
+    if isinstance(w, QuantizedWeight):
+        return ("nbits", w.bits, w.group_size, w.symmetric) if nbits_supported(w) else None
+    return ("dense",)
+
+
+def lower_fused_qkv(ctx: LowerContext, group: tuple[Node, list[Node]], x: str) -> list[str]:
+    """One MatMul(NBits) for q, k and v; binds all three nodes (split, or packed for GQA)."""
+    attn, producers = group
+    b = ctx.b
+    name = f"{attn.name}/qkv_proj"
+    params = [p.params["weight"] for p in producers]
+    weights = [ctx.raw(p) for p in params]
+    sizes = [w.shape[0] for w in weights]
+    offsets = [sum(sizes[:i]) for i in range(3)]
+    if isinstance(weights[0], QuantizedWeight):
+        tensors = [nbits_tensors(w) for w in weights]
+        packed = np.concatenate([t[0] for t in tensors])
+        scales = np.concatenate([t[1] for t in tensors])
+        names = [b.initializer(f"{name}.q{weights[0].bits}", packed), b.initializer(f"{name}.scales", scales)]
+        if tensors[0][2] is not None:
+            names.append(b.initializer(f"{name}.zero_points", np.concatenate([t[2] for t in tensors])))
+        for p, w, off in zip(params, weights, offsets, strict=True):
+            ctx.params[p] = {"kind": "nbits", "B": names[0], "scales": names[1],
+                             "zero_points": names[2] if len(names) > 2 else None, "bits": w.bits,
+                             "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
+                             "rows": [off, off + w.shape[0]]}
+        w0 = weights[0]
+        y = b.ms("MatMulNBits", [x, *names], K=w0.shape[1], N=sum(sizes), bits=w0.bits, block_size=w0.group_size,
+                 accuracy_level=int(ctx.options.accuracy_level), name=name)
+    else:
+        fused = np.concatenate([ctx.dense(p).t().numpy() for p in params], axis=1)
+        init = b.initializer(f"{name}.weight.T", fused)
+        for p, w, off in zip(params, weights, offsets, strict=True):
+            ctx.params[p] = {"kind": "dense", "init": init, "transform": "T", "cols": [off, off + w.shape[0]]}
+        y = b.op("MatMul", [x, init], name=name)
+    if "bias" in producers[0].params:
+        bias = np.concatenate([ctx.dense(p.params["bias"]).numpy() for p in producers])
+        y = b.op("Add", [y, b.initializer(f"{name}.bias", bias)], name=f"{name}/bias")
+        for p, off, n in zip(producers, offsets, sizes, strict=True):
+            ctx.params[p.params["bias"]] = {"kind": "dense", "init": f"{name}.bias", "transform": "",
+                                            "cols": [off, off + n]}
+    if ctx.attention_mode == "gqa" and not attn.attrs.get("qk_norm"):
+        ctx.cache[("packed_qkv", attn.name)] = y  # GroupQueryAttention takes packed QKV itself
+        parts = [y, y, y]
+    else:
+        parts = b.op("Split", [y, b.const(sizes)], axis=-1, outputs=3, name=f"{name}/split")
+    for p, part in zip(producers, parts, strict=True):
+        ctx.bind(p.name, part)
+        ctx.done.add(p.name)
+    return list(parts)

@@ -1,0 +1,50 @@
+"""Mixture of experts, decomposed into standard ops.
+
+Every expert runs on every token and the router's top-k weights (zero elsewhere) combine
+them: E/k times the expert FLOPs of a sparse kernel, but exact and expressible for any
+expert count, activation and routing normalisation.  (onnxruntime's CPU ``MoE`` contrib
+op is fp32-only and wants gate/up interleaved for SwiGLU; it is a later fast path.)
+"""
+
+from __future__ import annotations
+
+from tokopt.backends.onnxruntime.lower import LowerContext
+from tokopt.backends.onnxruntime.ops import register_lowering
+from tokopt.backends.onnxruntime.ops.basic import activation
+from tokopt.backends.onnxruntime.ops.linear import linear
+from tokopt.optimizer.graph import Node
+
+
+@register_lowering("MoE")
+def lower_moe(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
+    a, b, p = node.attrs, ctx.b, node.params
+    e, hidden, inter, top_k = a["num_experts"], a["hidden_size"], a["intermediate_size"], a["top_k"]
+    x = inputs[0]
+    flat = b.op("Reshape", [x, b.const([-1, hidden])], name=f"{node.name}/flatten")  # (N, H)
+    probs = b.op("Softmax", [linear(ctx, flat, p["router"], None, f"{node.name}/router")], axis=-1)
+    top_w, top_i = b.op("TopK", [probs, b.const([top_k])], axis=-1, outputs=2, name=f"{node.name}/topk")
+    if a["norm_topk_prob"]:
+        top_w = b.op("Div", [top_w, b.op("ReduceSum", [top_w, b.const([-1])], keepdims=1)])
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [probs])])
+    routing = b.op("ScatterElements", [zeros, top_i, top_w], axis=1, name=f"{node.name}/routing")  # (N, E)
+
+    def stacked_in(role: str) -> str:  # (E, I, H) → (H, E*I): one MatMul for all experts
+        return ctx.weight_init(p[role], "stackedT", lambda t: t.reshape(e * inter, hidden).t())
+
+    gate = b.op("Reshape", [b.op("MatMul", [flat, stacked_in("experts.gate")]), b.const([-1, e, inter])])
+    up = b.op("Reshape", [b.op("MatMul", [flat, stacked_in("experts.up")]), b.const([-1, e, inter])])
+    h = b.op("Mul", [activation(ctx, a["activation"], gate, f"{node.name}/act"), up])  # (N, E, I)
+    down = ctx.weight_init(p["experts.down"], "T", lambda t: t.transpose(1, 2))  # (E, I, H)
+    y = b.op("MatMul", [b.op("Transpose", [h], perm=[1, 0, 2]), down])  # (E, N, H)
+    y = b.op("MatMul", [b.op("Unsqueeze", [routing, b.const([1])]), b.op("Transpose", [y], perm=[1, 0, 2])])
+    out = b.op("Reshape", [y, b.const([-1, hidden])])  # (N, H)
+    if "shared.gate" in p:
+        sg = activation(ctx, a["activation"], linear(ctx, flat, p["shared.gate"], None, f"{node.name}/shared.gate"),
+                        f"{node.name}/shared.act")
+        shared = linear(ctx, b.op("Mul", [sg, linear(ctx, flat, p["shared.up"], None, f"{node.name}/shared.up")]),
+                        p["shared.down"], None, f"{node.name}/shared.down")
+        if a.get("shared_gate"):
+            gate_w = b.op("Sigmoid", [linear(ctx, flat, p["shared_gate"], None, f"{node.name}/shared_gate")])
+            shared = b.op("Mul", [gate_w, shared])
+        out = b.op("Add", [out, shared])
+    return b.op("Reshape", [out, b.op("Shape", [x])], name=node.name)

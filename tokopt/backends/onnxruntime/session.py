@@ -1,0 +1,137 @@
+"""Run a lowered model with ``onnxruntime.InferenceSession``: prefill, decode, generate.
+
+The KV cache lives in ``OrtValue`` buffers bound with IO binding.  Models lowered with
+GroupQueryAttention share one ``max_length`` buffer between past and present (GQA writes
+new keys in place, nothing is copied); models lowered with standard ops hand each step's
+``present`` outputs to the next step as ``past`` without leaving onnxruntime memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+
+@dataclass
+class OrtKVCache:
+    """Cache state of one sequence batch: past buffers by input name and tokens seen."""
+
+    batch: int
+    past: dict[str, Any] = field(default_factory=dict)  # input name -> OrtValue
+    seen: int = 0
+
+
+def _genai_config(model_path: Path) -> dict[str, Any]:
+    path = model_path.parent / "genai_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class OnnxRuntimeSession:
+    """Same interface as the reference executor: ``new_cache``, ``forward``, ``generate``."""
+
+    def __init__(self, model_path: Path, threads: int | None = None, max_length: int | None = None,
+                 **session_options: Any) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(model_path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in session_options.items():
+            opts.add_session_config_entry(key, str(value))
+        self.ort = ort
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "tokopt.lowering" in meta:
+            lowering = json.loads(meta["tokopt.lowering"])
+            self.shared_buffer = lowering.get("attention_mode") == "gqa"
+            limit = int(lowering.get("max_length") or 4096)
+        else:  # another tool's decoder (e.g. onnxruntime-genai's builder): its genai_config says how
+            search = _genai_config(self.path).get("search", {})
+            self.shared_buffer = bool(search.get("past_present_share_buffer", False))
+            limit = int(search.get("max_length") or 4096)
+        self.max_length = min(int(max_length), limit) if max_length else limit
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    # -- cache ------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1) -> OrtKVCache:
+        cache = OrtKVCache(batch)
+        for info in self.past:
+            _, heads, _, dim = info.shape
+            if not isinstance(heads, int) or not isinstance(dim, int):
+                decoder = _genai_config(self.path).get("model", {}).get("decoder", {})
+                heads, dim = decoder["num_key_value_heads"], decoder["head_size"]
+            length = self.max_length if self.shared_buffer else 0
+            cache.past[info.name] = self.ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((batch, heads, length, dim), dtype=_NP[info.type]))
+        return cache
+
+    # -- running ----------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, cache: OrtKVCache | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for ``input_ids`` continuing ``cache`` (updated in place)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        ids = input_ids.to(torch.int64).contiguous().numpy()
+        bsz, seq = ids.shape
+        cache = cache if cache is not None else self.new_cache(bsz)
+        if cache.batch != bsz:
+            raise ValueError(f"cache holds batch {cache.batch}, input has batch {bsz}")
+        total = cache.seen + seq
+        if self.shared_buffer and total > self.max_length:
+            raise ValueError(f"{total} tokens exceed the artifact's KV buffer of {self.max_length}; "
+                             "lower it with a larger max_length")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", np.ones((bsz, total), dtype=np.int64))
+        if "position_ids" in self.input_names:
+            pos = np.broadcast_to(np.arange(cache.seen, total, dtype=np.int64), (bsz, seq)).copy()
+            binding.bind_cpu_input("position_ids", pos)
+        for name, value in cache.past.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        presents = [name.replace("past_key_values.", "present.") for name in cache.past]
+        for past_name, present_name in zip(cache.past, presents, strict=True):
+            if self.shared_buffer:
+                binding.bind_ortvalue_output(present_name, cache.past[past_name])
+            else:
+                binding.bind_output(present_name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        if not self.shared_buffer:
+            for past_name, value in zip(cache.past, outputs[1:], strict=True):
+                cache.past[past_name] = value
+        cache.seen = total
+        return torch.from_numpy(outputs[0].numpy())
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+        """Greedy decoding with the KV cache; returns (batch, new_tokens) ids."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        cache = self.new_cache(input_ids.shape[0])
+        logits = self.forward(input_ids, cache)
+        out: list[torch.Tensor] = []
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            out.append(nxt)
+            if eos:
+                done |= torch.isin(nxt, torch.tensor(sorted(eos), dtype=nxt.dtype))
+            if bool(done.all()) or len(out) == max_new_tokens:
+                break
+            logits = self.forward(nxt[:, None], cache)
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros((input_ids.shape[0], 0))

@@ -1,0 +1,138 @@
+"""The ``torch`` backend: a self-contained artifact the reference executor (or the compiled session) runs.
+
+The artifact is the IR itself — ``graph.json`` + ``weights.safetensors`` written by
+:mod:`tokopt.optimizer.serialize`, quantized weights kept packed — plus the tokenizer
+files and ``tokopt_artifact.json``.  Loading it needs tokopt and torch, nothing from the
+original checkpoint.  ``load(path)`` gives the eager reference executor (the oracle);
+``load(path, compile=True)`` gives :class:`~tokopt.backends.torch.compiled.CompiledSession`
+(static KV cache + ``torch.compile``'d decode step), which computes the same logits faster.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tokopt.backends.artifact import atomic_directory, copy_tokenizer, read_manifest, write_manifest
+from tokopt.backends.base import Artifact, Backend, Session
+from tokopt.optimizer.errors import BackendRefusalError, ModelSourceError
+from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.weights import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+WEIGHT_BITS = (4, 8)
+
+
+def _kv_dtypes() -> list[str]:
+    try:
+        from tokopt.backends.torch.kv_quant import KV_QUANT_DTYPES
+    except ImportError:  # older tree without KV quantization
+        KV_QUANT_DTYPES = {}
+    return ["float32", *sorted(KV_QUANT_DTYPES)]
+
+
+def _kv_storages() -> list[str]:
+    try:
+        from tokopt.backends.torch.kv_cache import STORAGES
+    except ImportError:
+        STORAGES = ("dynamic",)
+    return list(STORAGES)
+
+
+class TorchBackend(Backend):
+    """Eager reference executor and torch.compile, from a serialized-IR artifact."""
+
+    name = "torch"
+    summary = "PyTorch: the eager reference executor, or a torch.compile'd static-KV-cache session (compile=True)"
+
+    def availability(self) -> tuple[bool, str]:
+        import torch
+
+        device = "CUDA available but the sessions run on CPU" if torch.cuda.is_available() else "CPU"
+        return True, f"torch {torch.__version__} ({device})"
+
+    def capabilities(self) -> dict[str, Any]:
+        from tokopt.backends.torch.kernels import KERNELS
+
+        return {
+            "window": True, "sinks": True, "softcap": True, "qk_norm": True, "moe": True,
+            "kv_dtypes": _kv_dtypes(), "kv_storage": _kv_storages(), "weight_bits": list(WEIGHT_BITS),
+            "quantized_weights": "dequantized once at load (exact); no low-bit matmul kernels yet",
+            "ops": sorted(KERNELS), "compile": True,
+        }
+
+    def check(self, graph: Graph) -> None:
+        from tokopt.backends.torch.kernels import KERNELS
+
+        problems: list[str] = []
+        kv_dtypes = _kv_dtypes()
+        for node in graph.nodes():
+            if node.op not in KERNELS:
+                problems.append(f"{node.name}: no torch kernel for op {node.op!r}")
+            if node.op == "Attention":
+                dtype = node.attrs["kv_cache"].get("dtype", "float32")
+                if dtype not in kv_dtypes:
+                    problems.append(f"{node.name}: KV cache dtype {dtype!r} (supported: {', '.join(kv_dtypes)})")
+        for name, w in graph.params.items():
+            if isinstance(w, QuantizedWeight) and w.bits not in WEIGHT_BITS:
+                problems.append(f"{name}: {w.bits}-bit weights (supported: {', '.join(map(str, WEIGHT_BITS))})")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            raise BackendRefusalError(f"the torch backend cannot run this graph: {shown}")
+
+    def lower(self, graph: Graph, out_dir: Path) -> Artifact:
+        """Write the artifact directory atomically: graph, weights, tokenizer, manifest."""
+        from tokopt.optimizer.serialize import GRAPH_FILE, WEIGHTS_FILE, save_graph
+
+        self.check(graph)
+        out_dir = Path(out_dir)
+        with atomic_directory(out_dir) as tmp:
+            files = save_graph(graph, tmp)
+            tokenizer = copy_tokenizer(graph, tmp)
+            if tokenizer:
+                files += [f"{tokenizer}/{p.name}" for p in sorted((tmp / tokenizer).iterdir())]
+            manifest = write_manifest(tmp, self.name, files, graph, tokenizer,
+                                      graph_file=GRAPH_FILE, weights_file=WEIGHTS_FILE,
+                                      load_options={"compile": "bool, default false", "max_len": "int"})
+        log.info("torch artifact written to %s (%d files)", out_dir, len(manifest["files"]))
+        return Artifact(out_dir, self.name, manifest["files"], {"manifest": manifest})
+
+    def load(self, path: Path, **options: Any) -> Session:
+        """A session on the artifact at ``path``.
+
+        Options: ``compile`` (default False: the reference executor; True: the compiled
+        static-cache session), ``max_len`` (compiled session: tokens one sequence may hold).
+        """
+        from tokopt.optimizer.verify import verify
+
+        unknown = sorted(set(options) - {"compile", "max_len"})
+        if unknown:
+            raise ModelSourceError(
+                f"torch backend: unknown load option(s) {', '.join(unknown)}; valid: compile, max_len")
+        graph = load_artifact_graph(Path(path))
+        verify(graph, stage=f"artifact {path}")
+        if options.get("compile"):
+            from tokopt.backends.torch.compiled import CompiledSession
+
+            return CompiledSession(graph, compile=True, max_len=options.get("max_len"))
+        from tokopt.backends.torch.reference import ReferenceExecutor
+
+        return ReferenceExecutor(graph)
+
+
+def load_artifact_graph(path: Path) -> Graph:
+    """The graph inside a torch artifact, its tokenizer path pointing into the artifact."""
+    from tokopt.optimizer.serialize import load_graph
+
+    manifest = read_manifest(path)
+    if manifest["backend"] != TorchBackend.name:
+        raise ModelSourceError(f"{path} is a {manifest['backend']!r} artifact, not a torch one")
+    graph = load_graph(path)
+    tokenizer = manifest.get("tokenizer")
+    graph.meta.tokenizer_path = str(Path(path).resolve() / tokenizer) if tokenizer else None
+    return graph
+
+
+__all__ = ["TorchBackend", "load_artifact_graph"]

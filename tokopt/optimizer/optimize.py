@@ -1,0 +1,420 @@
+"""The job behind ``tokopt optimize``, ``tokopt eval`` and ``tokopt bench``.
+
+``optimize`` resolves and checks the whole pipeline first (cheap), then loads the
+evaluation text, measures the baseline, runs each pass (verify + measure after each),
+lowers the final graph to the backend, checks its parity with the reference executor,
+evaluates the gates, and writes OUT atomically: artifact, ``report.json``/``.md``/``.html``
+and the resolved ``recipe.yaml`` appear together or not at all.
+
+Per stage, quality is measured on the reference executor (the oracle) on the same eval
+batches; speed on the backend's real artifact, lowered for that stage and loaded in a
+fresh process (so its peak memory is its own), or — with no backend — on the reference
+executor in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tokopt.optimizer.corpus import resolve_texts, tokenizer_for
+from tokopt.optimizer.cost import static_metrics
+from tokopt.optimizer.errors import BackendUnavailableError, GateError, TokoptError
+from tokopt.optimizer.evaluate import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
+from tokopt.optimizer.gates import GateResult, Gates, check_gates
+from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.outdir import atomic_directory, check_output
+from tokopt.optimizer.pipeline import (
+    RecipeError,
+    StageResult,
+    check_pipeline,
+    load_recipe,
+    parse_passes,
+    recipe_passes,
+    resolve,
+    resolved_recipe,
+    run_pipeline,
+)
+from tokopt.optimizer.report import new_report, stage_metrics, write_reports
+from tokopt.optimizer.speed import SpeedConfig, measure_artifact_speed, measure_speed
+
+log = logging.getLogger(__name__)
+
+SPEED_MODES = ("auto", "artifact", "reference", "off")
+SLOWER_WARNING = 0.95  # warn when a pass leaves decode below 95 % of the stage before
+
+
+class UsageError(TokoptError):
+    """The command was called in a way that cannot work (exit code 2)."""
+
+
+def make_progress(enabled: bool | None = None) -> Callable[..., Any]:
+    """A tqdm wrapper, silent when stderr is not a terminal (CI logs stay readable)."""
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+
+    def progress(iterable: Any, desc: str = "", unit: str = "it", **kwargs: Any) -> Any:
+        return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not enabled, file=sys.stderr, **kwargs)
+
+    return progress
+
+
+def _config(cls: type, section: dict[str, Any] | None, overrides: dict[str, Any] | None, what: str) -> Any:
+    values = {**(section or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise RecipeError(f"{what}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    try:
+        config = cls(**{k: int(v) for k, v in values.items()})
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{what}: {exc}") from None
+    bad = [f"{k}={v}" for k, v in config.as_dict().items() if v < (0 if k == "seed" or k == "decode_tokens" else 1)]
+    if bad:
+        raise RecipeError(f"{what}: {', '.join(bad)} must be positive")
+    return config
+
+
+@dataclass
+class OptimizeResult:
+    """What ``optimize`` did.  ``passed`` is False when a gate failed (then nothing was written)."""
+
+    report: dict[str, Any] | None
+    out: Path | None
+    gates: list[GateResult] = field(default_factory=list)
+    plan: dict[str, Any] | None = None  # the checked pipeline (always; the only output of a dry run)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def gate_error(self) -> GateError | None:
+        failed = [g for g in self.gates if not g.passed]
+        if not failed:
+            return None
+        return GateError("gate failed: " + "; ".join(f"{g.gate} {g.limit:g}: {g.message}" for g in failed)
+                         + ". Nothing was written")
+
+
+def _model_section(graph: Graph) -> dict[str, Any]:
+    from tokopt.optimizer.summary import describe
+
+    info = describe(graph)
+    keys = ("source", "architecture", "model_type", "layers", "hidden_size", "vocab_size", "num_heads",
+            "num_kv_heads", "head_dim", "window", "sinks", "kv_cache_dtype", "history")
+    return {k: info.get(k) for k in keys}
+
+
+def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: str | Path | None = None,
+             backend: str | None = None, out: str | Path | None = None, eval_text: str | Path | None = None,
+             calib_text: str | Path | None = None, dry_run: bool = False, force: bool = False,
+             gates: Gates | None = None, eval_options: dict[str, Any] | None = None,
+             speed_options: dict[str, Any] | None = None, speed: str = "auto", seed: int = 0,
+             progress: bool | None = None) -> OptimizeResult:
+    """Run a pipeline on ``model`` and write OUT; see the module docstring for the order of work.
+
+    ``passes`` uses the ``--passes`` syntax (``None`` = take them from ``recipe``; ``""`` =
+    none).  ``backend`` ``None`` takes the recipe's (default ``"torch"``); ``"none"`` lowers
+    nothing.  ``speed``: ``auto`` (the artifact when there is a backend, else the reference
+    executor), ``artifact``, ``reference`` or ``off``.  Gate failures do not raise: check
+    :attr:`OptimizeResult.passed` (the CLI exits 1).
+    """
+    from tokopt.backends.torch import ReferenceExecutor
+
+    t_start = time.perf_counter()
+    rec = load_recipe(recipe) if recipe else {}
+    if passes is not None and rec.get("passes"):
+        raise UsageError("the pipeline is given twice (--passes and the recipe's 'passes'); use one of them")
+    specs = parse_passes(passes) if passes is not None else recipe_passes(rec.get("passes"), str(recipe))
+    gates = (gates or Gates()).merged(rec.get("gates"))
+    eval_config: EvalConfig = _config(EvalConfig, rec.get("eval"), eval_options, "eval options")
+    speed_config: SpeedConfig = _config(SpeedConfig, rec.get("speed"), speed_options, "speed options")
+    if speed not in SPEED_MODES:
+        raise UsageError(f"speed={speed!r}; choose one of {', '.join(SPEED_MODES)}")
+    backend_name = backend if backend is not None else rec.get("backend", "torch")
+    if backend_name in (None, "", "none"):
+        backend_name = None
+    if out is None and not dry_run:
+        raise UsageError("an output directory is required (-o/--out OUT); or use --dry-run")
+    out_path = Path(out).expanduser().resolve() if out is not None else None
+    if out_path is not None and not dry_run:
+        check_output(out_path, force)
+
+    pass_objs = resolve(specs)  # unknown passes/options fail here, before anything is loaded
+    backend_obj = None
+    if backend_name:
+        from tokopt.backends.registry import get_backend
+
+        backend_obj = get_backend(backend_name)
+        ok, why = backend_obj.availability()
+        if not ok:
+            raise BackendUnavailableError(f"backend {backend_name!r} cannot run here: {why}")
+    mode = ("artifact" if backend_obj else "reference") if speed == "auto" else speed
+    if mode == "artifact" and backend_obj is None:
+        raise UsageError("speed measured on the artifact needs a backend (--backend NAME)")
+    if gates.min_decode_speedup is not None and mode == "off":
+        raise UsageError("--min-decode-speedup needs speed measurement; do not turn it off")
+
+    graph = model if isinstance(model, Graph) else _load(model)
+    source = str(model) if not isinstance(model, Graph) else (graph.meta.source or "graph")
+    tokenizer = tokenizer_for(graph)
+    eval_src, calib_src = resolve_texts(eval_text, calib_text)
+    calibration, calib_info = build_calibration(calib_src, eval_config, tokenizer, graph.meta.vocab_size)
+    show = make_progress(progress)
+    from tokopt.passes.base import PassContext
+
+    ctx = PassContext(calibration, seed=seed, backend=backend_name, progress=show, reference_graph=graph)
+    check_pipeline(pass_objs, graph, ctx)
+    with_long = any("long_ppl" in p.moves for p in pass_objs)
+    data = build_eval_data(eval_src, eval_config, tokenizer, graph.meta.vocab_size, with_long=with_long)
+    recipe_out = resolved_recipe(pass_objs, model=source, backend=backend_name or "none",
+                                 eval=eval_config.as_dict(), speed=speed_config.as_dict(),
+                                 gates={k: v for k, v in gates.as_dict().items() if v is not None} or None)
+    plan = {"model": _model_section(graph), "backend": backend_name, "speed": mode, "recipe": recipe_out,
+            "eval": data.source, "calibration": calib_info, "long_context": with_long, "checks": "passed"}
+    if dry_run:
+        log.info("dry run: the pipeline of %d pass(es) checks out", len(pass_objs))
+        return OptimizeResult(None, None, [], plan)
+
+    from tokopt import plugins
+    from tokopt.optimizer.machine import describe_machine
+
+    assert out_path is not None
+    plugins.notify_pipeline_start(source, [p.spec() for p in pass_objs], backend_name, graph)
+    report: dict[str, Any] | None = None
+    try:
+        machine = describe_machine()
+        bandwidth = machine["memory_bandwidth_bytes_per_s"]
+        evaluator = QualityEvaluator(data, show)
+        warnings: list[str] = []
+        artifact_info: dict[str, Any] | None = None
+        last = len(pass_objs)
+        with atomic_directory(out_path, force) as tmp, tempfile.TemporaryDirectory(prefix="tokopt-stage-") as scratch:
+
+            def on_stage(stage: StageResult, prev: StageResult | None) -> None:
+                nonlocal artifact_info
+                seconds: dict[str, float] = {"pass": round(stage.seconds, 3)}
+                values: dict[str, Any] = static_metrics(stage.graph).as_dict()
+                values["decode_tok_s_bound"] = bandwidth / values["bytes_per_token"]
+                reuse = prev is not None and stage.changed is False
+                t0 = time.perf_counter()
+                if reuse:
+                    quality = {k: prev.metrics.get(k) for k in ("ppl", "kl", "top1_agreement", "long_ppl")}
+                    quality.update(ppl_delta_pct=prev.metrics["ppl_delta_pct"],
+                                   long_ppl_delta_pct=prev.metrics.get("long_ppl_delta_pct"))
+                else:
+                    quality = evaluator.measure(ReferenceExecutor(stage.graph).forward, long=with_long,
+                                                desc=stage.name)
+                seconds["eval"] = round(time.perf_counter() - t0, 3)
+                values.update(quality)
+                artifact_dir = None
+                if backend_obj is not None and (stage.index == last or (mode == "artifact" and not reuse)):
+                    t0 = time.perf_counter()
+                    artifact_dir = tmp if stage.index == last else Path(scratch) / f"stage{stage.index}"
+                    lowered = backend_obj.lower(stage.graph, artifact_dir)
+                    seconds["lower"] = round(time.perf_counter() - t0, 3)
+                    if stage.index == last:
+                        artifact_info = _parity(backend_obj, stage.graph, tmp, lowered)
+                speed_detail: dict[str, Any] = {}
+                t0 = time.perf_counter()
+                if reuse:
+                    speed_detail = dict(prev.extra.get("speed", {}))
+                elif mode == "artifact":
+                    speed_detail = measure_artifact_speed(artifact_dir, speed_config)
+                    speed_detail["measured_on"] = f"{backend_name} artifact, fresh process"
+                elif mode == "reference":
+                    speed_detail = measure_speed(ReferenceExecutor(stage.graph), stage.graph.meta.vocab_size,
+                                                 speed_config)
+                    speed_detail["measured_on"] = "reference executor, in process"
+                if artifact_dir is not None and stage.index != last:
+                    shutil.rmtree(artifact_dir, ignore_errors=True)
+                seconds["speed"] = round(time.perf_counter() - t0, 3)
+                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
+                    values[key] = speed_detail.get(key)
+                stage.metrics = stage_metrics(values, with_long)
+                stage.extra = {"speed": speed_detail, "seconds": seconds,
+                               "bytes_per_token": values["bytes_per_token"]}
+                if prev is not None and values.get("decode_tok_s") and prev.metrics.get("decode_tok_s") and \
+                        values["decode_tok_s"] < SLOWER_WARNING * prev.metrics["decode_tok_s"]:
+                    warnings.append(f"{stage.name} decodes slower than the stage before it: "
+                                    f"{prev.metrics['decode_tok_s']:.1f} -> {values['decode_tok_s']:.1f} tok/s")
+                if stage.changed is False:
+                    warnings.append(f"{stage.name} changed nothing")
+                log.info("stage %d %s: ppl %.3f", stage.index, stage.name, values["ppl"])
+
+            stages = run_pipeline(pass_objs, graph, ctx, on_stage)
+            eval_info = dict(data.source)
+            report = new_report(
+                machine=machine, model=_model_section(graph), backend=backend_name,
+                speed_measured_on=stages[0].extra["speed"].get("measured_on", "not measured"),
+                recipe=recipe_out, eval=eval_info, calibration=calib_info, eval_config=eval_config.as_dict(),
+                speed_config=speed_config.as_dict(), stages=[_stage_record(s) for s in stages],
+                warnings=warnings, artifact=artifact_info,
+            )
+            gate_results = check_gates(gates, stages[0].metrics, stages[-1].metrics)
+            report["gates"] = [g.as_dict() for g in gate_results]
+            report["passed"] = all(g.passed for g in gate_results)
+            report["seconds"] = round(time.perf_counter() - t_start, 3)
+            if not report["passed"]:
+                raise _GatesFailed()
+            write_reports(report, tmp)
+    except _GatesFailed:
+        plugins.notify_pipeline_end(report, None, None)
+        return OptimizeResult(report, None, gate_results, plan)
+    except BaseException as exc:
+        plugins.notify_pipeline_end(report, None, exc)
+        raise
+    plugins.notify_pipeline_end(report, out_path, None)
+    return OptimizeResult(report, out_path, gate_results, plan)
+
+
+class _GatesFailed(Exception):
+    """Internal: unwinds the atomic output directory (nothing is written when a gate fails)."""
+
+
+def _load(model: str | Path) -> Graph:
+    from tokopt.frontends import load_model
+
+    return load_model(model)
+
+
+def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any) -> dict[str, Any]:
+    """Load the final artifact and compare its logits with the reference executor (ParityError: exit 4)."""
+    from tokopt.backends.parity import check_parity
+
+    session = backend_obj.load(path)
+    report = check_parity(graph, session, label=f"the {backend_obj.name} artifact")
+    files = list(getattr(lowered, "files", []) or [])
+    return {"backend": backend_obj.name, "plugin": getattr(backend_obj, "plugin", "tokopt"), "files": files,
+            "parity": report.to_dict()}
+
+
+def _stage_record(stage: StageResult) -> dict[str, Any]:
+    p = stage.pass_
+    return {
+        "index": stage.index, "name": stage.name, "pass": p.name if p else None,
+        "plugin": p.plugin if p else None, "options": dict(p.opts) if p else None,
+        "changed": stage.changed, "notes": list(stage.notes), "seconds": stage.extra.get("seconds", {}),
+        "metrics": dict(stage.metrics),
+        "speed": {k: v for k, v in stage.extra.get("speed", {}).items()
+                  if k not in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes")},
+        "bytes_per_token": stage.extra.get("bytes_per_token"),
+    }
+
+
+# -- eval and bench ---------------------------------------------------------------------------
+@dataclass
+class _Target:
+    """A model or an artifact, opened for running: a forward, its tokenizer and vocabulary."""
+
+    label: str
+    session: Any
+    tokenizer: Any
+    vocab_size: int
+    graph: Graph | None
+    artifact: dict[str, Any] | None = None
+
+
+def _open(target: str | Path | Graph, load_options: dict[str, Any] | None = None) -> _Target:
+    from tokopt.backends.artifact import is_artifact, load_artifact, read_manifest
+    from tokopt.backends.torch import ReferenceExecutor
+
+    if isinstance(target, Graph):
+        return _Target(target.meta.source or "graph", ReferenceExecutor(target), tokenizer_for(target),
+                       target.meta.vocab_size, target)
+    if is_artifact(target):
+        from tokopt.optimizer.corpus import CorpusError
+        from tokopt.optimizer.speed import artifact_vocab_size
+
+        manifest = read_manifest(target)
+        session = load_artifact(target, **(load_options or {}))
+        tokenizer = None
+        if manifest.get("tokenizer"):
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(Path(target) / manifest["tokenizer"]))
+            except (OSError, ValueError) as exc:
+                raise CorpusError(f"cannot load the tokenizer inside {target}: {exc}") from None
+        return _Target(str(target), session, tokenizer, artifact_vocab_size(manifest), None, manifest)
+    graph = _load(target)
+    return _Target(str(target), ReferenceExecutor(graph), tokenizer_for(graph), graph.meta.vocab_size, graph)
+
+
+def evaluate(model: str | Path | Graph, eval_text: str | Path | None = None, *,
+             eval_options: dict[str, Any] | None = None, long: bool = False,
+             progress: bool | None = None) -> dict[str, Any]:
+    """Perplexity of a model or artifact on the evaluation text (the same batches ``optimize`` uses)."""
+    from tokopt.optimizer.corpus import default_eval_text, file_text
+
+    config: EvalConfig = _config(EvalConfig, None, eval_options, "eval options")
+    target = _open(model)
+    text = file_text(eval_text) if eval_text else default_eval_text()
+    data = build_eval_data(text, config, target.tokenizer, target.vocab_size, with_long=long)
+    evaluator = QualityEvaluator(data, make_progress(progress))
+    t0 = time.perf_counter()
+    quality = evaluator.measure(target.session.forward, long=long)
+    result = {"model": target.label, "ppl": quality["ppl"], "tokens": int(data.tokens.numel()),
+              "eval": data.source, "seconds": round(time.perf_counter() - t0, 3)}
+    if long:
+        result["long_ppl"] = quality["long_ppl"]
+    if target.artifact is not None:
+        result["backend"] = target.artifact["backend"]
+    return result
+
+
+def bench(model: str | Path | Graph, backend: str | None = None, *, speed_options: dict[str, Any] | None = None,
+          load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Prefill/decode speed and peak memory of a model (reference executor, or lowered to
+    ``backend`` in a temporary directory) or of an artifact (with the backend that wrote it)."""
+    from tokopt.backends.artifact import is_artifact, read_manifest
+    from tokopt.optimizer.machine import describe_machine
+
+    config: SpeedConfig = _config(SpeedConfig, None, speed_options, "speed options")
+    machine = describe_machine()
+    result: dict[str, Any] = {"model": str(model) if not isinstance(model, Graph) else model.meta.source}
+    if not isinstance(model, Graph) and is_artifact(model):
+        manifest = read_manifest(model)
+        if backend and backend != manifest["backend"]:
+            raise UsageError(f"{model} is a {manifest['backend']!r} artifact; it cannot be benchmarked with "
+                             f"--backend {backend}")
+        target = _open(model, load_options)
+        result.update(backend=manifest["backend"], **measure_speed(target.session, target.vocab_size, config))
+    else:
+        graph = model if isinstance(model, Graph) else _load(model)
+        static = static_metrics(graph).as_dict()
+        result.update({k: static[k] for k in ("params", "weight_bytes", "bits_per_param", "kv_bytes_per_token",
+                                              "bytes_per_token")})
+        result["decode_tok_s_bound"] = machine["memory_bandwidth_bytes_per_s"] / static["bytes_per_token"]
+        if backend in (None, "reference"):
+            from tokopt.backends.torch import ReferenceExecutor
+
+            result.update(backend="reference", **measure_speed(ReferenceExecutor(graph), graph.meta.vocab_size,
+                                                                config))
+        else:
+            from tokopt.backends.registry import get_backend
+
+            backend_obj = get_backend(backend)
+            ok, why = backend_obj.availability()
+            if not ok:
+                raise BackendUnavailableError(f"backend {backend!r} cannot run here: {why}")
+            with tempfile.TemporaryDirectory(prefix="tokopt-bench-") as scratch:
+                path = Path(scratch) / "artifact"
+                backend_obj.lower(graph, path)
+                result.update(backend=backend, **measure_speed(backend_obj.load(path, **(load_options or {})),
+                                                               graph.meta.vocab_size, config))
+    result["speed_config"] = config.as_dict()
+    result["machine"] = {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads", "memory_bandwidth_bytes_per_s")}
+    return result
+
+
+__all__ = ["optimize", "evaluate", "bench", "OptimizeResult", "UsageError", "make_progress", "SPEED_MODES"]

@@ -1,0 +1,150 @@
+"""Prefill and decode speed of a session, at batch 1 and at a batch, and its peak memory.
+
+Measured on whatever implements the session interface (``new_cache``/``forward``) —
+the reference executor or a backend's loaded artifact — with the same synthetic prompt
+ids for every stage, greedy decoding through the KV cache, one warm-up round first.
+Peak memory is the process's resident-set high-water mark during the measurement
+(Linux: ``VmHWM``, reset before it starts), so run it in a fresh process to attribute
+the whole figure to one model (``python -m tokopt.optimizer.speed ARTIFACT``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    prompt_len: int = 128
+    decode_tokens: int = 32
+    batch_size: int = 4
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark for this process (Linux ≥ 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The resident-set high-water mark since the last reset (or since the process began)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _prefill_decode(session: Any, ids, decode_tokens: int) -> tuple[float, float]:
+    """Seconds for prefilling ``ids`` and for greedily decoding ``decode_tokens`` more."""
+    import torch
+
+    with torch.inference_mode():
+        cache = _new_cache(session, ids.shape[0])
+        t0 = time.perf_counter()
+        logits = session.forward(ids, cache)
+        t1 = time.perf_counter()
+        for _ in range(decode_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            logits = session.forward(nxt, cache)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def measure_speed(session: Any, vocab_size: int, config: SpeedConfig = SpeedConfig()) -> dict[str, Any]:
+    """tok/s for prefill and decode at batch 1 and at ``config.batch_size``, and peak RSS."""
+    import torch
+
+    gen = torch.Generator().manual_seed(config.seed)
+    ids = torch.randint(0, vocab_size, (config.batch_size, config.prompt_len), generator=gen)
+    reset_peak_rss()
+    _prefill_decode(session, ids[:1, : min(16, config.prompt_len)], 2)  # warm-up: allocations, lazy weights
+    pre1, dec1 = _prefill_decode(session, ids[:1], config.decode_tokens)
+    out: dict[str, Any] = {
+        "prefill_tok_s": config.prompt_len / pre1,
+        "decode_tok_s": config.decode_tokens / dec1 if config.decode_tokens else 0.0,
+    }
+    if config.batch_size > 1:
+        preb, decb = _prefill_decode(session, ids, config.decode_tokens)
+        out["prefill_tok_s_batch"] = config.batch_size * config.prompt_len / preb
+        out["decode_tok_s_batch"] = config.batch_size * config.decode_tokens / decb if config.decode_tokens else 0.0
+    out["batch_size"] = config.batch_size
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
+
+
+def artifact_vocab_size(manifest: dict[str, Any]) -> int:
+    from tokopt.optimizer.errors import ModelSourceError
+
+    size = (manifest.get("model") or {}).get("vocab_size")
+    if not size:
+        raise ModelSourceError("the artifact's tokopt_artifact.json does not record the vocabulary size")
+    return int(size)
+
+
+def _new_cache(session: Any, batch: int) -> Any:
+    try:
+        return session.new_cache(batch)
+    except TypeError:  # sessions whose caches size themselves on first use
+        return session.new_cache()
+
+
+def measure_artifact_speed(path: Path, config: SpeedConfig = SpeedConfig(), timeout: float | None = None,
+                           ) -> dict[str, Any]:
+    """Load the artifact at ``path`` in a fresh Python process and measure it there.
+
+    A fresh process is what a deployment sees: its peak memory is the artifact's own,
+    not the optimizer's (which holds several stages and the baseline distributions).
+    """
+    import subprocess
+
+    cmd = [sys.executable, "-m", "tokopt.optimizer.speed", str(path), "--config", json.dumps(config.as_dict())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        from tokopt.optimizer.errors import TokoptError
+
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise TokoptError(f"measuring the artifact at {path} failed (exit {proc.returncode}): " + " | ".join(tail))
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m tokopt.optimizer.speed ARTIFACT [--config JSON]``: one JSON line on stdout."""
+    import argparse
+
+    from tokopt.backends.artifact import load_artifact, read_manifest
+
+    parser = argparse.ArgumentParser(prog="python -m tokopt.optimizer.speed")
+    parser.add_argument("artifact")
+    parser.add_argument("--config", default="{}")
+    args = parser.parse_args(argv)
+    config = SpeedConfig(**json.loads(args.config))
+    session = load_artifact(Path(args.artifact))
+    result = measure_speed(session, artifact_vocab_size(read_manifest(args.artifact)), config)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,55 @@
+"""How many KV-cache bytes a configuration reserves: the memory model behind ``kv-layout``.
+
+The reference executor's stores (:mod:`tokopt.backends.torch.kv_cache`) reserve memory
+differently for the same tokens:
+
+- ``dynamic``: a batch is one padded tensor growing to its longest sequence;
+- ``static``: every sequence owns ``max_len`` slots (``sinks + window`` when windowed) from
+  the start — no allocation while decoding, the most memory;
+- ``paged``: each sequence owns whole pages of ``block_size`` tokens, allocated on demand
+  and (with a window) freed once every token in them has been evicted.
+
+:func:`reserved_kv_bytes` computes the bytes for a batch of mixed lengths from the graph
+alone; the tests check it against the real cache's ``nbytes``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.ops import kv_bytes_per_token
+
+
+def layer_slots(attrs: dict, lengths: list[int], max_positions: int = 0) -> int:
+    """KV slots (tokens) one attention layer reserves for sequences of ``lengths``."""
+    kv = attrs.get("kv_cache") or {}
+    storage = kv.get("storage") or "dynamic"
+    window = attrs.get("window") or None
+    sinks = int(attrs.get("sinks") or 0) if window else 0
+    cap = sinks + window if window else None
+    if storage == "static":
+        max_len = kv.get("max_len") or (None if window else max_positions)
+        slots = min(cap, max_len) if cap and max_len else (cap or max_len)
+        return len(lengths) * int(slots)
+    if storage == "paged":
+        return sum(_paged_slots(n, int(kv.get("block_size") or 16), window, sinks) for n in lengths)
+    longest = max(lengths, default=0)
+    return len(lengths) * (min(longest, cap) if cap else longest)
+
+
+def _paged_slots(length: int, block: int, window: int | None, sinks: int) -> int:
+    pages = math.ceil(length / block)
+    if window is None or pages == 0:
+        return pages * block
+    oldest = length - window  # positions > oldest are in the window of the next query
+    kept = sum(1 for j in range(pages)
+               if j == pages - 1 or (j + 1) * block - 1 > oldest or j * block < sinks)
+    return kept * block
+
+
+def reserved_kv_bytes(graph: Graph, lengths: list[int]) -> int:
+    """Bytes the KV cache reserves for a batch of sequences of ``lengths`` tokens (all layers)."""
+    max_pos = graph.meta.max_positions
+    return int(sum(kv_bytes_per_token(n.attrs) * layer_slots(n.attrs, lengths, max_pos)
+                   for n in graph.nodes("Attention")))

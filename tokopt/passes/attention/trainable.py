@@ -1,0 +1,117 @@
+"""A differentiable forward of a graph, and the bounded distillation ("healing") loop.
+
+The reference executor runs under ``torch.inference_mode``; healing needs gradients.
+:class:`TrainableGraph` walks the same node order and calls the same registered kernels
+(so the math is the executor's, not a re-implementation), with chosen parameters turned
+into ``nn.Parameter``s.  :func:`heal` distils a student graph towards a teacher graph on
+calibration tokens (KL of next-token distributions) and returns the trained tensors,
+which the caller writes back into the graph as new parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tokopt.backends.torch.kernels import StepContext, get_kernel
+from tokopt.optimizer.graph import Graph, Value
+from tokopt.optimizer.weights import materialize
+
+log = logging.getLogger(__name__)
+
+
+class TrainableGraph(torch.nn.Module):
+    """Runs ``graph`` with gradients flowing into the parameters named in ``trainable``."""
+
+    def __init__(self, graph: Graph, trainable: set[str]) -> None:
+        super().__init__()
+        self.graph = graph
+        self._order = graph.nodes()
+        self._inputs = {n.name: graph.inputs_of(n.name) for n in self._order}
+        self._kernels = {n.name: get_kernel(n.op) for n in self._order}
+        self._keys = {name: f"p{i}" for i, name in enumerate(sorted(trainable))}
+        self.trained = torch.nn.ParameterDict({
+            key: torch.nn.Parameter(materialize(graph.params[name], torch.float32).detach().clone())
+            for name, key in self._keys.items()})
+        self._frozen: dict[str, torch.Tensor] = {}
+
+    def weight(self, name: str) -> torch.Tensor:
+        key = self._keys.get(name)
+        if key is not None:
+            return self.trained[key]
+        w = self._frozen.get(name)
+        if w is None:
+            w = materialize(self.graph.params[name])
+            w = w.float() if w.is_floating_point() else w
+            if w.is_inference():  # loaded under an executor's inference_mode: autograd cannot save it
+                w = w.clone()
+            self._frozen[name] = w
+        return w
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ctx = StepContext(self.weight, torch.arange(input_ids.shape[1]), input_ids, None)
+        values: dict[Value, torch.Tensor] = {}
+        for node in self._order:
+            ins = [values[v] for v in self._inputs[node.name]]
+            values[Value(node.name, 0)] = self._kernels[node.name](node, ins, ctx)
+        return values[self.graph.outputs["logits"]]
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: self.trained[key].detach().clone() for name, key in self._keys.items()}
+
+
+@dataclass
+class HealReport:
+    steps: int
+    first_kl: float
+    last_kl: float
+    history: list[float] = field(default_factory=list)
+
+
+def heal(teacher: Graph, student: Graph, trainable: set[str], batches: list[torch.Tensor], steps: int,
+         lr: float, seed: int, progress=None) -> tuple[dict[str, torch.Tensor], HealReport]:
+    """Distil ``student`` towards ``teacher`` for ``steps`` AdamW steps on ``batches``.
+
+    The loss is KL(teacher ‖ student) of next-token distributions, averaged over tokens;
+    the learning rate warms up for 10 % of the steps, then decays to zero (cosine), and
+    gradients are clipped to norm 1 — settings that keep a short run from overshooting.
+    """
+    from tokopt.backends.torch import ReferenceExecutor
+
+    torch.manual_seed(seed)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    teacher_exec = ReferenceExecutor(teacher)
+    targets: dict[int, torch.Tensor] = {}
+    model = TrainableGraph(student, trainable)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return lr * (step + 1) / warm
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    history: list[float] = []
+    steps_iter = range(steps) if progress is None else progress(range(steps), desc="gqa heal")
+    for step in steps_iter:
+        b = order[step % len(order)]
+        ids = batches[b]
+        if b not in targets:
+            targets[b] = F.log_softmax(teacher_exec.forward(ids).float(), -1)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        logp = F.log_softmax(model(ids).float(), -1)
+        loss = F.kl_div(logp.flatten(0, 1), targets[b].flatten(0, 1), log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+        if step % 10 == 0 or step == steps - 1:
+            log.info("gqa heal step %d/%d: KL %.4f", step + 1, steps, history[-1])
+    report = HealReport(steps, history[0] if history else 0.0, history[-1] if history else 0.0, history)
+    return model.trained_tensors(), report

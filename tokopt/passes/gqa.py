@@ -1,0 +1,244 @@
+"""gqa: convert attention to fewer KV heads (MHA → GQA, GQA → fewer groups, → MQA).
+
+Runs of consecutive KV heads are merged so that query head ``i`` keeps reading the
+merge of its own KV head; the Attention node's ``num_kv_heads`` and the k/v projections
+(plus q/o projections when the calibrated merge absorbs its inverse there) change
+together.  KV bytes per token shrink by exactly ``old / new`` on converted layers.
+
+``method=mean`` is the baseline of Ainslie et al. (2023); ``method=calibrated`` is the
+RoPE-aware closed-form merge fitted on calibration activations (see
+:mod:`tokopt.passes.attention.merge`).  ``max_error`` keeps only the layers whose block
+output moves by less than that relative error; ``heal_steps`` then distils the converted
+model towards the unconverted one (KL on logits) on calibration text.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tokopt.optimizer.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.graph import Graph, Node, Value
+from tokopt.optimizer.ops import kv_bytes_per_token
+from tokopt.optimizer.weights import materialize
+from tokopt.passes.attention.block import block_output, relative_error
+from tokopt.passes.attention.calibration import calibration_batches
+from tokopt.passes.attention.merge import AttentionWeights, HeadLayout, calibrated_merge, mean_merge
+from tokopt.passes.attention.selection import attention_nodes
+from tokopt.passes.base import Option, Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+ROLES = ("q", "k", "v", "o")
+
+
+def _positive(value: int) -> str | None:
+    return None if value >= 1 else "must be >= 1"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+class GroupedQueryAttention(Pass):
+    """Merge KV heads to ``num_kv_heads`` per layer; optionally heal by distillation.
+
+    Guarantees: each converted Attention node has ``num_kv_heads`` KV heads and its k/v
+    projections have matching widths; unconverted layers are untouched; the graph
+    verifies.  Without healing, ``mean`` needs no data; ``calibrated``, ``max_error`` and
+    ``heal_steps`` use calibration text.
+    """
+
+    name = "gqa"
+    summary = "Merge KV heads (MHA→GQA→MQA): KV bytes/token shrink by old/new heads; mean or calibrated merge."
+    options = (
+        Option("num_kv_heads", "int", None, "KV heads per converted layer; must divide the current KV and query heads.",
+               check=_positive),
+        Option("method", "str", "calibrated", "mean: average each group's K/V rows (Ainslie et al.); "
+               "calibrated: RoPE-aware merge fitted on calibration activations.", choices=("mean", "calibrated")),
+        Option("layers", "int_list", None, "Layer indices to convert, e.g. 0;2;4-7 (default: all layers)."),
+        Option("max_error", "float", None, "Convert only layers whose attention-block output changes by at most "
+               "this relative squared error on calibration text (e.g. 0.05).", check=_non_negative),
+        Option("calib_samples", "int", 8, "Calibration sequences used to fit the merge.", check=_positive),
+        Option("calib_seq_len", "int", 512, "Tokens per calibration sequence.", check=_positive),
+        Option("heal_steps", "int", 0, "Distillation steps after merging (0 = no healing).", check=_non_negative),
+        Option("heal_lr", "float", 1e-4, "Peak AdamW learning rate of healing.", check=_non_negative),
+        Option("heal_seq_len", "int", 256, "Tokens per healing sequence.", check=_positive),
+        Option("heal_samples", "int", 32, "Distinct calibration sequences healing cycles through.", check=_positive),
+        Option("heal_scope", "str", "attention", "Parameters healing trains: the converted layers' q/k/v/o "
+               "projections (attention) or every parameter (all).", choices=("attention", "all")),
+        Option("seed", "int", 0, "Seed of healing (batch order, initialisation of optimizer state)."),
+    )
+    requires = frozenset({"attention"})
+    moves = ("kv_bytes_per_token", "kv_bytes_at", "params", "ppl")
+    changes_numerics = True
+
+    def validate(self) -> None:
+        if self.opts["num_kv_heads"] is None:
+            raise PassOptionError(f"{self.name}: num_kv_heads is required, e.g. gqa:num_kv_heads=1")
+
+    # -- preconditions ---------------------------------------------------------------
+    def check(self, graph: Graph, ctx: PassContext) -> None:
+        target = self.opts["num_kv_heads"]
+        for node in attention_nodes(graph, self.opts["layers"], self.name):
+            h, kvh = node.attrs["num_heads"], node.attrs["num_kv_heads"]
+            if target > kvh or kvh % target or h % target:
+                raise PreconditionError(
+                    f"{self.name}: num_kv_heads={target} must divide {node.name}'s {kvh} KV heads and {h} query "
+                    f"heads; valid values: {', '.join(str(n) for n in range(1, kvh + 1) if kvh % n == 0)}")
+            if self.opts["method"] == "calibrated" and node.attrs.get("qk_norm"):
+                raise PreconditionError(
+                    f"{self.name}: {node.name} normalises each key head (qk_norm), which a linear merge cannot pass "
+                    "through; use gqa:method=mean (with heal_steps to recover quality)")
+            _projections(graph, node, self.name)
+
+    # -- the rewrite -----------------------------------------------------------------
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self.check(graph, ctx)
+        target = self.opts["num_kv_heads"]
+        candidates = [n for n in attention_nodes(graph, self.opts["layers"], self.name)
+                      if n.attrs["num_kv_heads"] != target]
+        if not candidates:
+            return PassResult(graph, False, [f"every selected layer already has {target} KV heads"])
+        need_data = self.opts["method"] == "calibrated" or self.opts["max_error"] is not None
+        captured = self._capture(graph, ctx, candidates) if need_data else {}
+
+        out = graph.copy()
+        converted: list[tuple[Node, dict[str, str]]] = []
+        notes: list[str] = []
+        before = sum(kv_bytes_per_token(n.attrs) for n in graph.nodes("Attention"))
+        for node in ctx.progress(candidates, desc="gqa merge"):
+            proj = _projections(graph, node, self.name)
+            w = _load(graph, proj)
+            lay = _layout(node, target)
+            x = captured.get(node.name)
+            merged = calibrated_merge(w, lay, x) if self.opts["method"] == "calibrated" else mean_merge(w, lay)
+            error = None
+            if x is not None:
+                error = self._block_error(graph, node, w, merged, target, x)
+            if self.opts["max_error"] is not None and error > self.opts["max_error"]:
+                notes.append(f"{node.name}: kept {node.attrs['num_kv_heads']} KV heads (error {error:.3g} > "
+                             f"max_error {self.opts['max_error']})")
+                continue
+            new_node = out.node(node.name)
+            names = _write_back(out, proj, w, merged)
+            new_node.attrs["num_kv_heads"] = target
+            cache = dict(new_node.attrs["kv_cache"])
+            if cache.get("scale_bytes_per_token"):
+                cache["scale_bytes_per_token"] = cache["scale_bytes_per_token"] * target // node.attrs["num_kv_heads"]
+            new_node.attrs["kv_cache"] = cache
+            converted.append((new_node, names))
+            err = f", block error {error:.3g}" if error is not None else ""
+            log.info("gqa: %s %d -> %d KV heads%s", node.name, node.attrs["num_kv_heads"], target, err)
+            notes.append(f"{node.name}: {node.attrs['num_kv_heads']}→{target} KV heads ({self.opts['method']}{err})")
+        if not converted:
+            return PassResult(graph, False, notes + ["no layer met max_error; nothing converted"])
+        out.eliminate_dead_code()
+        out.reinfer()
+        after = sum(kv_bytes_per_token(n.attrs) for n in out.nodes("Attention"))
+        notes.insert(0, f"{len(converted)} layer(s) converted with method={self.opts['method']}: KV bytes/token "
+                        f"{before:,.0f} → {after:,.0f} ({after / before:.3f}×)")
+        if self.opts["heal_steps"]:
+            out = self._heal(graph, out, converted, ctx, notes)
+        return PassResult(out, True, notes)
+
+    def _capture(self, graph: Graph, ctx: PassContext, nodes: list[Node]) -> dict[str, torch.Tensor]:
+        """Inputs of each candidate's k projection on calibration text, (1, tokens, hidden)."""
+        batches = calibration_batches(graph, ctx, self.opts["calib_samples"], self.opts["calib_seq_len"], self.name)
+        if not batches:
+            raise PreconditionError(f"{self.name}: no calibration text long enough for {self.opts['calib_seq_len']} "
+                                    "tokens; lower calib_seq_len")
+        k_nodes = {_projections(graph, n, self.name)["k"].name: n.name for n in nodes}
+        got = ctx.capture_inputs(graph, set(k_nodes), batches)
+        return {k_nodes[k]: torch.cat([t.reshape(-1, t.shape[-1]) for t in v]).unsqueeze(0) for k, v in got.items()}
+
+    def _block_error(self, graph: Graph, node: Node, w: AttentionWeights, merged: AttentionWeights, target: int,
+                     x: torch.Tensor) -> float:
+        """Relative error of the block output on the first calibration sequence (positions restart per sequence)."""
+        seq = min(self.opts["calib_seq_len"], x.shape[1])
+        xs = x[:, :seq].float()
+        norms = {r: materialize(graph.params[p]).float() for r, p in node.params.items()}
+        with torch.no_grad():
+            ref = block_output(node, node.attrs, w, xs, norms)
+            new = block_output(node, {**node.attrs, "num_kv_heads": target}, merged, xs, norms)
+        return relative_error(ref, new)
+
+    def _heal(self, teacher: Graph, student: Graph, converted: list[tuple[Node, dict[str, str]]], ctx: PassContext,
+              notes: list[str]) -> Graph:
+        from tokopt.passes.attention.trainable import heal
+
+        if self.opts["heal_scope"] == "all":
+            trainable = {p for p, w in student.params.items() if materialize(w).is_floating_point()}
+        else:
+            trainable = {p for _, names in converted for p in names.values()}
+        batches = calibration_batches(student, ctx, self.opts["heal_samples"], self.opts["heal_seq_len"], self.name)
+        if not batches:
+            raise PreconditionError(f"{self.name}: no calibration text for healing; lower heal_seq_len")
+        tensors, report = heal(teacher, student, trainable, batches, self.opts["heal_steps"], self.opts["heal_lr"],
+                               self.opts["seed"])
+        healed = student.copy()
+        renamed = {old: _fresh(healed, f"{old}.healed") for old in tensors}
+        for old, new in renamed.items():
+            healed.add_param(new, tensors[old])
+        for node in healed.nodes():
+            node.params = {role: renamed.get(p, p) for role, p in node.params.items()}
+        healed.eliminate_dead_code()
+        notes.append(f"healed {report.steps} steps on {len(batches)} sequences, {len(trainable)} tensors: "
+                     f"KL {report.first_kl:.3f} → {report.last_kl:.3f}")
+        return healed
+
+
+# -- graph plumbing ----------------------------------------------------------------------
+def _projections(graph: Graph, node: Node, pass_name: str) -> dict[str, Node]:
+    """The q/k/v Linear producers and the o_proj Linear consumer of an Attention node."""
+    ins = graph.inputs_of(node.name)
+    proj = {role: graph.producer(v) for role, v in zip("qkv", ins, strict=False)}
+    users = graph.users_of(Value(node.name, 0))
+    if len(users) == 1:
+        proj["o"] = graph.node(users[0][0])
+    bad = [r for r in ROLES if r not in proj or proj[r].op != "Linear"]
+    if bad:
+        raise PreconditionError(f"{pass_name}: {node.name} must read q/k/v from Linear nodes and feed one Linear "
+                                f"output projection; the {'/'.join(bad)} side does not (fused or unusual graph)")
+    return proj
+
+
+def _load(graph: Graph, proj: dict[str, Node]) -> AttentionWeights:
+    def t(role: str, which: str) -> torch.Tensor | None:
+        name = proj[role].params.get(which)
+        return None if name is None else materialize(graph.params[name], torch.float32)
+
+    return AttentionWeights(*(t(r, p) for r in ROLES for p in ("weight", "bias")))
+
+
+def _layout(node: Node, target: int) -> HeadLayout:
+    a = node.attrs
+    rope = a.get("rope")
+    return HeadLayout(a["num_heads"], a["num_kv_heads"], a["head_dim"], target, rope["rotary_dim"] if rope else 0)
+
+
+def _fresh(graph: Graph, base: str) -> str:
+    name, i = base, 1
+    while name in graph.params:
+        i += 1
+        name = f"{base}{i}"
+    return name
+
+
+def _write_back(graph: Graph, proj: dict[str, Node], old: AttentionWeights, new: AttentionWeights) -> dict[str, str]:
+    """Point each changed projection at fresh parameters; returns role.param -> new param name."""
+    names: dict[str, str] = {}
+    for role in ROLES:
+        node = graph.node(proj[role].name)
+        for which in ("weight", "bias"):
+            before, after = getattr(old, f"{role}_{which[0]}"), getattr(new, f"{role}_{which[0]}")
+            if after is None or (before is not None and after is before):
+                if node.params.get(which) is not None and role in ("q", "k", "v", "o"):
+                    names[f"{role}.{which}"] = node.params[which]
+                continue
+            pname = _fresh(graph, f"{node.name}.{which}.gqa")
+            graph.add_param(pname, after.detach().contiguous())
+            node.params[which] = pname
+            names[f"{role}.{which}"] = pname
+    return names

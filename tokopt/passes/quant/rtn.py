@@ -1,0 +1,95 @@
+"""Round-to-nearest quantization onto a grouped integer grid: the format's definition.
+
+A weight ``(out, in)`` is cut into groups of ``group_size`` consecutive input columns;
+each (row, group) gets one scale (and, when asymmetric, one zero point) and every
+element becomes ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)``.  Symmetric grids
+use the implied zero ``2**(bits-1)`` and ``scale = absmax / (2**(bits-1) - 1)``, so a
+weight and its negation round to mirrored codes.  Scales are rounded to their storage
+dtype *before* the codes are computed, so dequantizing the stored values reproduces
+exactly what the quantizer measured its error against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokopt.optimizer.weights import QuantizedWeight, pack_codes
+
+SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
+
+
+def grid_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float16,
+                shrink: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (both float, rounded as stored) for groups on the last dim of ``w``.
+
+    ``w`` is ``(..., group_size)``; the results have shape ``w.shape[:-1]``.  ``shrink``
+    (≤ 1, broadcastable to that shape) clips the range before the grid is fitted: the
+    calibrated methods search it, plain RTN uses 1.
+    """
+    w = w.float()
+    maxq = 2 ** bits - 1
+    if symmetric:
+        absmax = w.abs().amax(-1) * shrink
+        scale = absmax / (2 ** (bits - 1) - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = scale.to(scale_dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # fp16 underflow
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+        return scale, zero
+    wmin = torch.clamp(w.amin(-1), max=0) * shrink
+    wmax = torch.clamp(w.amax(-1), min=0) * shrink
+    scale = (wmax - wmin) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.to(scale_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes for ``w`` given per-element-broadcastable ``scale`` and ``zero`` (float)."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2 ** bits - 1)
+
+
+def resolve_group_size(group_size: int, in_features: int) -> int:
+    """``-1``/``0`` mean per-channel: one group spanning the whole input dimension."""
+    return in_features if group_size <= 0 else group_size
+
+
+def quantized_weight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                     symmetric: bool, scale_dtype: torch.dtype, method: str, extra: dict | None = None,
+                     ) -> QuantizedWeight:
+    """Package ``(out, in)`` codes and ``(out, n_groups)`` grid parameters as the IR value type."""
+    out_f, in_f = codes.shape
+    return QuantizedWeight(
+        packed=pack_codes(codes.to(torch.uint8), bits),
+        scales=scale.to(scale_dtype).contiguous(),
+        zero_points=None if symmetric else zero.to(torch.uint8).contiguous(),
+        bits=bits,
+        group_size=group_size,
+        shape=(out_f, in_f),
+        method=method,
+        extra=dict(extra or {}),
+    )
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = True,
+                 scale_dtype: str = "float16", shrink: torch.Tensor | float = 1.0,
+                 method: str = "rtn") -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight ``(out, in)``.
+
+    ``group_size`` must divide ``in`` (the pass checks this with an actionable message
+    before calling); ``-1`` or ``0`` is per-channel.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_rtn expects a 2-D weight, got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    gs = resolve_group_size(group_size, in_f)
+    if in_f % gs:
+        raise ValueError(f"group_size {gs} does not divide in_features {in_f}")
+    sdtype = SCALE_DTYPES[scale_dtype]
+    grouped = w.float().reshape(out_f, in_f // gs, gs)
+    scale, zero = grid_params(grouped, bits, symmetric, sdtype, shrink)
+    codes = quantize_codes(grouped, scale[..., None], zero[..., None], bits).reshape(out_f, in_f)
+    return quantized_weight(codes, scale, zero, bits, gs, symmetric, sdtype, method,
+                            {"scale_dtype": scale_dtype})

@@ -1,0 +1,161 @@
+"""Plugins: third-party passes, backends, frontends, ops and pipeline observers.
+
+Plugin authors read :mod:`tokopt.plugins.hookspecs` (the manual) and import only
+:data:`hookimpl` from here.  The rest of this module is what tokopt itself calls: the
+registries resolve plugin names through it, and the pipeline notifies observers with
+the ``notify_*`` functions, running plugin code inside :func:`plugin_guard`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tokopt.optimizer.errors import PluginError
+from tokopt.plugins.hookspecs import PLUGIN_API_VERSION, SUPPORTED_PLUGIN_API_VERSIONS, hookimpl, hookspec
+from tokopt.plugins.manager import ENTRY_POINT_GROUP, PluginManager, plugin_guard
+
+if TYPE_CHECKING:
+    from tokopt.backends.base import Backend
+    from tokopt.optimizer.graph import Graph
+    from tokopt.passes.base import Pass
+
+_MANAGER: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide manager; entry points are read on its first real use."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = PluginManager()
+    return _MANAGER
+
+
+def reset_plugin_manager(discover: bool = True) -> PluginManager:
+    """Forget every loaded plugin (tests; after installing a plugin in-process)."""
+    global _MANAGER
+    _MANAGER = PluginManager(discover=discover)
+    return _MANAGER
+
+
+def register_plugin(plugin: Any, name: str) -> None:
+    """Register ``plugin`` (an object or module with ``@hookimpl`` functions) in-process."""
+    get_plugin_manager().register(plugin, name)
+
+
+def unregister_plugin(name: str) -> None:
+    get_plugin_manager().unregister(name)
+
+
+# -- what the registries call ------------------------------------------------------------
+def plugin_names(kind: str) -> list[str]:
+    """Names of ``kind`` ("pass", "backend", "frontend") that plugins provide (nothing imported)."""
+    return sorted(get_plugin_manager().provided(kind))
+
+
+def plugin_pass_class(name: str) -> type[Pass] | None:
+    """The plugin pass class called ``name`` (imported now), or None if no plugin provides it."""
+    from tokopt.passes.base import Pass
+
+    resolved = get_plugin_manager().resolve("pass", name)
+    if resolved is None:
+        return None
+    cls, plugin = resolved
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise PluginError(f"plugin {plugin!r}: pass {name!r} resolves to {cls!r}, not a tokopt Pass subclass")
+    if cls.name != name:
+        raise PluginError(f"plugin {plugin!r} registers pass {name!r} but its class says name = {cls.name!r}")
+    cls.plugin = plugin
+    return cls
+
+
+def plugin_backend(name: str) -> Backend | None:
+    """A new instance of the plugin backend ``name``, or None if no plugin provides it.
+
+    Its methods are wrapped in :func:`plugin_guard`, so a crash in ``lower``/``load``
+    names the plugin wherever it is called from.
+    """
+    from tokopt.backends.base import Backend
+
+    resolved = get_plugin_manager().resolve("backend", name)
+    if resolved is None:
+        return None
+    cls, plugin = resolved
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise PluginError(f"plugin {plugin!r}: backend {name!r} resolves to {cls!r}, not a tokopt Backend subclass")
+    with plugin_guard(plugin, f"creating backend {name!r}"):
+        backend = cls()
+    backend.plugin = plugin
+    for method in ("availability", "capabilities", "check", "lower", "load"):
+        setattr(backend, method, _guarded(getattr(backend, method), plugin, f"backend {name!r} {method}()"))
+    return backend
+
+
+def _guarded(fn: Any, plugin: str, what: str) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with plugin_guard(plugin, what):
+            return fn(*args, **kwargs)
+    call.__doc__ = fn.__doc__
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def unknown_name_error(kind: str, name: str) -> PluginError | None:
+    """When ``name`` is unknown and some plugin failed to load: an error naming the broken plugins."""
+    return get_plugin_manager().missing(kind, name)
+
+
+def plugin_failures() -> dict[str, str]:
+    """Plugins that could not be loaded: distribution name -> why."""
+    return get_plugin_manager().failures()
+
+
+def describe_plugins() -> list[dict[str, Any]]:
+    """Installed plugins, what each provides, and why a broken one was set aside."""
+    return get_plugin_manager().describe()
+
+
+def install_plugin_frontends() -> None:
+    """Make plugin architectures loadable by the HF frontend (builders import lazily)."""
+    get_plugin_manager().install_frontends()
+
+
+def install_plugin_ops() -> None:
+    """Install every plugin's ops (called before reading a graph that may use them)."""
+    get_plugin_manager().install_ops()
+
+
+def op_lowering(backend: str, op: str) -> Any | None:
+    """The lowering a plugin registered for ``op`` on ``backend`` (None if there is none)."""
+    from tokopt.plugins import ops
+
+    if ops.op_owner(op) is None:
+        install_plugin_ops()
+    return ops.op_lowering(backend, op)
+
+
+# -- pipeline observers: the pipeline calls these, in this order ----------------------------
+def notify_pipeline_start(model: str, passes: list[str], backend: str | None, graph: Graph) -> None:
+    get_plugin_manager().call("tokopt_pipeline_start", model=model, passes=list(passes), backend=backend, graph=graph)
+
+
+def notify_stage_start(stage: str, index: int, graph: Graph) -> None:
+    get_plugin_manager().call("tokopt_stage_start", stage=stage, index=index, graph=graph)
+
+
+def notify_stage_end(stage: str, index: int, graph: Graph, metrics: dict[str, Any], notes: list[str]) -> None:
+    get_plugin_manager().call("tokopt_stage_end", stage=stage, index=index, graph=graph, metrics=dict(metrics),
+                              notes=list(notes))
+
+
+def notify_pipeline_end(report: dict[str, Any] | None, out_dir: Path | None, error: BaseException | None) -> None:
+    get_plugin_manager().call("tokopt_pipeline_end", report=report, out_dir=out_dir, error=error)
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "PLUGIN_API_VERSION", "SUPPORTED_PLUGIN_API_VERSIONS", "PluginError", "PluginManager",
+    "hookimpl", "hookspec", "get_plugin_manager", "reset_plugin_manager", "register_plugin", "unregister_plugin",
+    "plugin_names", "plugin_pass_class", "plugin_backend", "unknown_name_error", "plugin_failures",
+    "describe_plugins", "install_plugin_frontends", "install_plugin_ops", "op_lowering", "plugin_guard",
+    "notify_pipeline_start", "notify_stage_start", "notify_stage_end", "notify_pipeline_end",
+]

@@ -120,7 +120,7 @@ def _decode_seconds(graph, prompt: int, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("prompt", [512, LONG])
+@pytest.mark.parametrize("prompt", [512])
 def test_decode_speed_by_cache_config(smollm2, prompt, benchmark):
     """Decode seconds per token after a ``prompt``-token prefill, per cache configuration, as ratios to dynamic."""
     from tokopt.passes.attention.kv_memory import reserved_kv_bytes
@@ -132,8 +132,8 @@ def test_decode_speed_by_cache_config(smollm2, prompt, benchmark):
         "BSNH dynamic": _run("kv-layout", smollm2, layout="BSNH").graph,
         "window 256 + 4 sinks": _run("sparse-attention", smollm2, window=256, sinks=4).graph,
     }
-    steps = 8
-    times = {label: min(_decode_seconds(g, prompt, steps) for _ in range(2)) / steps for label, g in configs.items()}
+    steps = 16
+    times = {label: _decode_seconds(g, prompt, steps) / steps for label, g in configs.items()}
     benchmark.pedantic(_decode_seconds, args=(smollm2, prompt, steps), rounds=1, iterations=1)
     lengths = [37, 180, 512, 900, 2048, 64, 333, 1200]
     base = times["dynamic (default)"]

@@ -145,3 +145,56 @@ def test_options_are_checked():
         KVLayout(storage="paged", max_len=16)
     with pytest.raises(PassOptionError, match="one of"):
         KVLayout(layout="NHWC")
+
+
+def _converted(llama):
+    from tokopt.passes.gqa import GroupedQueryAttention
+    from tokopt.passes.sparse_attention import SparseAttention
+
+    ctx = PassContext(calibration_batches=[torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(5))])
+    return {
+        "sparse window=6,sinks=2": SparseAttention(window=6, sinks=2).run(llama, ctx).graph,
+        "sparse window=6,sinks=0": SparseAttention(window=6, sinks=0).run(llama, ctx).graph,
+        "gqa calibrated 2->1": GroupedQueryAttention(num_kv_heads=1, calib_seq_len=64).run(llama, ctx).graph,
+        "kv-layout static": KVLayout(storage="static", max_len=64).run(llama, ctx).graph,
+        "kv-layout paged BSNH": KVLayout(storage="paged", layout="BSNH").run(llama, ctx).graph,
+    }
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "onnxruntime"])
+def test_converted_models_match_every_backend_that_accepts_them(llama, backend_name, tmp_path):
+    """Each attention pass's output lowers and matches the reference, decoding past the window — or is refused."""
+    from tokopt.backends.parity import check_parity
+    from tokopt.backends.registry import get_backend
+    from tokopt.optimizer.errors import BackendRefusalError
+
+    backend = get_backend(backend_name)
+    ok, why = backend.availability()
+    if not ok:
+        pytest.skip(why)
+    accepted = 0
+    for label, graph in _converted(llama).items():
+        try:
+            backend.check(graph)
+        except BackendRefusalError as exc:
+            assert "layout" in str(exc) or "storage" in str(exc) or "sinks" in str(exc), exc
+            continue
+        session = backend.load(backend.lower(graph, tmp_path / label.replace(" ", "_")).path)
+        tokens = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(0))
+        report = check_parity(graph, session, tokens=tokens, decode_steps=8, raise_on_failure=False)
+        assert report.passed, (label, report)
+        accepted += 1
+    assert accepted >= 4
+
+
+def test_static_max_len_must_hold_the_window(llama):
+    from tokopt.optimizer.errors import PreconditionError
+    from tokopt.passes.sparse_attention import SparseAttention
+
+    windowed = SparseAttention(window=16, sinks=4).run(llama, PassContext()).graph
+    with pytest.raises(PreconditionError, match="max_len=8 cannot hold"):
+        KVLayout(storage="static", max_len=8).run(windowed, PassContext())
+    with pytest.raises(UnsupportedOpError, match="cannot hold"):
+        CachePolicy.from_attrs({"window": 16, "sinks": 4, "kv_cache": {"storage": "static", "max_len": 8}})
+    g = KVLayout(storage="static").run(windowed, PassContext()).graph
+    assert reserved_kv_bytes(g, [3, 100]) == reserved_kv_bytes(g, [1000, 1000])  # 2 × (sinks + window) slots

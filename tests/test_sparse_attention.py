@@ -127,3 +127,24 @@ def test_sinks_rescue_windowed_smollm2(smollm2_graph):
     without = perplexity(sparse(smollm2_graph, window=64, sinks=0).graph, ids)
     assert full < with_sinks < without
     assert with_sinks / full - 1 < 0.5 * (without / full - 1)
+
+
+def test_cli_generate_applies_passes(tmp_path):
+    """``tokopt generate --passes`` runs the pipeline first; a bad pass is a one-line error, exit 2."""
+    import json
+
+    from click.testing import CliRunner
+    from tiny_models import save_tiny_llama
+
+    from tokopt.cli import cli
+
+    path = save_tiny_llama(tmp_path / "llama", layers=2)
+    runner = CliRunner()
+    args = ["generate", str(path), "--prompt", "w5 w6 w7", "--max-new-tokens", "40", "--json"]
+    plain = runner.invoke(cli, args)
+    windowed = runner.invoke(cli, [*args, "--passes", "sparse-attention:window=4,sinks=1"])
+    assert plain.exit_code == 0 and windowed.exit_code == 0, (plain.output, windowed.output)
+    a, b = json.loads(plain.output)["new_ids"], json.loads(windowed.output)["new_ids"]
+    assert a[:2] == b[:2]  # identical while the context fits in sinks + window
+    bad = runner.invoke(cli, [*args, "--passes", "sparse-attention:window=0"])
+    assert bad.exit_code == 2 and "window" in bad.output

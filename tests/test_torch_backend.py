@@ -68,6 +68,7 @@ def test_registered_and_available():
 def test_artifact_is_self_contained(artifact, tiny):
     manifest = read_manifest(artifact)
     assert manifest["backend"] == "torch" and manifest["format_version"] == 1
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] == 0.0  # read back exactly
     assert manifest["tokopt_version"] == tokopt.__version__
     assert manifest["tokenizer"] == "tokenizer"
     for name in manifest["files"]:
@@ -133,6 +134,31 @@ def test_static_cache_program_matches_reference(tiny):
     expected = run_steps(ReferenceExecutor(tiny), ids, prefill=9)
     got = run_steps(CompiledSession(tiny, compile=False, max_len=32), ids, prefill=9)
     torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+
+
+def _other_architecture(kind: str, path: Path) -> Graph:
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                             max_position_embeddings=64))
+    model.save_pretrained(path)
+    return tokopt.load(str(path))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen3"])
+def test_static_cache_program_on_other_architectures(kind, tmp_path):
+    """LayerNorm + biases + learned positions (gpt2); q/k RMSNorm (qwen3)."""
+    g = _other_architecture(kind, tmp_path / kind)
+    session = CompiledSession(g, compile=False, max_len=20)
+    assert session._regions is not None and len(session._regions) == 2  # blocks found for regional compile
+    ids = sample_ids(2, 12)
+    torch.testing.assert_close(run_steps(session, ids, 7), run_steps(ReferenceExecutor(g), ids, 7),
+                               rtol=0, atol=ATOL)
 
 
 def test_static_cache_honours_window_sinks_and_int8_kv(tiny):

@@ -49,7 +49,7 @@ def resolve_source(source: str) -> Path:
         if path.suffix == ".gguf":
             return gguf_to_hf_directory(path)
         if path.suffix == ".onnx":
-            raise ModelSourceError(f"{path}: ONNX model input is not available in this version of tokopt")
+            return path  # read by tokopt.frontends.onnx
         raise ModelSourceError(f"{path}: unrecognised model file; expected a directory, .gguf or a hub id")
     if source.lower() in DEMO_MODELS:
         return gguf_to_hf_directory(demo_model_path(source))
@@ -74,7 +74,12 @@ def _hub_snapshot(repo_id: str) -> Path:
 def load_model(source: str | Path) -> Graph:
     """Read ``source`` into a verified :class:`Graph`."""
     model_dir = resolve_source(str(source))
-    graph = load_hf_directory(model_dir)
+    from tokopt.frontends.onnx import is_onnx_directory, load_onnx
+
+    if model_dir.suffix == ".onnx" or is_onnx_directory(model_dir):
+        graph = load_onnx(model_dir)
+    else:
+        graph = load_hf_directory(model_dir)
     graph.meta.source = str(source)
     verify(graph, stage=graph.history[-1])
     log.info("loaded %s: %d nodes, %d parameters tensors", source, len(graph), len(graph.params))

@@ -23,7 +23,7 @@ h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em}
 table{border-collapse:collapse;font-size:.85em;margin-top:.5em}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
-.charts{display:flex;flex-wrap:wrap;gap:18px}
+.charts{display:flex;flex-wrap:wrap;gap:18px}.scroll{overflow-x:auto}
 .chart{border:1px solid #e5e5e5;border-radius:6px;background:#fcfcfc}
 .chart text{font-size:12px;fill:#333}.chart .title{font-size:13px;font-weight:600}
 .chart .axis{stroke:#888;stroke-width:1}
@@ -122,9 +122,10 @@ def render_html(report: dict[str, Any]) -> str:
         f"eval text: {_esc(ev.get('name', '?'))}, {_esc(ev.get('sequences', '?'))} × "
         f"{_esc(ev.get('seq_len', '?'))} tokens",
     ]
-    table = ["<table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    heads = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    table = [f'<div class="scroll"><table><thead><tr>{heads}</tr></thead><tbody>']
     table += ["<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows]
-    table.append("</tbody></table>")
+    table.append("</tbody></table></div>")
     gates = "".join(f'<li><span class="{"pass" if g["passed"] else "fail"}">{"PASS" if g["passed"] else "FAIL"}'
                     f'</span> <code>{_esc(g["gate"])}</code>: {_esc(g["message"])}</li>'
                     for g in report.get("gates", []))

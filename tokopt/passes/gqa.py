@@ -21,7 +21,7 @@ import torch
 from tokopt.optimizer.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.graph import Graph, Node, Value
 from tokopt.optimizer.ops import kv_bytes_per_token
-from tokopt.optimizer.weights import materialize
+from tokopt.optimizer.weights import QuantizedWeight, materialize
 from tokopt.passes.attention.block import block_output, relative_error
 from tokopt.passes.attention.calibration import calibration_batches
 from tokopt.passes.attention.merge import AttentionWeights, HeadLayout, calibrated_merge, mean_merge
@@ -139,6 +139,9 @@ class GroupedQueryAttention(Pass):
         after = sum(kv_bytes_per_token(n.attrs) for n in out.nodes("Attention"))
         notes.insert(0, f"{len(converted)} layer(s) converted with method={self.opts['method']}: KV bytes/token "
                         f"{before:,.0f} → {after:,.0f} ({after / before:.3f}×)")
+        if any(isinstance(graph.params[p], QuantizedWeight) for n in candidates
+               for lin in _projections(graph, n, self.name).values() for p in lin.params.values()):
+            notes.append("quantized q/k/v/o weights were merged in fp32 (dequantized): run quantize after gqa")
         if self.opts["heal_steps"]:
             out = self._heal(graph, out, converted, ctx, notes)
         return PassResult(out, True, notes)

@@ -11,7 +11,7 @@ a batch of mixed lengths before and after (:func:`~tokopt.passes.attention.kv_me
 
 from __future__ import annotations
 
-from tokopt.optimizer.errors import PassOptionError
+from tokopt.optimizer.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.graph import Graph
 from tokopt.passes.attention.kv_memory import reserved_kv_bytes
 from tokopt.passes.attention.selection import attention_nodes
@@ -61,9 +61,16 @@ class KVLayout(Pass):
             raise PassOptionError(f"{self.name}: max_len only applies to storage=static")
 
     def check(self, graph: Graph, ctx: PassContext) -> None:
-        attention_nodes(graph, self.opts["layers"], self.name)
+        max_len = self.opts["max_len"]
+        for node in attention_nodes(graph, self.opts["layers"], self.name):
+            window, sinks = node.attrs.get("window"), int(node.attrs.get("sinks") or 0)
+            if max_len and window and max_len < window + sinks:
+                raise PreconditionError(
+                    f"{self.name}: max_len={max_len} cannot hold {node.name}'s {sinks} sinks + {window}-token window; "
+                    f"use max_len >= {window + sinks} or leave it unset (windowed layers need sinks + window slots)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self.check(graph, ctx)
         o = self.opts
         out = graph.copy()
         changed = 0

@@ -85,7 +85,7 @@ class QuantizePass(Pass):
         Option("scale_dtype", "str", "float16", "Storage type of the scales.", choices=("float16", "float32")),
         Option("damp", "float", 0.01, "GPTQ: Hessian dampening, as a fraction of its mean diagonal.", check=_damp),
         Option("act_order", "bool", True, "GPTQ: quantize columns in order of decreasing input energy."),
-        Option("calibration_samples", "int", 16, "Sequences of calibration text, when the pipeline gives none.",
+        Option("calibration_samples", "int", 8, "Sequences of calibration text, when the pipeline gives none.",
                check=_positive),
         Option("calibration_seq_len", "int", 512, "Tokens per calibration sequence, when the pipeline gives none.",
                check=_positive),

@@ -15,7 +15,6 @@ query-to-sink distance leaves the trained range — the pass warns when that is 
 
 from __future__ import annotations
 
-from tokopt.optimizer.errors import PassOptionError
 from tokopt.optimizer.graph import Graph
 from tokopt.passes.attention.selection import attention_nodes
 from tokopt.passes.base import Option, Pass, PassContext, PassResult
@@ -48,11 +47,6 @@ class SparseAttention(Pass):
     requires = frozenset({"attention"})
     moves = ("kv_bytes_at", "flops_per_token", "long_ppl", "ppl")
     changes_numerics = True
-
-    def validate(self) -> None:
-        if self.opts["sinks"] >= self.opts["window"] * 16:
-            raise PassOptionError(f"{self.name}: sinks={self.opts['sinks']} dwarfs window={self.opts['window']}; "
-                                  "sinks are a handful of tokens (StreamingLLM uses 4)")
 
     def check(self, graph: Graph, ctx: PassContext) -> None:
         attention_nodes(graph, self.opts["layers"], self.name)

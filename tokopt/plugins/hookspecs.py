@@ -120,7 +120,10 @@ def tokopt_register_frontends() -> dict[str, str | Builder]:
         function) is a builder ``(HFSource) -> Graph`` like the ones in
         ``tokopt/frontends/hf/`` (see ``llama_like.build_llama_like`` for the shared
         decoder).  It is imported only when a checkpoint of that ``model_type`` is loaded.
-        A plugin may not replace a built-in architecture.
+        A plugin may not replace a built-in architecture.  The checkpoint's ``config.json``
+        is read with transformers' ``AutoConfig`` before your builder runs, so the
+        ``model_type`` must be one transformers knows (the builder receives that config
+        object as ``src.config`` and the raw dictionary as ``src.config_dict``).
     """
 
 

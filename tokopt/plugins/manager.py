@@ -156,10 +156,11 @@ class PluginManager:
                 self._fail(dist, f"cannot import its entry point ({label}): {type(exc).__name__}: {exc}")
                 continue
             version = getattr(getattr(ep, "dist", None), "version", None)
+            name = dist if dist not in self.plugins else f"{dist}:{ep.name}"  # a second entry point of one dist
             try:
-                self.register(module, dist, entry_point=label, version=version)
+                self.register(module, name, entry_point=label, version=version)
             except PluginError as exc:
-                self._fail(dist, str(exc))
+                self._fail(name, str(exc))
 
     def _fail(self, plugin: str, message: str) -> None:
         log.warning("plugin %r is disabled: %s", plugin, message)

@@ -83,7 +83,8 @@ class OnnxRuntimeBackend(Backend):
 
     def lower(self, graph: Graph, out_dir: Path, *, recipe: Any = None, attention: str = "auto",
               fused_norms: bool = True, fuse_qkv: bool = True, accuracy_level: int = 4, max_length: int | None = None,
-              threads: int | None = None, parity: bool = True, parity_tokens: Any = None) -> Artifact:
+              exact_linears: tuple[str, ...] = (), threads: int | None = None, parity: bool = True,
+              parity_tokens: Any = None) -> Artifact:
         """Write the artifact directory, refusing to ship it unless its logits match the reference."""
         from tokopt.backends.artifact import atomic_directory, write_manifest
         from tokopt.backends.onnxruntime.artifact import copy_tokenizer, hf_config, write_json, write_recipe
@@ -94,7 +95,7 @@ class OnnxRuntimeBackend(Backend):
         from tokopt.backends.parity import check_parity
 
         self.check(graph)
-        options = LoweringOptions(attention, fused_norms, accuracy_level, max_length, fuse_qkv)
+        options = LoweringOptions(attention, fused_norms, accuracy_level, max_length, fuse_qkv, tuple(exact_linears))
         ctx = lower_graph(graph, options)
         embed_graph_description(ctx)
 

@@ -35,6 +35,7 @@ def _external_tensor(name: str, array: np.ndarray, location: str, offset: int) -
 def write_model(builder: OnnxGraphBuilder, model_path: Path) -> list[str]:
     """Write ``model_path`` and its data file; returns the file names written."""
     data_name = model_path.name + ".data"
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     protos: list[TensorProto] = []
     offset = 0
     with open(model_path.parent / data_name, "wb") as data:

@@ -43,10 +43,20 @@ class LoweringOptions:
     accuracy_level: int = 4
     max_length: int | None = None
     fuse_qkv: bool = True
+    exact_linears: tuple[str, ...] = ()  # fnmatch patterns: these MatMulNBits keep fp32 activations
+
+    def accuracy_for(self, node_name: str) -> int:
+        """MatMulNBits accuracy level of one Linear: 0 (fp32 activations) where ``exact_linears`` match."""
+        import fnmatch
+
+        if any(fnmatch.fnmatchcase(node_name, pat) for pat in self.exact_linears):
+            return 0
+        return int(self.accuracy_level)
 
     def to_dict(self) -> dict[str, Any]:
         return {"attention": self.attention, "fused_norms": self.fused_norms,
-                "accuracy_level": self.accuracy_level, "max_length": self.max_length, "fuse_qkv": self.fuse_qkv}
+                "accuracy_level": self.accuracy_level, "max_length": self.max_length, "fuse_qkv": self.fuse_qkv,
+                "exact_linears": list(self.exact_linears)}
 
 
 @dataclass

@@ -82,8 +82,12 @@ class TorchBackend(Backend):
             shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
             raise BackendRefusalError(f"the torch backend cannot run this graph: {shown}")
 
-    def lower(self, graph: Graph, out_dir: Path) -> Artifact:
-        """Write the artifact directory atomically: graph, weights, tokenizer, manifest."""
+    def lower(self, graph: Graph, out_dir: Path, *, parity: bool = True, parity_tokens: Any = None) -> Artifact:
+        """Write the artifact directory atomically: graph, weights, tokenizer, manifest.
+
+        With ``parity`` (default), the written artifact is read back and its logits compared
+        with the in-memory graph's before the directory is renamed into place.
+        """
         from tokopt.optimizer.serialize import GRAPH_FILE, WEIGHTS_FILE, save_graph
 
         self.check(graph)
@@ -93,11 +97,20 @@ class TorchBackend(Backend):
             tokenizer = copy_tokenizer(graph, tmp)
             if tokenizer:
                 files += [f"{tokenizer}/{p.name}" for p in sorted((tmp / tokenizer).iterdir())]
+            report = None
+            if parity:
+                from tokopt.backends.parity import check_parity
+                from tokopt.backends.torch.reference import ReferenceExecutor
+                from tokopt.optimizer.serialize import load_graph
+
+                report = check_parity(graph, ReferenceExecutor(load_graph(tmp)), tokens=parity_tokens, atol=1e-5,
+                                      quantized=False, label="torch artifact")
             manifest = write_manifest(tmp, self.name, files, graph, tokenizer,
                                       graph_file=GRAPH_FILE, weights_file=WEIGHTS_FILE,
-                                      load_options={"compile": "bool, default false", "max_len": "int"})
+                                      load_options={"compile": "bool, default false", "max_len": "int"},
+                                      parity=report.to_dict() if report else None)
         log.info("torch artifact written to %s (%d files)", out_dir, len(manifest["files"]))
-        return Artifact(out_dir, self.name, manifest["files"], {"manifest": manifest})
+        return Artifact(out_dir, self.name, manifest["files"], {"manifest": manifest, "parity": manifest["parity"]})
 
     def load(self, path: Path, **options: Any) -> Session:
         """A session on the artifact at ``path``.

@@ -138,8 +138,13 @@ class CompiledSession:
         return (emb.cos() * factor).to(self.dtype), (emb.sin() * factor).to(self.dtype)
 
     # -- running ------------------------------------------------------------------------------
-    def new_cache(self) -> StaticKVCache:
-        return StaticKVCache(self.max_len)
+    def new_cache(self, batch: int | None = None) -> StaticKVCache:
+        """An empty cache; its buffers are allocated for ``batch`` now, or on the first forward."""
+        cache = StaticKVCache(self.max_len)
+        if batch is not None:
+            with torch.inference_mode():
+                self._allocate(cache, batch)
+        return cache
 
     def _allocate(self, cache: StaticKVCache, batch: int) -> None:
         for node in self._attention:

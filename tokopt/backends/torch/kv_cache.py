@@ -75,6 +75,10 @@ class CachePolicy:
         if self.storage == "static" and self.capacity is None:
             raise UnsupportedOpError(
                 "a static KV cache needs kv_cache.max_len (kv-layout:max_len=…) or a sliding window")
+        if self.window and self.max_len and self.max_len < self.sinks + self.window:
+            raise UnsupportedOpError(
+                f"kv_cache.max_len={self.max_len} cannot hold the {self.sinks} sinks + {self.window}-token window; "
+                "leave max_len unset on windowed layers (the ring needs exactly sinks + window slots)")
 
     @property
     def bounded(self) -> bool:
@@ -84,8 +88,7 @@ class CachePolicy:
     def capacity(self) -> int | None:
         """Slots one sequence can ever occupy (``None`` = unbounded)."""
         if self.window:
-            cap = self.sinks + self.window
-            return min(cap, self.max_len) if self.max_len else cap
+            return self.sinks + self.window
         return self.max_len
 
 

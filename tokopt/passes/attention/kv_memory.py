@@ -29,9 +29,7 @@ def layer_slots(attrs: dict, lengths: list[int], max_positions: int = 0) -> int:
     sinks = int(attrs.get("sinks") or 0) if window else 0
     cap = sinks + window if window else None
     if storage == "static":
-        max_len = kv.get("max_len") or (None if window else max_positions)
-        slots = min(cap, max_len) if cap and max_len else (cap or max_len)
-        return len(lengths) * int(slots)
+        return len(lengths) * int(cap or kv.get("max_len") or max_positions)
     if storage == "paged":
         return sum(_paged_slots(n, int(kv.get("block_size") or 16), window, sinks) for n in lengths)
     longest = max(lengths, default=0)

@@ -58,7 +58,7 @@ def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None,
     b = ctx.b
     w = ctx.raw(weight_param)
     if isinstance(w, QuantizedWeight) and nbits_supported(w):
-        y = _matmul_nbits(ctx, x, weight_param, w, name)
+        y = _matmul_nbits(ctx, x, weight_param, w, name, ctx.options.accuracy_for(name))
     elif ctx.is_shared(weight_param):
         # a tied embedding: keep one (V, H) copy and let Gemm read it transposed
         out_f, in_f = w.shape
@@ -73,7 +73,7 @@ def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None,
     return y
 
 
-def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, name: str) -> str:
+def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, name: str, accuracy: int) -> str:
     key = (param, "nbits")
     if key not in ctx.cache:
         packed, scales, zp = nbits_tensors(w)
@@ -83,10 +83,11 @@ def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, nam
         ctx.cache[key] = names
         ctx.params[param] = {"kind": "nbits", "B": names[0], "scales": names[1],
                              "zero_points": names[2] if zp is not None else None, "bits": w.bits,
-                             "group_size": w.group_size, "shape": list(w.shape), "method": w.method}
+                             "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
+                             "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra}
     n, k = w.shape
     return ctx.b.ms("MatMulNBits", [x, *ctx.cache[key]], K=k, N=n, bits=w.bits, block_size=w.group_size,
-                    accuracy_level=int(ctx.options.accuracy_level), name=name)
+                    accuracy_level=accuracy, name=name)
 
 
 @register_lowering("Linear")
@@ -150,10 +151,12 @@ def lower_fused_qkv(ctx: LowerContext, group: tuple[Node, list[Node]], x: str) -
             ctx.params[p] = {"kind": "nbits", "B": names[0], "scales": names[1],
                              "zero_points": names[2] if len(names) > 2 else None, "bits": w.bits,
                              "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
+                             "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra,
                              "rows": [off, off + w.shape[0]]}
         w0 = weights[0]
+        accuracy = min(ctx.options.accuracy_for(p.name) for p in producers)
         y = b.ms("MatMulNBits", [x, *names], K=w0.shape[1], N=sum(sizes), bits=w0.bits, block_size=w0.group_size,
-                 accuracy_level=int(ctx.options.accuracy_level), name=name)
+                 accuracy_level=accuracy, name=name)
     else:
         fused = np.concatenate([ctx.dense(p).t().numpy() for p in params], axis=1)
         init = b.initializer(f"{name}.weight.T", fused)

@@ -1,0 +1,271 @@
+"""The onnxruntime backend against the reference executor: every architecture, both attention
+lowerings, quantized weights, every built-in pass, the artifact directory and onnxruntime-genai."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from conftest import ARCHITECTURES  # noqa: E402
+
+import tokopt  # noqa: E402
+from tokopt.backends.onnxruntime.backend import OnnxRuntimeBackend  # noqa: E402
+from tokopt.backends.onnxruntime.external_data import write_model  # noqa: E402
+from tokopt.backends.onnxruntime.lower import LoweringOptions, lower_graph  # noqa: E402
+from tokopt.backends.onnxruntime.session import OnnxRuntimeSession  # noqa: E402
+from tokopt.backends.parity import check_parity  # noqa: E402
+from tokopt.optimizer.errors import BackendRefusalError, ParityError, UnsupportedOpError  # noqa: E402
+from tokopt.passes.base import PassContext  # noqa: E402
+
+HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def _ids(vocab: int, batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def lowered_session(graph, tmp_path: Path, **options) -> tuple[OnnxRuntimeSession, str]:
+    ctx = lower_graph(graph, LoweringOptions(**options))
+    write_model(ctx.b, tmp_path / "model.onnx")
+    return OnnxRuntimeSession(tmp_path / "model.onnx", threads=1), ctx.attention_mode
+
+
+def assert_parity(graph, session, **kwargs):
+    report = check_parity(graph, session, tokens=_ids(graph.meta.vocab_size), decode_steps=4, **kwargs)
+    assert report.passed
+    return report
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tiny_model_dir):
+    graphs = {}
+
+    def get(arch: str):
+        if arch not in graphs:
+            graphs[arch] = tokopt.load(str(tiny_model_dir(arch)[0]))
+        return graphs[arch]
+
+    return get
+
+
+# -- parity per architecture -----------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("attention", ["auto", "decomposed"])
+def test_fp32_parity_every_architecture(arch, attention, tiny_graph, tmp_path):
+    """Prefill (batch 2, 12 tokens: past mistral's window of 8) then 4 decode steps, max |diff| <= 1e-3."""
+    session, mode = lowered_session(tiny_graph(arch), tmp_path, attention=attention)
+    assert mode == ("gqa" if attention == "auto" else "decomposed")
+    report = assert_parity(tiny_graph(arch), session)
+    assert report.max_abs_diff <= 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_standard_ops_without_contrib_norms(arch, tiny_graph, tmp_path):
+    session, _ = lowered_session(tiny_graph(arch), tmp_path, attention="decomposed", fused_norms=False,
+                                 fuse_qkv=False)
+    assert_parity(tiny_graph(arch), session)
+
+
+def test_chunked_prefill_batch1(tiny_graph, tmp_path):
+    """A multi-token step after a cached prefix (the shared GQA buffer appends in place)."""
+    graph = tiny_graph("mistral")
+    session, _ = lowered_session(graph, tmp_path)
+    ref = tokopt.backends.torch.ReferenceExecutor(graph)
+    ids = _ids(graph.meta.vocab_size, batch=1, seq=20)
+    rc, oc = ref.new_cache(), session.new_cache(1)
+    for chunk in (ids[:, :5], ids[:, 5:13], ids[:, 13:14], ids[:, 14:]):
+        assert (ref.forward(chunk, rc) - session.forward(chunk, oc)).abs().max() <= 1e-3
+
+
+def test_generate_matches_reference(tiny_graph, tmp_path):
+    graph = tiny_graph("qwen3")
+    session, _ = lowered_session(graph, tmp_path)
+    ids = _ids(graph.meta.vocab_size, batch=1, seq=6)
+    ref = tokopt.backends.torch.ReferenceExecutor(graph)
+    assert torch.equal(session.generate(ids, 10), ref.generate(ids, 10))
+
+
+# -- attributes GroupQueryAttention cannot express ----------------------------------------------
+def _with_sinks(graph, window: int = 4, sinks: int = 2):
+    g = graph.copy()
+    for node in g.nodes("Attention"):
+        node.attrs["window"], node.attrs["sinks"] = window, sinks
+    return g
+
+
+def test_sinks_lowered_with_standard_ops(tiny_graph, tmp_path):
+    graph = _with_sinks(tiny_graph("llama"))
+    session, mode = lowered_session(graph, tmp_path)
+    assert mode == "decomposed"
+    assert_parity(graph, session)
+
+
+def test_forcing_gqa_on_sinks_is_refused(tiny_graph):
+    with pytest.raises(UnsupportedOpError, match="sink"):
+        lower_graph(_with_sinks(tiny_graph("llama")), LoweringOptions(attention="gqa"))
+
+
+def test_softcap(tiny_graph, tmp_path):
+    graph = tiny_graph("llama").copy()
+    for node in graph.nodes("Attention"):
+        node.attrs["softcap"] = 3.0
+    for attention in ("auto", "decomposed"):
+        session, _ = lowered_session(graph, tmp_path / attention, attention=attention)
+        assert_parity(graph, session)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"dtype": "int8"}, "KV cache dtype"),
+    ({"storage": "paged", "block_size": 16}, "paged"),
+    ({"layout": "BSNH"}, "layout"),
+])
+def test_check_refuses_what_it_cannot_express(change, match, tiny_graph):
+    graph = tiny_graph("llama").copy()
+    for node in graph.nodes("Attention"):
+        node.attrs["kv_cache"] = {**node.attrs["kv_cache"], **change}
+    with pytest.raises(BackendRefusalError, match=match):
+        OnnxRuntimeBackend().check(graph)
+
+
+def test_capabilities():
+    caps = OnnxRuntimeBackend().capabilities()
+    assert caps["kv_dtypes"] == ["float32"]
+    assert caps["window"] and caps["sinks"]
+    assert caps["weight_bits"] == [4, 8]
+
+
+# -- quantized weights (MatMulNBits) --------------------------------------------------------------
+def _quantize(graph, **opts):
+    from tokopt.passes.quantize import QuantizePass
+
+    return QuantizePass(method="rtn", **opts).run(graph, PassContext()).graph
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (4, 16, False), (8, 32, True), (8, 64, False)])
+def test_matmulnbits_exact_at_fp32_accuracy(bits, group, symmetric, tiny_graph, tmp_path):
+    """accuracy_level 0 dequantizes the same codes the reference does: logits agree to 1e-3."""
+    graph = _quantize(tiny_graph("llama"), bits=bits, group_size=group, symmetric=symmetric)
+    session, _ = lowered_session(graph, tmp_path, accuracy_level=0)
+    nodes = [n.op_type for n in onnx_nodes(tmp_path / "model.onnx")]
+    assert "MatMulNBits" in nodes and "MatMul" not in nodes
+    report = check_parity(graph, session, tokens=_ids(graph.meta.vocab_size), quantized=False)
+    assert report.max_abs_diff <= 1e-3
+
+
+def test_matmulnbits_int8_activations_top1(tiny_graph, tmp_path):
+    graph = _quantize(tiny_graph("qwen2"), bits=4, group_size=32)
+    session, _ = lowered_session(graph, tmp_path, accuracy_level=4)
+    assert check_parity(graph, session, tokens=_ids(graph.meta.vocab_size)).top1_agreement >= 0.99
+
+
+def onnx_nodes(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
+
+
+# -- after every built-in pass ----------------------------------------------------------------------
+@pytest.mark.parametrize("arch, pass_name, options", [
+    ("llama", "quantize", {"bits": 4, "group_size": 16, "method": "rtn"}),
+    ("llama", "quantize", {"bits": 8, "method": "rtn"}),
+    ("llama", "sparse-attention", {"window": 6, "sinks": 2}),
+    ("mistral", "kv-layout", {"storage": "static", "max_len": 64}),
+    ("qwen3", "gqa", {"num_kv_heads": 1, "method": "mean"}),
+    ("mixtral", "expert-prune", {"keep": 3}),
+])
+def test_parity_after_pass(arch, pass_name, options, tiny_graph, tmp_path):
+    from tokopt.passes.registry import get_pass_class
+
+    graph = get_pass_class(pass_name)(**options).run(tiny_graph(arch), PassContext()).graph
+    artifact = OnnxRuntimeBackend().lower(graph, tmp_path / "out", accuracy_level=0)
+    assert artifact.extra["parity"]["passed"]
+
+
+# -- the artifact directory ---------------------------------------------------------------------------
+def test_artifact_directory(tmp_path, tiny_graph):
+    from tokopt.backends.artifact import load_artifact, read_manifest
+
+    graph = tiny_graph("llama")
+    out = tmp_path / "art"
+    OnnxRuntimeBackend().lower(graph, out, recipe={"passes": []})
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "config.json", "genai_config.json", "tokopt_artifact.json",
+            "recipe.yaml"} <= names
+    manifest = read_manifest(out)
+    assert manifest["backend"] == "onnxruntime" and manifest["parity"]["passed"]
+    assert json.loads((out / "config.json").read_text())["architectures"]
+    session = load_artifact(out)
+    ids = _ids(graph.meta.vocab_size, batch=1, seq=5)
+    assert session.forward(ids).shape == (1, 5, graph.meta.vocab_size)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_parity_error_on_mismatch(tiny_model_dir, tiny_graph, tmp_path):
+    """A session of a different model fails the check with ParityError."""
+    from conftest import build_tiny_model
+
+    build_tiny_model("llama", tmp_path / "other", seed=1)
+    other = tokopt.load(str(tmp_path / "other"))
+    session, _ = lowered_session(other, tmp_path)
+    with pytest.raises(ParityError, match="disagrees"):
+        check_parity(tiny_graph("llama"), session, tokens=_ids(other.meta.vocab_size))
+
+
+def test_external_data_file_holds_weights(tmp_path, tiny_graph):
+    session, _ = lowered_session(tiny_graph("gpt2"), tmp_path)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 4 * (tmp_path / "model.onnx").stat().st_size
+
+
+@pytest.mark.skipif(not HAS_GENAI, reason="needs onnxruntime-genai")
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_onnxruntime_genai_runs_the_artifact(arch, tiny_graph, tmp_path):
+    import onnxruntime_genai as og
+
+    graph = tiny_graph(arch)
+    out = tmp_path / "art"
+    OnnxRuntimeBackend().lower(graph, out)
+    prompt = _ids(graph.meta.vocab_size, batch=1, seq=6, seed=3)
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=6 + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt[0].tolist())
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    ours = OnnxRuntimeBackend().load(out).generate(prompt, 12)[0].tolist()
+    assert tokens == ours
+
+
+# -- the real model ------------------------------------------------------------------------------------
+@pytest.mark.smollm2
+def test_smollm2_int4_artifact(smollm2_graph, tmp_path):
+    """SmolLM2 with int4 weights: MatMulNBits + GQA + fused norms, parity on real text, genai tokens."""
+    graph = _quantize(smollm2_graph, bits=4, group_size=32)
+    out = tmp_path / "smol"
+    artifact = OnnxRuntimeBackend().lower(graph, out, accuracy_level=0)
+    assert artifact.extra["parity"]["max_abs_diff"] <= 1e-2
+    ops = {n.op_type for n in onnx_nodes(out / "model.onnx")}
+    assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    if HAS_GENAI:
+        import onnxruntime_genai as og
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(out)("The capital of France is", return_tensors="pt").input_ids
+        model = og.Model(str(out))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=ids.shape[1] + 16, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids[0].tolist())
+        tokens = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+        assert tokens == OnnxRuntimeBackend().load(out).generate(ids, 16)[0].tolist()

@@ -7,6 +7,7 @@ SmolLM2-135M, few and small (2 x 128 evaluation tokens), sharing one set of outp
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,7 @@ def test_smollm2_baseline_ppl_equals_tokopt_eval(smollm2_runs):
 @pytest.mark.smollm2
 def test_smollm2_static_metrics_follow_from_the_ir(smollm2_runs):
     from tokopt.backends.torch.backend import load_artifact_graph
-    from tokopt.optimizer.weights import QuantizedWeight
+    from tokopt.optimizer.weights import QuantizedWeight, weight_dtype
 
     _, empty, one, root = smollm2_runs
     base = empty["stages"][0]["metrics"]
@@ -201,8 +202,9 @@ def test_smollm2_static_metrics_follow_from_the_ir(smollm2_runs):
         if isinstance(w, QuantizedWeight):  # int8 codes + one fp16 scale per output row (per-channel, symmetric)
             out_f, in_f = w.shape
             expected += out_f * in_f * w.bits // 8 + out_f * w.n_groups * w.scales.element_size()
-        else:
-            expected += w.numel() * w.element_size()
+        else:  # float32 tensors (lazy: memory-mapped from the artifact)
+            assert weight_dtype(w) == "float32"
+            expected += math.prod(w.shape) * 4
     assert int8["weight_bytes"] == expected and int8["weight_bytes"] < 0.27 * base["weight_bytes"]
     assert int8["kv_bytes_per_token"] == kv and int8["params"] == params
     assert abs(int8["ppl_delta_pct"]) < 1.0 and 0 < int8["kl"] < 0.05 and int8["top1_agreement"] > 0.9

@@ -430,3 +430,36 @@ def test_disable_env_skips_a_plugin(tmp_path):
     ''')
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "{}"
+
+
+def test_cli_names_a_crashing_plugin_pass_and_leaves_no_output(tmp_path):
+    """`tokopt optimize` with an installed plugin whose pass crashes: exit 5, the plugin named, no OUT."""
+    site = tmp_path / "site"
+    _fake_distribution(site, "crashing-plugin", "crash = crash_manifest", {
+        "crash_manifest": '''
+            from tokopt.plugins import hookimpl
+
+            @hookimpl
+            def tokopt_register_passes():
+                return {"crash-pass": "crash_impl:CrashPass"}
+        ''',
+        "crash_impl": '''
+            from tokopt.passes.base import Pass
+
+            class CrashPass(Pass):
+                name = "crash-pass"
+                summary = "always crashes"
+
+                def run(self, graph, ctx):
+                    return {}["missing key"]
+        ''',
+    })
+    model = save_tiny_llama(tmp_path / "tiny", layers=1)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "tokopt.cli", "optimize", str(model), "--passes", "crash-pass",
+                           "--backend", "torch", "-o", str(out), "--eval-tokens", "1x16", "--speed", "off"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 5, proc.stderr
+    assert "crashing-plugin" in proc.stderr and "crash-pass" in proc.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

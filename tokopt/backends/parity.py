@@ -41,7 +41,21 @@ def is_quantized(graph: Graph) -> bool:
 
 
 def sample_tokens(graph: Graph, batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    """Deterministic token ids for the check (callers with real text should pass it instead)."""
+    """Deterministic tokens for the check: calibration text when the model has a tokenizer.
+
+    Real text matters for quantized graphs: on random ids the next-token distribution is
+    flat and near-ties make top-1 agreement a coin toss.  Models without a tokenizer (tiny
+    test models) get seeded random ids.
+    """
+    try:
+        from tokopt.optimizer.corpus import default_calibration_text, fixed_batches, tokenize, tokenizer_for
+
+        tokenizer = tokenizer_for(graph)
+        if tokenizer is not None:
+            ids = tokenize(default_calibration_text(), tokenizer, graph.meta.vocab_size)
+            return fixed_batches(ids, batch, length, "parity check")
+    except Exception as exc:  # noqa: BLE001 - any failure to get text falls back to ids, never blocks lowering
+        log.debug("parity check uses random ids: %s", exc)
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, graph.meta.vocab_size, (batch, length), generator=gen)
 
@@ -55,7 +69,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
     ref = reference or ReferenceExecutor(graph)
     quantized = is_quantized(graph) if quantized is None else quantized
     if tokens is None:
-        tokens = sample_tokens(graph, 2, 32 if quantized else 12)
+        tokens = sample_tokens(graph, 2, 64 if quantized else 16)
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
     ref_cache, cache = ref.new_cache(), _new_cache(session, tokens.shape[0])

@@ -63,8 +63,8 @@ class GroupedQueryAttention(Pass):
         Option("calib_samples", "int", 8, "Calibration sequences used to fit the merge.", check=_positive),
         Option("calib_seq_len", "int", 512, "Tokens per calibration sequence.", check=_positive),
         Option("heal_steps", "int", 0, "Distillation steps after merging (0 = no healing).", check=_non_negative),
-        Option("heal_lr", "float", 1e-4, "Peak AdamW learning rate of healing.", check=_non_negative),
-        Option("heal_seq_len", "int", 256, "Tokens per healing sequence.", check=_positive),
+        Option("heal_lr", "float", 5e-4, "Peak AdamW learning rate of healing.", check=_non_negative),
+        Option("heal_seq_len", "int", 128, "Tokens per healing sequence.", check=_positive),
         Option("heal_samples", "int", 32, "Distinct calibration sequences healing cycles through.", check=_positive),
         Option("heal_scope", "str", "attention", "Parameters healing trains: the converted layers' q/k/v/o "
                "projections (attention) or every parameter (all).", choices=("attention", "all")),

@@ -12,7 +12,7 @@ from typing import Any
 
 from tokopt.backends.onnxruntime.lower import LowerContext
 
-GENAI_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "phi", "phi3", "gemma", "gemma2", "olmo", "granite"}
+GENAI_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "olmo", "granite"}  # others: "llama"
 
 
 def _first(value: Any) -> Any:

@@ -34,13 +34,13 @@ class LoweringOptions:
     ``attention``: ``gqa`` uses ``com.microsoft::GroupQueryAttention`` with a shared
     past/present buffer, ``decomposed`` uses standard ops with a growing cache, ``auto``
     picks GQA when every attention layer fits it.  ``accuracy_level`` is MatMulNBits'
-    (0 = fp32 compute, 4 = int8 activations: fastest on CPU).  ``max_length`` bounds the
+    (0 = fp32 activations, exact; 4 = int8 activations: fastest on CPU, not exact).  ``max_length`` bounds the
     rotary tables and the shared KV buffer (default: the model's max positions, ≤ 4096).
     """
 
     attention: str = "auto"
     fused_norms: bool = True
-    accuracy_level: int = 4
+    accuracy_level: int = 0
     max_length: int | None = None
     fuse_qkv: bool = True
     exact_linears: tuple[str, ...] = ()  # fnmatch patterns: these MatMulNBits keep fp32 activations

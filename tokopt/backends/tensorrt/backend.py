@@ -117,7 +117,7 @@ class TensorRTBackend(Backend):
         self.check(graph)
         self._require()
         length = int(max_length or min(graph.meta.max_positions or 2048, 2048))
-        shapes = EngineShapes(max_batch=max_batch, max_length=length, opt_prefill=min(128, length))
+        shapes = EngineShapes(max_batch=max_batch, max_length=length, opt_prefill=min(128, length - 1))
         with atomic_directory(out_dir) as tmp:
             exported = export_portable_onnx(graph, tmp / ONNX_DIR, max_length=length)
             model = onnx.load(str(exported.path), load_external_data=False)

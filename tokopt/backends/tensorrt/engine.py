@@ -52,12 +52,16 @@ def _logger():
 
 
 def _profile_shapes(name: str, dims: list[Any], shapes: EngineShapes) -> tuple[tuple, tuple, tuple]:
-    """(min, opt, max) for one input, from its ONNX dims (named dims are dynamic)."""
+    """(min, opt, max) for one input, from its ONNX dims (named dims are dynamic).
+
+    The optimum is a decode step (one new token after ``opt_prefill`` cached ones), with
+    consistent lengths across inputs: past + new == attention mask.
+    """
     b, L = shapes.max_batch, shapes.max_length
     if name in ("input_ids", "position_ids"):
         return (1, 1), (1, 1), (b, L)
     if name == "attention_mask":
-        return (1, 1), (1, shapes.opt_prefill), (b, L)
+        return (1, 1), (1, shapes.opt_prefill + 1), (b, L)
     if name.startswith("past_key_values."):
         heads, dim = int(dims[1]), int(dims[3])
         return (1, heads, 0, dim), (1, heads, shapes.opt_prefill, dim), (b, heads, L - 1, dim)
@@ -81,10 +85,13 @@ def build_engine(onnx_path: Path, plan_path: Path, input_dims: dict[str, list[An
         raise BackendRefusalError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {'; '.join(errors[:3])}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision != "tf32":
-        config.clear_flag(trt.BuilderFlag.TF32)
+    tf32, fp16 = getattr(trt.BuilderFlag, "TF32", None), getattr(trt.BuilderFlag, "FP16", None)
+    if precision != "tf32" and tf32 is not None:  # TF32 is on by default; strict fp32 keeps parity exact
+        config.clear_flag(tf32)
     if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+        if fp16 is None:
+            raise BackendRefusalError(f"TensorRT {trt.__version__} has no FP16 builder flag; use precision=fp32")
+        config.set_flag(fp16)
     profile = builder.create_optimization_profile()
     for name, dims in input_dims.items():
         lo, opt, hi = _profile_shapes(name, dims, shapes)

@@ -6,6 +6,7 @@ from tokopt.backends.onnxruntime.lower import LowerContext
 from tokopt.backends.onnxruntime.ops import register_lowering
 from tokopt.optimizer.errors import UnsupportedOpError
 from tokopt.optimizer.graph import Node, Value
+from tokopt.optimizer.weights import QuantizedWeight
 
 
 @register_lowering("Input")
@@ -20,7 +21,13 @@ def lower_input(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
 
 @register_lowering("Embedding")
 def lower_embedding(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
-    table = ctx.weight_init(node.params["weight"])
+    from tokopt.backends.onnxruntime.ops.linear import dequantized_table, nbits_supported
+
+    w = ctx.raw(node.params["weight"])
+    if isinstance(w, QuantizedWeight) and nbits_supported(w):
+        table = dequantized_table(ctx, node.params["weight"], w)
+    else:
+        table = ctx.weight_init(node.params["weight"])
     return ctx.b.op("Gather", [table, inputs[0]], axis=0, name=node.name)
 
 

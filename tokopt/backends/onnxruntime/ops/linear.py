@@ -74,6 +74,57 @@ def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None,
 
 
 def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, name: str, accuracy: int) -> str:
+    n, k = w.shape
+    return ctx.b.ms("MatMulNBits", [x, *nbits_initializers(ctx, param, w)], K=k, N=n, bits=w.bits,
+                    block_size=w.group_size, accuracy_level=accuracy, name=name)
+
+
+def dequantized_table(ctx: LowerContext, param: str, w: QuantizedWeight) -> str:
+    """The (N, K) float table of a quantized weight, computed in-graph from its MatMulNBits tensors.
+
+    An embedding tied to a quantized lm_head reads the same codes (one copy in the file);
+    every input is constant, so onnxruntime folds the subgraph once when the session loads.
+    """
+    key = (param, "table")
+    if key in ctx.cache:
+        return ctx.cache[key]
+    b = ctx.b
+    names = nbits_initializers(ctx, param, w)
+    n, k = w.shape
+    k_blocks = math.ceil(k / w.group_size)
+    blob = names[0]
+    if w.bits == 4:
+        low = b.op("BitwiseAnd", [blob, b.const(15, "uint8")])
+        high = b.op("BitShift", [blob, b.const(4, "uint8")], direction="RIGHT")
+        codes = b.op("Concat", [b.op("Unsqueeze", [low, b.const([-1])]), b.op("Unsqueeze", [high, b.const([-1])])],
+                     axis=-1)
+        codes = b.op("Reshape", [codes, b.const([n, k_blocks, w.group_size])])
+    else:
+        codes = blob
+    codes = b.op("Cast", [codes], to=1)
+    if len(names) > 2:
+        zp = names[2]
+        if w.bits == 4:
+            zl = b.op("BitwiseAnd", [zp, b.const(15, "uint8")])
+            zh = b.op("BitShift", [zp, b.const(4, "uint8")], direction="RIGHT")
+            zp = b.op("Reshape", [b.op("Concat", [b.op("Unsqueeze", [zl, b.const([-1])]),
+                                                  b.op("Unsqueeze", [zh, b.const([-1])])], axis=-1),
+                                  b.const([n, -1])])
+            zp = b.op("Slice", [zp, b.const([0]), b.const([k_blocks]), b.const([1])])
+        zero = b.op("Unsqueeze", [b.op("Cast", [zp], to=1), b.const([-1])])
+    else:
+        zero = b.const(float(2 ** (w.bits - 1)), "float32")
+    scale = b.op("Unsqueeze", [names[1], b.const([-1])])
+    table = b.op("Mul", [b.op("Sub", [codes, zero]), scale])
+    table = b.op("Reshape", [table, b.const([n, k_blocks * w.group_size])])
+    if k_blocks * w.group_size != k:
+        table = b.op("Slice", [table, b.const([0]), b.const([k]), b.const([1])])
+    ctx.cache[key] = table
+    return table
+
+
+def nbits_initializers(ctx: LowerContext, param: str, w: QuantizedWeight) -> list[str]:
+    """B, scales (and zero points) initializers of a quantized weight, created once."""
     key = (param, "nbits")
     if key not in ctx.cache:
         packed, scales, zp = nbits_tensors(w)
@@ -85,9 +136,7 @@ def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, nam
                              "zero_points": names[2] if zp is not None else None, "bits": w.bits,
                              "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
                              "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra}
-    n, k = w.shape
-    return ctx.b.ms("MatMulNBits", [x, *ctx.cache[key]], K=k, N=n, bits=w.bits, block_size=w.group_size,
-                    accuracy_level=accuracy, name=name)
+    return ctx.cache[key]
 
 
 @register_lowering("Linear")

@@ -250,15 +250,17 @@ def eval_command(model_or_artifact: str, eval_text: str | None, eval_tokens: str
 @click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="The batched measurement's size.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="torch threads while measuring (0: torch's default, all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(model_or_artifact: str, backend: str | None, prompt_len: int, decode_tokens: int, batch: int,
-          as_json: bool) -> None:
+          threads: int, as_json: bool) -> None:
     """Prefill and decode tokens/s (batch 1 and a batch) and peak memory."""
     from tokopt.optimizer.optimize import bench as run_bench
 
     result = run_bench(model_or_artifact, backend, speed_options={"prompt_len": prompt_len,
                                                                   "decode_tokens": decode_tokens,
-                                                                  "batch_size": batch})
+                                                                  "batch_size": batch, "threads": threads})
     if as_json:
         _emit_json(result)
         return

@@ -78,7 +78,8 @@ def _config(cls: type, section: dict[str, Any] | None, overrides: dict[str, Any]
         config = cls(**{k: int(v) for k, v in values.items()})
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"{what}: {exc}") from None
-    bad = [f"{k}={v}" for k, v in config.as_dict().items() if v < (0 if k == "seed" or k == "decode_tokens" else 1)]
+    may_be_zero = ("seed", "decode_tokens", "threads")
+    bad = [f"{k}={v}" for k, v in config.as_dict().items() if v < (0 if k in may_be_zero else 1)]
     if bad:
         raise RecipeError(f"{what}: {', '.join(bad)} must be positive")
     return config

@@ -28,6 +28,7 @@ class SpeedConfig:
     decode_tokens: int = 32
     batch_size: int = 4
     seed: int = 0
+    threads: int = 0  # torch intra-op threads while measuring; 0 = torch's default (all cores)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -78,6 +79,18 @@ def measure_speed(session: Any, vocab_size: int, config: SpeedConfig = SpeedConf
 
     gen = torch.Generator().manual_seed(config.seed)
     ids = torch.randint(0, vocab_size, (config.batch_size, config.prompt_len), generator=gen)
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _measure(session, ids, config)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _measure(session: Any, ids, config: SpeedConfig) -> dict[str, Any]:
+    import torch
+
     reset_peak_rss()
     _prefill_decode(session, ids[:1, : min(16, config.prompt_len)], 2)  # warm-up: allocations, lazy weights
     pre1, dec1 = _prefill_decode(session, ids[:1], config.decode_tokens)
@@ -90,6 +103,7 @@ def measure_speed(session: Any, vocab_size: int, config: SpeedConfig = SpeedConf
         out["prefill_tok_s_batch"] = config.batch_size * config.prompt_len / preb
         out["decode_tok_s_batch"] = config.batch_size * config.decode_tokens / decb if config.decode_tokens else 0.0
     out["batch_size"] = config.batch_size
+    out["threads"] = torch.get_num_threads()
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
 

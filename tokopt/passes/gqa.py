@@ -230,18 +230,21 @@ def _fresh(graph: Graph, base: str) -> str:
 
 
 def _write_back(graph: Graph, proj: dict[str, Node], old: AttentionWeights, new: AttentionWeights) -> dict[str, str]:
-    """Point each changed projection at fresh parameters; returns role.param -> new param name."""
+    """Point each changed projection at fresh parameters; returns ``role.weight|bias`` -> parameter name.
+
+    Unchanged tensors keep their parameter (mean pooling leaves q and o alone) but are still
+    listed, because healing trains every projection of a converted layer.
+    """
     names: dict[str, str] = {}
     for role in ROLES:
         node = graph.node(proj[role].name)
         for which in ("weight", "bias"):
             before, after = getattr(old, f"{role}_{which[0]}"), getattr(new, f"{role}_{which[0]}")
-            if after is None or (before is not None and after is before):
-                if node.params.get(which) is not None and role in ("q", "k", "v", "o"):
-                    names[f"{role}.{which}"] = node.params[which]
+            if after is None:
                 continue
-            pname = _fresh(graph, f"{node.name}.{which}.gqa")
-            graph.add_param(pname, after.detach().contiguous())
-            node.params[which] = pname
-            names[f"{role}.{which}"] = pname
+            if after is not before:
+                pname = _fresh(graph, f"{node.name}.{which}.gqa")
+                graph.add_param(pname, after.detach().contiguous())
+                node.params[which] = pname
+            names[f"{role}.{which}"] = node.params[which]
     return names

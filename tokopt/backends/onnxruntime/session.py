@@ -27,6 +27,7 @@ class OrtKVCache:
     """Cache state of one sequence batch: past buffers by input name and tokens seen."""
 
     batch: int
+    capacity: int = 0  # slots of a shared past/present buffer
     past: dict[str, Any] = field(default_factory=dict)  # input name -> OrtValue
     seen: int = 0
 
@@ -67,14 +68,15 @@ class OnnxRuntimeSession:
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
 
     # -- cache ------------------------------------------------------------------------
-    def new_cache(self, batch: int = 1) -> OrtKVCache:
-        cache = OrtKVCache(batch)
+    def new_cache(self, batch: int = 1, length: int | None = None) -> OrtKVCache:
+        """An empty cache; a shared-buffer model reserves ``length`` (default: max_length) slots."""
+        cache = OrtKVCache(batch, capacity=min(length or self.max_length, self.max_length))
         for info in self.past:
             _, heads, _, dim = info.shape
             if not isinstance(heads, int) or not isinstance(dim, int):
                 decoder = _genai_config(self.path).get("model", {}).get("decoder", {})
                 heads, dim = decoder["num_key_value_heads"], decoder["head_size"]
-            length = self.max_length if self.shared_buffer else 0
+            length = cache.capacity if self.shared_buffer else 0
             cache.past[info.name] = self.ort.OrtValue.ortvalue_from_numpy(
                 np.zeros((batch, heads, length, dim), dtype=_NP[info.type]))
         return cache
@@ -86,13 +88,13 @@ class OnnxRuntimeSession:
             input_ids = input_ids.unsqueeze(0)
         ids = input_ids.to(torch.int64).contiguous().numpy()
         bsz, seq = ids.shape
-        cache = cache if cache is not None else self.new_cache(bsz)
+        cache = cache if cache is not None else self.new_cache(bsz, length=seq)
         if cache.batch != bsz:
             raise ValueError(f"cache holds batch {cache.batch}, input has batch {bsz}")
         total = cache.seen + seq
-        if self.shared_buffer and total > self.max_length:
-            raise ValueError(f"{total} tokens exceed the artifact's KV buffer of {self.max_length}; "
-                             "lower it with a larger max_length")
+        if self.shared_buffer and total > cache.capacity:
+            raise ValueError(f"{total} tokens exceed the KV buffer of {cache.capacity} slots; make the cache with "
+                             f"new_cache(length=...) (at most the artifact's max_length {self.max_length})")
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((bsz, total), dtype=np.int64))

@@ -9,7 +9,10 @@ computing the same thing.  Three changes do the work:
   (causal, window, sinks), so unwritten and out-of-window slots never contribute;
 - **fixed shapes for decode** — one token per sequence, positions passed as a tensor, so
   the decode step compiles once (``torch.compile``, inductor) and is reused every step;
-  prefill runs the same code eagerly, since prompt lengths vary;
+  prefill runs the same code eagerly, since prompt lengths vary.  When the decoder blocks
+  are identical (:func:`find_regions`), only one block is compiled and it is called for
+  every layer with that layer's weights and cache ("regional compilation": SmolLM2's 30
+  layers compile in about a minute instead of several);
 - **precomputed everything** — weights materialized once, RoPE tables for all ``max_len``
   positions, grouped-query attention as a batched matmul over the kv heads (no repeat of
   K/V).

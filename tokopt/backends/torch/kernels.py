@@ -136,7 +136,8 @@ def _moe(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         y = F.linear(activation(a["activation"], F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])
         out.index_add_(0, rows, y * weights[rows, slot, None])
     if "shared.gate" in node.params:
-        h = activation(a["activation"], F.linear(flat, _w(node, ctx, "shared.gate"))) * F.linear(flat, _w(node, ctx, "shared.up"))
+        gate = activation(a["activation"], F.linear(flat, _w(node, ctx, "shared.gate")))
+        h = gate * F.linear(flat, _w(node, ctx, "shared.up"))
         shared = F.linear(h, _w(node, ctx, "shared.down"))
         if a.get("shared_gate"):
             shared = torch.sigmoid(F.linear(flat, _w(node, ctx, "shared_gate"))) * shared

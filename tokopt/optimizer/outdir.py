@@ -29,8 +29,8 @@ def check_output(out: Path, force: bool) -> None:
             raise OutputExistsError(f"{out} exists; choose another -o/--out or pass --force to replace it")
         if not out.is_dir():
             raise OutputExistsError(f"{out} exists and is not a directory; remove it or choose another -o/--out")
-    if not out.parent.exists():
-        raise OutputExistsError(f"the parent directory of {out} does not exist; create it first")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OutputExistsError(f"{out.parent} is not a directory; choose another -o/--out")
 
 
 @contextmanager
@@ -38,6 +38,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it becomes ``out``, on failure it is deleted."""
     out = Path(out)
     check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`; OUT itself appears only when complete
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokopt.backends.base import greedy_decode
+
 log = logging.getLogger(__name__)
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
@@ -123,17 +125,4 @@ class OnnxRuntimeSession:
         """Greedy decoding with the KV cache; returns (batch, new_tokens) ids."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        cache = self.new_cache(input_ids.shape[0])
-        logits = self.forward(input_ids, cache)
-        out: list[torch.Tensor] = []
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            out.append(nxt)
-            if eos:
-                done |= torch.isin(nxt, torch.tensor(sorted(eos), dtype=nxt.dtype))
-            if bool(done.all()) or len(out) == max_new_tokens:
-                break
-            logits = self.forward(nxt[:, None], cache)
-        return torch.stack(out, dim=1) if out else input_ids.new_zeros((input_ids.shape[0], 0))
+        return greedy_decode(self.forward, self.new_cache(input_ids.shape[0]), input_ids, max_new_tokens, eos_token_id)

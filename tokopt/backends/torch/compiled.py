@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokopt.backends.base import greedy_decode
 from tokopt.backends.torch.kernels import StepContext, attention_mask, get_kernel, rms_norm
 from tokopt.backends.torch.kv_quant import quantize_kv
 from tokopt.optimizer.errors import KVCacheFullError, UnsupportedOpError
@@ -220,22 +221,7 @@ class CompiledSession:
         """Greedy decoding; returns (batch, new_tokens) ids (stops when every row hit EOS)."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        eos = sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or []))
-        cache = self.new_cache()
-        logits = self.forward(input_ids, cache)
-        out: list[torch.Tensor] = []
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            out.append(nxt)
-            if eos:
-                done |= torch.isin(nxt, torch.tensor(eos, dtype=nxt.dtype))
-                if bool(done.all()):
-                    break
-            if len(out) == max_new_tokens:
-                break
-            logits = self.forward(nxt[:, None], cache)
-        return torch.stack(out, dim=1) if out else input_ids.new_zeros((input_ids.shape[0], 0))
+        return greedy_decode(self.forward, self.new_cache(), input_ids, max_new_tokens, eos_token_id)
 
 
 NORMS = ("RMSNorm", "LayerNorm")

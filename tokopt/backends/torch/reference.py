@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tokopt.backends.base import greedy_decode
 from tokopt.backends.torch.kernels import StepContext, get_kernel
 from tokopt.backends.torch.kv_cache import KVCache
 from tokopt.optimizer.graph import Graph, Value
@@ -67,16 +68,4 @@ class ReferenceExecutor:
         """Greedy decoding with the KV cache; returns (batch, new_tokens) ids."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
-        cache = self.new_cache()
-        logits = self.forward(input_ids, cache)
-        out: list[torch.Tensor] = []
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)
-            out.append(nxt)
-            done |= torch.isin(nxt, torch.tensor(sorted(eos), dtype=nxt.dtype)) if eos else done
-            if bool(done.all()):
-                break
-            logits = self.forward(nxt[:, None], cache)
-        return torch.stack(out, dim=1) if out else input_ids.new_zeros((input_ids.shape[0], 0))
+        return greedy_decode(self.forward, self.new_cache(), input_ids, max_new_tokens, eos_token_id)

@@ -94,3 +94,12 @@ def smollm2_hf(smollm2_graph):
     path = smollm2_graph.meta.tokenizer_path
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded (extra threads only contend on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

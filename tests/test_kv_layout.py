@@ -16,14 +16,7 @@ from tokopt.passes.base import PassContext
 from tokopt.passes.kv_layout import KVLayout
 from tokopt.passes.registry import get_pass_class
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded (extra threads only contend on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

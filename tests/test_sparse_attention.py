@@ -15,14 +15,7 @@ from tokopt.passes.base import PassContext
 from tokopt.passes.registry import get_pass_class
 from tokopt.passes.sparse_attention import SparseAttention
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded (extra threads only contend on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

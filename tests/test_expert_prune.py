@@ -82,5 +82,13 @@ def test_bad_options_and_dense_models(tiny_model_dir):
     with pytest.raises(PreconditionError, match="no MoE layers"):
         cls(keep=2).check(tokopt.load(path), _ctx())
     path, _ = tiny_model_dir("mixtral")
+    with pytest.raises(PreconditionError, match="no MoE layer among layers"):
+        cls(keep=2, layers="5").check(tokopt.load(path), _ctx())
     with pytest.raises(PreconditionError, match="top_k=2"):
         cls(keep=1).check(tokopt.load(path), _ctx())
+
+
+def test_layer_selection_prunes_only_those_layers(tiny_model_dir):
+    path, _ = tiny_model_dir("mixtral")
+    pruned = get_pass_class("expert-prune")(keep=2, layers="1").run(tokopt.load(path), _ctx()).graph
+    assert [n.attrs["num_experts"] for n in pruned.nodes("MoE")] == [4, 2]

@@ -10,8 +10,6 @@ original model with the pruned experts masked out of routing.
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 
 from tokopt.optimizer.errors import PassOptionError, PreconditionError
@@ -34,7 +32,7 @@ class ExpertPrunePass(Pass):
         Option("keep_ratio", "float", None, "Fraction of experts to keep per layer, rounded up.", check=_positive),
         Option("method", "str", "weight", "Usage score: total routing weight (weight) or selection count (count).",
                choices=("weight", "count")),
-        Option("layers", "str", "*", "fnmatch pattern over MoE node names, e.g. 'layers.1*.moe'."),
+        Option("layers", "int_list", None, "Layer indices to prune, e.g. 0;2;4-7 (default: every MoE layer)."),
     )
     requires = frozenset({"moe", "calibration"})
     moves = ("params", "weight_bytes", "ppl", "kl")
@@ -46,7 +44,8 @@ class ExpertPrunePass(Pass):
             raise PassOptionError("expert-prune: keep must be >= 1")
 
     def _targets(self, graph: Graph) -> list:
-        return [n for n in graph.nodes("MoE") if fnmatch.fnmatchcase(n.name, self.opts["layers"])]
+        layers = self.opts["layers"]
+        return [n for n in graph.nodes("MoE") if layers is None or _layer_index(n.name) in layers]
 
     def _keep_count(self, num_experts: int) -> int:
         if self.opts["keep"] is not None:
@@ -57,7 +56,7 @@ class ExpertPrunePass(Pass):
         targets = self._targets(graph)
         if not targets:
             kind = ("has no MoE layers" if not graph.nodes("MoE")
-                    else f"has no MoE layer matching {self.opts['layers']!r}")
+                    else f"has no MoE layer among layers {self.opts['layers']}")
             raise PreconditionError(f"expert-prune: the model {kind}; this pass applies to mixture-of-experts models")
         for node in targets:
             if any(isinstance(graph.params[p], QuantizedWeight) for p in node.params.values()):
@@ -85,6 +84,12 @@ class ExpertPrunePass(Pass):
                 f"{node.name}: kept experts {kept.tolist()} ({100 * share:.1f}% of routing {self.opts['method']})")
         out.reinfer()
         return PassResult(out, changed=bool(notes), notes=notes or ["every MoE layer already has <= keep experts"])
+
+
+def _layer_index(node_name: str) -> int | None:
+    """``layers.7.moe`` -> 7 (frontends name MoE nodes after their decoder layer)."""
+    parts = node_name.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
 def expert_usage(graph: Graph, names: set[str], ctx: PassContext, method: str) -> dict[str, torch.Tensor]:

@@ -160,6 +160,33 @@ def weight_dtype(w: Weight) -> str:
     return dtype_name(w.dtype)
 
 
+class DenseWeights:
+    """Dense tensors for a graph's parameters, materialized on first use and kept.
+
+    Every torch executor (reference, compiled, calibration) reads weights through one of
+    these, so lazy loading, exact dequantization and the cast to the compute dtype happen
+    once per parameter, in one place.  Integer tensors keep their dtype.
+    """
+
+    def __init__(self, params: dict[str, Weight], dtype: torch.dtype = torch.float32) -> None:
+        self.params = params
+        self.dtype = dtype
+        self._dense: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor:
+        w = self._dense.get(name)
+        if w is None:
+            w = materialize(self.params[name])
+            if w.is_floating_point():
+                w = w.to(self.dtype)
+            self._dense[name] = w
+        return w
+
+    def set(self, name: str, value: Weight) -> None:
+        """Replace one parameter's dense value (e.g. after quantizing it mid-calibration)."""
+        self._dense[name] = materialize(value, self.dtype)
+
+
 def materialize(w: Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A dense tensor for ``w``; quantized weights are dequantized exactly."""
     if isinstance(w, QuantizedWeight):

@@ -33,11 +33,18 @@ import torch
 import torch.nn.functional as F
 
 from tokopt.backends.base import greedy_decode
-from tokopt.backends.torch.kernels import StepContext, attention_mask, get_kernel, rms_norm
+from tokopt.backends.torch.kernels import (
+    StepContext,
+    attention_mask,
+    get_kernel,
+    rms_norm,
+    rope_key,
+    rope_tables,
+)
 from tokopt.backends.torch.kv_quant import quantize_kv
 from tokopt.optimizer.errors import KVCacheFullError, UnsupportedOpError
 from tokopt.optimizer.graph import Graph, Node
-from tokopt.optimizer.weights import materialize
+from tokopt.optimizer.weights import DenseWeights
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +107,9 @@ class CompiledSession:
                  else "whole-graph torch.compile" if compile else "eager")
 
     # -- building the program --------------------------------------------------------------
-    def _weight(self, name: str) -> torch.Tensor:
-        w = self._weights.get(name)
-        if w is None:
-            w = materialize(self.graph.params[name])
-            if w.is_floating_point():
-                w = w.to(self.dtype)
-            self._weights[name] = w
-        return w
-
     def _build(self, graph: Graph) -> list[_Step]:
-        self._weights: dict[str, torch.Tensor] = {}
-        self._rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weight = DenseWeights(graph.params, self.dtype)
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         order = graph.nodes()
         self._index = {n.name: i for i, n in enumerate(order)}
         program = []
@@ -134,12 +132,10 @@ class CompiledSession:
         rope = node.attrs.get("rope")
         if not rope:
             return None
-        positions = torch.arange(self.max_len)
-        inv_freq = torch.tensor(rope["inv_freq"], dtype=torch.float32)
-        freqs = positions.float()[:, None] * inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        factor = rope.get("attention_factor", 1.0)
-        return (emb.cos() * factor).to(self.dtype), (emb.sin() * factor).to(self.dtype)
+        key = rope_key(rope)
+        if key not in self._rope:  # layers with the same RoPE share one max_len table
+            self._rope[key] = rope_tables(rope, torch.arange(self.max_len), self.dtype)
+        return self._rope[key]
 
     # -- running ------------------------------------------------------------------------------
     def new_cache(self, batch: int | None = None) -> StaticKVCache:

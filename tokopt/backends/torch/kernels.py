@@ -8,7 +8,7 @@ backends and passes are checked against — and compute in the executor's dtype 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +30,7 @@ class StepContext:
     positions: torch.Tensor  # (seq,) absolute positions of this step's tokens
     input_ids: torch.Tensor
     cache: KVCache | None
+    memo: dict = field(default_factory=dict)  # per-step values shared by layers (RoPE tables)
 
 
 Kernel = Callable[[Node, list[torch.Tensor], StepContext], torch.Tensor]
@@ -154,6 +155,11 @@ def rope_tables(rope: dict, positions: torch.Tensor, dtype: torch.dtype) -> tupl
     return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
+def rope_key(rope: dict) -> tuple:
+    """Layers whose RoPE has the same frequencies and scaling share one cos/sin table."""
+    return tuple(rope["inv_freq"]), rope.get("attention_factor", 1.0)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``rotary_dim`` features of x (batch, heads, seq, dim)."""
     rd = cos.shape[-1]
@@ -190,7 +196,10 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
         q = rms_norm(q, _w(node, ctx, "q_norm"), a["qk_norm"]["eps"])
         k = rms_norm(k, _w(node, ctx, "k_norm"), a["qk_norm"]["eps"])
     if a.get("rope"):
-        cos, sin = rope_tables(a["rope"], ctx.positions, q.dtype)
+        key = ("rope", rope_key(a["rope"]), q.dtype)
+        if key not in ctx.memo:  # once per step, not once per layer
+            ctx.memo[key] = rope_tables(a["rope"], ctx.positions, q.dtype)
+        cos, sin = ctx.memo[key]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = quantize_kv(k, v, a["kv_cache"])  # an int8/int4 cache stores (and attention reads) quantized K/V
     k_pos = ctx.positions

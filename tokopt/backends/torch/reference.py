@@ -14,7 +14,7 @@ from tokopt.backends.base import greedy_decode
 from tokopt.backends.torch.kernels import StepContext, get_kernel
 from tokopt.backends.torch.kv_cache import KVCache
 from tokopt.optimizer.graph import Graph, Value
-from tokopt.optimizer.weights import materialize
+from tokopt.optimizer.weights import DenseWeights
 
 
 class ReferenceExecutor:
@@ -24,16 +24,7 @@ class ReferenceExecutor:
         self._order = graph.nodes()
         self._inputs = {n.name: graph.inputs_of(n.name) for n in self._order}
         self._kernels = {n.name: get_kernel(n.op) for n in self._order}
-        self._weights: dict[str, torch.Tensor] = {}
-
-    def weight(self, name: str) -> torch.Tensor:
-        w = self._weights.get(name)
-        if w is None:
-            w = materialize(self.graph.params[name])
-            if w.is_floating_point():
-                w = w.to(self.dtype)
-            self._weights[name] = w
-        return w
+        self.weight = DenseWeights(graph.params, dtype)
 
     def new_cache(self) -> KVCache:
         return KVCache()

@@ -19,7 +19,7 @@ import torch
 
 from tokopt.backends.torch.kernels import StepContext, get_kernel
 from tokopt.optimizer.graph import Graph, Node, Value
-from tokopt.optimizer.weights import Weight, materialize
+from tokopt.optimizer.weights import DenseWeights, Weight
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +63,11 @@ class BlockwiseRunner:
                 self._last_read[value] = pos
         self._pos = {n.name: pos for pos, n in enumerate(order)}
         self._envs: list[dict[Value, torch.Tensor]] = [{} for _ in self.batches]
+        self.weight = DenseWeights(self.graph.params, torch.float32)
         self._ctxs = [StepContext(self.weight, torch.arange(b.shape[1]), b, None) for b in self.batches]
-        self._weights: dict[str, torch.Tensor] = {}
-
-    def weight(self, name: str) -> torch.Tensor:
-        w = self._weights.get(name)
-        if w is None:
-            w = materialize(self.graph.params[name])
-            if w.is_floating_point():
-                w = w.float()
-            self._weights[name] = w
-        return w
 
     def set_weight(self, name: str, value: Weight) -> None:
-        self._weights[name] = materialize(value, torch.float32)
+        self.weight.set(name, value)
 
     def input_value(self, node: str) -> Value:
         return self._inputs[node][0]

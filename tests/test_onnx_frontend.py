@@ -41,7 +41,7 @@ def test_roundtrip_quantized_weights_bit_identical(tiny_model_dir, tmp_path):
 
     graph = tokopt.load(str(tiny_model_dir("qwen2")[0]))
     graph = QuantizePass(bits=4, group_size=16, symmetric=False, method="rtn").run(graph, PassContext()).graph
-    OnnxRuntimeBackend().lower(graph, tmp_path / "art", accuracy_level=0)
+    OnnxRuntimeBackend().lower(graph, tmp_path / "art")
     back = tokopt.load(str(tmp_path / "art" / "model.onnx"))
     for name, w in graph.params.items():
         if hasattr(w, "packed"):
@@ -49,7 +49,7 @@ def test_roundtrip_quantized_weights_bit_identical(tiny_model_dir, tmp_path):
             assert torch.equal(b.packed, w.packed) and torch.equal(b.scales, w.scales)
             assert b.scales.dtype == w.scales.dtype and torch.equal(b.zero_points, w.zero_points)
     # the round-tripped graph lowers again (passes and backends apply to it)
-    OnnxRuntimeBackend().lower(back, tmp_path / "again", accuracy_level=0)
+    OnnxRuntimeBackend().lower(back, tmp_path / "again")
 
 
 def export_hf_with_past(model, out: Path, layers: int, kv_heads: int, head_dim: int) -> Path:

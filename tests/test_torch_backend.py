@@ -177,6 +177,17 @@ def test_static_cache_honours_window_sinks_and_int8_kv(tiny):
     torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
 
 
+def test_static_cache_honours_int8_activations(tiny):
+    from tokopt.passes.base import PassContext
+    from tokopt.passes.quantize import QuantizePass
+
+    g = QuantizePass(bits=4, group_size=16, method="rtn", act_bits=8).run(tiny, PassContext()).graph
+    ids = sample_ids(2, 14)
+    expected = run_steps(ReferenceExecutor(g), ids, prefill=9)
+    got = run_steps(CompiledSession(g, compile=False, max_len=32), ids, prefill=9)
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+
+
 def test_cache_full_is_a_clear_error(tiny):
     session = CompiledSession(tiny, compile=False, max_len=8)
     cache = session.new_cache()

@@ -139,8 +139,9 @@ def _linear_flops(node: Node, graph: Graph, _context: int = 0) -> int:
 
 
 register_op(OpSpec(
-    "Linear", ("x",), ("out",), {}, ("weight",), _linear_infer, _linear_flops,
-    "y = x @ weight.T + bias; weight is (out_features, in_features), dense or quantized.",
+    "Linear", ("x",), ("out",), {"act_quant": None}, ("weight",), _linear_infer, _linear_flops,
+    "y = x @ weight.T + bias; weight is (out_features, in_features), dense or quantized.  act_quant "
+    "{'bits': 8, 'block': B} first quantizes x per block of B columns (tokopt.optimizer.activations).",
     optional_params=("bias",),
 ))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from tokopt.optimizer.activations import check_act_quant
 from tokopt.optimizer.errors import UnsupportedOpError, VerificationError
 from tokopt.optimizer.graph import Graph, Node
 from tokopt.optimizer.ops import get_op
@@ -76,6 +77,8 @@ def _check_shapes(graph: Graph, node: Node, ins: list) -> list[str]:
             return [f"{node.name}: input width {ins[0].shape} does not match weight {w}"]
         if "bias" in node.params and weight_shape(p[node.params["bias"]]) != (w[0],):
             return [f"{node.name}: bias shape does not match out_features {w[0]}"]
+        if (why := check_act_quant(node.attrs.get("act_quant"), w[1])) is not None:
+            return [f"{node.name}: {why}"]
     elif node.op in ("RMSNorm", "LayerNorm"):
         if weight_shape(p[node.params["weight"]]) != ins[0].shape[-1:]:
             return [f"{node.name}: norm weight does not match width {ins[0].shape}"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tokopt.backends.torch.kv_quant import kv_cache_quant_attrs
+from tokopt.optimizer.activations import act_quant_attr
 from tokopt.optimizer.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.graph import Graph, Node, Value
 from tokopt.optimizer.ops import kv_bytes_per_token
@@ -89,6 +90,10 @@ class QuantizePass(Pass):
                check=_positive),
         Option("calibration_seq_len", "int", 512, "Tokens per calibration sequence, when the pipeline gives none.",
                check=_positive),
+        Option("act_bits", "int", None,
+               "Also quantize each quantized Linear's input to int8 at run time, per block of its weight group "
+               "(w4a8/w8a8): onnxruntime's fastest CPU path (MatMulNBits accuracy_level 4). Default: float inputs.",
+               choices=(8,)),
         Option("kv_bits", "int", None, "Quantize the KV cache to this many bits (default: leave it).",
                choices=(8, 4)),
         Option("kv_group_size", "int", None, "Head dimensions sharing one KV scale; default: the whole head "
@@ -102,6 +107,9 @@ class QuantizePass(Pass):
         if not o["weights"] and o["kv_bits"] is None:
             raise PassOptionError("quantize: weights=false and no kv_bits: nothing to do; set kv_bits=8 (or 4), "
                                   "or drop weights=false")
+        if o["act_bits"] is not None and not o["weights"]:
+            raise PassOptionError("quantize: act_bits quantizes the inputs of quantized Linears; it needs "
+                                  "weights=true")
         if o["kv_bits"] is None and (o["kv_group_size"] is not None or o["kv_symmetric"] is not None):
             raise PassOptionError("quantize: kv_group_size/kv_symmetric need kv_bits (8 or 4)")
 
@@ -230,6 +238,8 @@ class QuantizePass(Pass):
             tied = [t.param for t in targets if len(t.nodes) > 1]
             if tied:
                 notes.append(f"shared tensors quantized once: {', '.join(tied)}")
+            if o["act_bits"] is not None:
+                notes.append(self._quantize_activations(g, targets))
         g.reinfer()
         return PassResult(g, True, notes)
 
@@ -308,6 +318,17 @@ class QuantizePass(Pass):
             runner.run(idx, before)
             log.info("gptq segment %d/%d (%s): %d tensor(s) in %.1f s", idx + 1, len(runner.segments),
                      runner.segments[idx][0].name, left - len(pending), time.perf_counter() - started)
+
+    def _quantize_activations(self, g: Graph, targets: list[_Target]) -> str:
+        """Mark every quantized Linear to quantize its input per block of its weight's group."""
+        blocks = set()
+        linears = [g.node(n) for t in targets for n in t.nodes if g.node(n).op == "Linear"]
+        for node in linears:
+            block = g.params[node.params["weight"]].group_size
+            node.attrs["act_quant"] = act_quant_attr(self.opts["act_bits"], block)
+            blocks.add(block)
+        return (f"activations: int{self.opts['act_bits']} per block of {'/'.join(map(str, sorted(blocks)))} "
+                f"on {len(linears)} Linears")
 
     def _quantize_kv(self, g: Graph) -> str:
         o = self.opts

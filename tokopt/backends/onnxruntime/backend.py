@@ -61,6 +61,7 @@ class OnnxRuntimeBackend(Backend):
             if node.op not in ops:
                 problems.append(f"{node.name}: op {node.op!r} has no ONNX lowering "
                                 f"(supported: {', '.join(sorted(ops))})")
+
             if node.op != "Attention":
                 continue
             cache = node.attrs["kv_cache"]
@@ -82,15 +83,15 @@ class OnnxRuntimeBackend(Backend):
                                 "stored dequantized (same numerics, fp32 size)", name, w.bits, w.group_size)
 
     def lower(self, graph: Graph, out_dir: Path, *, recipe: Any = None, attention: str = "auto",
-              fused_norms: bool = True, fuse_qkv: bool = True, accuracy_level: int = 0,
-              max_length: int | None = None, exact_linears: tuple[str, ...] = (), threads: int | None = None,
-              parity: bool = True, parity_tokens: Any = None, min_top1: float = 0.99) -> Artifact:
+              fused_norms: bool = True, fuse_qkv: bool = True, max_length: int | None = None,
+              threads: int | None = None, parity: bool = True, parity_tokens: Any = None,
+              min_top1: float = 0.99) -> Artifact:
         """Write the artifact directory, refusing to ship it unless its logits match the reference.
 
-        ``accuracy_level=4`` runs MatMulNBits on int8-quantized activations (onnxruntime's
-        fastest CPU path, what its model builder ships) — a numerics change the IR does
-        not describe, so it must still pass the quantized parity bar (``min_top1`` top-1
-        agreement, 99 % by default); lowering it is the caller's explicit, recorded choice.
+        Linears whose IR says ``act_quant`` (the quantize pass's ``act_bits=8``) run
+        MatMulNBits at accuracy level 4 — onnxruntime's fastest CPU path, the one its
+        model builder ships — and the reference executor computes the same int8
+        activations, so the parity bar is the same for every artifact.
         """
         from tokopt.backends.artifact import atomic_directory, write_manifest
         from tokopt.backends.onnxruntime.artifact import copy_tokenizer, hf_config, write_json, write_recipe
@@ -101,7 +102,7 @@ class OnnxRuntimeBackend(Backend):
         from tokopt.backends.parity import check_parity
 
         self.check(graph)
-        options = LoweringOptions(attention, fused_norms, accuracy_level, max_length, fuse_qkv, tuple(exact_linears))
+        options = LoweringOptions(attention, fused_norms, max_length, fuse_qkv)
         ctx = lower_graph(graph, options)
         embed_graph_description(ctx)
 

@@ -33,30 +33,19 @@ class LoweringOptions:
 
     ``attention``: ``gqa`` uses ``com.microsoft::GroupQueryAttention`` with a shared
     past/present buffer, ``decomposed`` uses standard ops with a growing cache, ``auto``
-    picks GQA when every attention layer fits it.  ``accuracy_level`` is MatMulNBits'
-    (0 = fp32 activations, exact; 4 = int8 activations: fastest on CPU, not exact).  ``max_length`` bounds the
-    rotary tables and the shared KV buffer (default: the model's max positions, ≤ 4096).
+    picks GQA when every attention layer fits it.  ``max_length`` bounds the rotary tables
+    and the shared KV buffer (default: the model's max positions, ≤ 4096).  MatMulNBits'
+    accuracy level is not an option: it follows each Linear's ``act_quant`` in the IR.
     """
 
     attention: str = "auto"
     fused_norms: bool = True
-    accuracy_level: int = 0
     max_length: int | None = None
     fuse_qkv: bool = True
-    exact_linears: tuple[str, ...] = ()  # fnmatch patterns: these MatMulNBits keep fp32 activations
-
-    def accuracy_for(self, node_name: str) -> int:
-        """MatMulNBits accuracy level of one Linear: 0 (fp32 activations) where ``exact_linears`` match."""
-        import fnmatch
-
-        if any(fnmatch.fnmatchcase(node_name, pat) for pat in self.exact_linears):
-            return 0
-        return int(self.accuracy_level)
 
     def to_dict(self) -> dict[str, Any]:
         return {"attention": self.attention, "fused_norms": self.fused_norms,
-                "accuracy_level": self.accuracy_level, "max_length": self.max_length, "fuse_qkv": self.fuse_qkv,
-                "exact_linears": list(self.exact_linears)}
+                "max_length": self.max_length, "fuse_qkv": self.fuse_qkv}
 
 
 @dataclass

@@ -37,6 +37,7 @@ from tokopt.backends.torch.kernels import (
     StepContext,
     attention_mask,
     get_kernel,
+    linear,
     rms_norm,
     rope_key,
     rope_tables,
@@ -311,7 +312,7 @@ def _layer_norm(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> tor
 
 
 def _linear(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    return F.linear(ins[0], w["weight"], w.get("bias"))
+    return linear(ins[0], w["weight"], w.get("bias"), step.node.attrs.get("act_quant"))
 
 
 def _add(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tokopt.backends.torch.kv_quant import quantize_kv
+from tokopt.optimizer.activations import quantize_activations
 from tokopt.optimizer.errors import UnsupportedOpError
 from tokopt.optimizer.graph import Node
 
@@ -87,9 +88,16 @@ def _layer_norm(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.
     return F.layer_norm(ins[0], w.shape, w, _w(node, ctx, "bias"), node.attrs["eps"])
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: dict | None) -> torch.Tensor:
+    """A Linear as the IR defines it, run-time activation quantization included."""
+    if act_quant is not None:
+        x = quantize_activations(x, act_quant["bits"], act_quant["block"])
+    return F.linear(x, weight, bias)
+
+
 @kernel("Linear")
 def _linear(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-    return F.linear(ins[0], _w(node, ctx, "weight"), _w(node, ctx, "bias"))
+    return linear(ins[0], _w(node, ctx, "weight"), _w(node, ctx, "bias"), node.attrs.get("act_quant"))
 
 
 def activation(kind: str, x: torch.Tensor) -> torch.Tensor:

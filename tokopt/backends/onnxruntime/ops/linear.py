@@ -6,6 +6,12 @@ element ``2j`` in the low nibble), so lowering only regroups bytes into the op's
 weights, zero points packed two per byte per row (8-bit: one per byte).  Symmetric
 weights carry no zero points: the op's default (8 for 4-bit, 128 for 8-bit) is the
 IR's implied ``2**(bits-1)``.
+
+A Linear with ``act_quant={"bits": 8, "block": group_size}`` on a MatMulNBits weight
+lowers to ``accuracy_level=4`` (int8 activations per weight block: the same numbers,
+see :mod:`tokopt.optimizer.activations`); any other ``act_quant`` becomes standard ops
+that quantize the input exactly so (ReduceMax/Round/Mul) in front of an fp32 matmul,
+so no backend that reuses this lowering (TensorRT too) can silently drop it.
 """
 
 from __future__ import annotations
@@ -53,12 +59,37 @@ def nbits_tensors(w: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return packed.numpy(), scales, zp
 
 
-def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None, name: str) -> str:
-    """``x @ W.T + b`` with ``x`` of any rank ≥ 2."""
+def native_act_quant(act_quant: dict | None, w) -> bool:
+    """Whether MatMulNBits' accuracy level 4 is this activation quantization on this weight."""
+    return (act_quant is not None and isinstance(w, QuantizedWeight) and nbits_supported(w)
+            and act_quant == {"bits": 8, "block": w.group_size})
+
+
+def quantize_activations(ctx: LowerContext, x: str, act_quant: dict, name: str) -> str:
+    """Standard-op form of :func:`tokopt.optimizer.activations.quantize_activations` (Round is half-to-even)."""
+    b = ctx.b
+    block = act_quant["block"]
+    shape = b.op("Shape", [x], name=f"{name}/act_shape")
+    blocked = b.op("Reshape", [x, b.op("Concat", [b.op("Shape", [x], start=0, end=-1), b.const([-1, block])],
+                                       axis=0)], name=f"{name}/act_blocks")
+    amax = b.op("ReduceMax", [b.op("Abs", [blocked]), b.const([-1])], keepdims=1, name=f"{name}/act_absmax")
+    scale = b.op("Div", [amax, b.const(float(2 ** (act_quant["bits"] - 1) - 1), "float32")])
+    one = b.const(1.0, "float32")
+    safe = b.op("Where", [b.op("Greater", [scale, b.const(0.0, "float32")]), scale, one])
+    q = b.op("Mul", [b.op("Round", [b.op("Div", [blocked, safe])]), scale], name=f"{name}/act_quant")
+    return b.op("Reshape", [q, shape], name=f"{name}/act_unblock")
+
+
+def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None, name: str,
+           act_quant: dict | None = None) -> str:
+    """``x @ W.T + b`` with ``x`` of any rank ≥ 2, its input quantized first as ``act_quant`` says."""
     b = ctx.b
     w = ctx.raw(weight_param)
+    native = native_act_quant(act_quant, w)
+    if act_quant is not None and not native:
+        x = quantize_activations(ctx, x, act_quant, name)
     if isinstance(w, QuantizedWeight) and nbits_supported(w):
-        y = _matmul_nbits(ctx, x, weight_param, w, name, ctx.options.accuracy_for(name))
+        y = _matmul_nbits(ctx, x, weight_param, w, name, 4 if native else 0)
     elif ctx.is_shared(weight_param):
         # a tied embedding: keep one (V, H) copy and let Gemm read it transposed
         out_f, in_f = w.shape
@@ -143,7 +174,8 @@ def nbits_initializers(ctx: LowerContext, param: str, w: QuantizedWeight) -> lis
 def lower_linear(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
     if ctx.options.fuse_qkv and (group := qkv_group(ctx, node)) is not None:
         return lower_fused_qkv(ctx, group, inputs[0])[[p.name for p in group[1]].index(node.name)]
-    return linear(ctx, inputs[0], node.params["weight"], node.params.get("bias"), node.name)
+    return linear(ctx, inputs[0], node.params["weight"], node.params.get("bias"), node.name,
+                  node.attrs.get("act_quant"))
 
 
 # -- fused QKV -----------------------------------------------------------------------------
@@ -152,7 +184,8 @@ def qkv_group(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
 
     They must read the same tensor, feed only their attention node, and store their
     weights alike (all dense, or all MatMulNBits-quantized with the same bits, block size
-    and symmetry) so that concatenating along the output axis changes no number.
+    and symmetry) and quantize their input alike, so that concatenating along the output
+    axis changes no number.
     """
     users = ctx.graph.users_of(Value(node.name, 0))
     if len(users) != 1 or ctx.graph.node(users[0][0]).op != "Attention":
@@ -164,6 +197,8 @@ def qkv_group(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
     if len({ctx.graph.inputs_of(p.name)[0] for p in producers}) != 1 or len({p.name for p in producers}) != 3:
         return None
     if len({"bias" in p.params for p in producers}) != 1:
+        return None
+    if len({repr(p.attrs.get("act_quant")) for p in producers}) != 1:
         return None
     weights = [ctx.raw(p.params["weight"]) for p in producers]
     if any(ctx.is_shared(p.params["weight"]) for p in producers):
@@ -189,6 +224,10 @@ def lower_fused_qkv(ctx: LowerContext, group: tuple[Node, list[Node]], x: str) -
     weights = [ctx.raw(p) for p in params]
     sizes = [w.shape[0] for w in weights]
     offsets = [sum(sizes[:i]) for i in range(3)]
+    act_quant = producers[0].attrs.get("act_quant")
+    native = native_act_quant(act_quant, weights[0])
+    if act_quant is not None and not native:
+        x = quantize_activations(ctx, x, act_quant, name)
     if isinstance(weights[0], QuantizedWeight):
         tensors = [nbits_tensors(w) for w in weights]
         packed = np.concatenate([t[0] for t in tensors])
@@ -203,9 +242,8 @@ def lower_fused_qkv(ctx: LowerContext, group: tuple[Node, list[Node]], x: str) -
                              "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra,
                              "rows": [off, off + w.shape[0]]}
         w0 = weights[0]
-        accuracy = min(ctx.options.accuracy_for(p.name) for p in producers)
         y = b.ms("MatMulNBits", [x, *names], K=w0.shape[1], N=sum(sizes), bits=w0.bits, block_size=w0.group_size,
-                 accuracy_level=accuracy, name=name)
+                 accuracy_level=4 if native else 0, name=name)
     else:
         fused = np.concatenate([ctx.dense(p).t().numpy() for p in params], axis=1)
         init = b.initializer(f"{name}.weight.T", fused)

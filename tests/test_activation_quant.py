@@ -1,0 +1,115 @@
+"""``act_quant`` (run-time int8 activations): its definition against onnxruntime's MatMulNBits
+accuracy level 4, the standard-op lowering, the quantize pass option and the verifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokopt
+from tokopt.backends.torch import ReferenceExecutor
+from tokopt.optimizer.activations import act_quant_attr, quantize_activations
+from tokopt.optimizer.errors import PassOptionError, VerificationError
+from tokopt.optimizer.verify import verify
+from tokopt.optimizer.weights import materialize
+from tokopt.passes.base import PassContext
+from tokopt.passes.quant.rtn import quantize_rtn
+from tokopt.passes.quantize import QuantizePass
+
+
+def _matmulnbits(w, x: torch.Tensor, accuracy_level: int) -> torch.Tensor:
+    """One MatMulNBits node run by onnxruntime on ``x``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tokopt.backends.onnxruntime.ops.linear import nbits_tensors
+
+    n, k = w.shape
+    b, scales, zeros = nbits_tensors(w)
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")]
+    if zeros is not None:
+        inits.append(numpy_helper.from_array(zeros, "Z"))
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"] + (["Z"] if zeros is not None else []), ["y"],
+                            domain="com.microsoft", K=k, N=n, bits=w.bits, block_size=w.group_size,
+                            accuracy_level=accuracy_level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(
+        "com.microsoft", 1)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
+@pytest.mark.parametrize("group", [16, 32, 128])
+def test_definition_is_matmulnbits_accuracy_level_4(bits, symmetric, group):
+    """The reference's int8 activations reproduce onnxruntime's to float rounding; fp32 activations do not."""
+    pytest.importorskip("onnxruntime")
+    gen = torch.Generator().manual_seed(group + bits)
+    w = quantize_rtn(torch.randn(96, 512, generator=gen) * 0.05, bits, group, symmetric, "float32")
+    x = torch.randn(5, 512, generator=gen) * torch.rand(1, 512, generator=gen) * 3
+    got = _matmulnbits(w, x, accuracy_level=4)
+    dense = materialize(w, torch.float32)
+    modelled = quantize_activations(x, 8, group) @ dense.T
+    assert (got - modelled).abs().max() <= 2e-5 * got.abs().max()
+    assert (got - x @ dense.T).abs().max() > 100 * (got - modelled).abs().max()  # the effect is real
+
+
+def test_quantize_activations_properties():
+    x = torch.tensor([[0.0, 0.0, 1.0, -2.0], [0.5, -0.25, 0.125, 127.0]])
+    y = quantize_activations(x, 8, 2)
+    assert torch.equal(y[0, :2], torch.zeros(2))  # an all-zero block stays zero (no division by zero)
+    assert y[0, 3] == -2.0 and y[1, 3] == 127.0  # each block's peak is exact
+    assert y[1, 2] == 0.0  # 0.125 is below half a step (127/127/2) of its block
+    assert torch.allclose(quantize_activations(y, 8, 2), y)  # idempotent
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return tokopt.load(str(tiny_model_dir("llama")[0]))
+
+
+def test_quantize_pass_marks_quantized_linears(llama):
+    graph = QuantizePass(bits=4, group_size=16, method="rtn", act_bits=8, lm_head=False).run(
+        llama, PassContext()).graph
+    marked = {n.name: n.attrs["act_quant"] for n in graph.nodes("Linear")}
+    assert marked["lm_head"] is None  # not quantized, not marked
+    assert {repr(v) for k, v in marked.items() if k != "lm_head"} == {repr(act_quant_attr(8, 16))}
+    ids = torch.randint(0, llama.meta.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    plain = QuantizePass(bits=4, group_size=16, method="rtn", lm_head=False).run(llama, PassContext()).graph
+    diff = (ReferenceExecutor(graph).forward(ids) - ReferenceExecutor(plain).forward(ids)).abs().max()
+    assert 0 < diff < 0.5  # the reference honours the attribute: a small, nonzero change
+
+
+def test_act_bits_needs_weights():
+    with pytest.raises(PassOptionError, match="act_bits"):
+        QuantizePass(weights=False, kv_bits=8, act_bits=8).validate()
+
+
+def test_verifier_rejects_a_block_that_does_not_divide(llama):
+    graph = llama.copy()
+    graph.node("lm_head").attrs["act_quant"] = act_quant_attr(8, 7)
+    with pytest.raises(VerificationError, match="does not divide"):
+        verify(graph, "test")
+
+
+def test_standard_op_lowering_on_dense_weights(llama, tmp_path):
+    """act_quant on a weight MatMulNBits cannot run (dense here) lowers to ReduceMax/Round ops.
+
+    The decomposition is bit-exact on its own; through a whole model, float-level differences upstream
+    can flip a rounding, so the parity bar is the quantized one (top-1) plus a loose logit bound."""
+    pytest.importorskip("onnxruntime")
+    from tokopt.backends.onnxruntime.backend import OnnxRuntimeBackend
+
+    graph = llama.copy()
+    for node in graph.nodes("Linear"):
+        node.attrs["act_quant"] = act_quant_attr(8, 16)
+    artifact = OnnxRuntimeBackend().lower(graph, tmp_path / "out", parity_tokens=torch.randint(
+        0, graph.meta.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)))
+    assert artifact.extra["parity"]["top1_agreement"] == 1.0
+    assert artifact.extra["parity"]["max_abs_diff"] <= 0.05
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
+    fused = 2 * len(graph.nodes("Attention"))  # q/k/v share one input: fused QKV quantizes it once
+    assert ops.count("Round") == len(graph.nodes("Linear")) - fused

@@ -1,0 +1,48 @@
+"""Run-time activation quantization of a Linear's input: the IR's definition of ``act_quant``.
+
+A Linear whose ``act_quant`` attribute is ``{"bits": 8, "block": B}`` multiplies its
+weight by a *quantized copy* of its input: the last dimension is cut into blocks of
+``B`` columns, each block gets the scale ``absmax / 127`` and every element becomes
+``round_half_even(x / scale) * scale``.  This is exactly what onnxruntime's
+``MatMulNBits`` computes with ``accuracy_level=4`` (int8 dot products per weight block
+on x86; checked to float rounding by ``tests/test_activation_quant.py``), so the
+reference executor and the onnxruntime backend agree on the numbers and the parity
+check compares like with like.  Recording it in the IR, instead of as a backend
+switch, is what lets the report measure its quality cost before any backend runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+ACT_BITS = (8,)
+
+
+def act_quant_attr(bits: int, block: int) -> dict[str, int]:
+    """The attribute value a pass stores on a Linear."""
+    return {"bits": int(bits), "block": int(block)}
+
+
+def check_act_quant(spec: Any, in_features: int) -> str | None:
+    """Why ``spec`` is not a valid ``act_quant`` for a Linear of ``in_features`` inputs (None: valid)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"bits", "block"}:
+        return f"act_quant must be {{'bits': 8, 'block': B}}, got {spec!r}"
+    if spec["bits"] not in ACT_BITS:
+        return f"act_quant bits {spec['bits']} (supported: {', '.join(map(str, ACT_BITS))})"
+    if spec["block"] < 1 or in_features % spec["block"]:
+        return f"act_quant block {spec['block']} does not divide in_features {in_features}"
+    return None
+
+
+def quantize_activations(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """``x`` fake-quantized per block of its last dimension: symmetric, absmax scaling, half-to-even."""
+    qmax = 2 ** (bits - 1) - 1
+    shape = x.shape
+    blocks = x.reshape(*shape[:-1], shape[-1] // block, block)
+    scale = blocks.abs().amax(-1, keepdim=True) / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(blocks / safe) * scale).reshape(shape)

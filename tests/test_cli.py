@@ -147,6 +147,38 @@ def test_optimize_then_eval_and_bench_the_artifact(tiny_dir, small_recipe, tmp_p
     assert speed["backend"] == "torch" and speed["decode_tok_s"] > 0 and speed["decode_tok_s_batch"] > 0
 
 
+def test_bench_several_targets_alternates_and_reports_ratios(tiny_dir, tmp_path):
+    """An onnxruntime artifact, and the same directory as another tool would leave it (no tokopt manifest:
+    it runs as is), against the reference executor on the source model."""
+    import shutil
+
+    pytest.importorskip("onnxruntime")
+    art = tmp_path / "art"
+    assert invoke("optimize", tiny_dir, "--passes", "quantize:bits=8,method=rtn", "--backend", "onnxruntime",
+                  "--speed", "off", "--eval-tokens", "2x16",
+                  "-o", str(art)).exit_code == 0
+    foreign = tmp_path / "foreign"
+    shutil.copytree(art, foreign)
+    (foreign / "tokopt_artifact.json").unlink()
+    result = invoke("bench", tiny_dir, str(art), str(foreign), "--prompt-len", "8", "--decode-tokens", "2",
+                    "--batch", "1", "--rounds", "2", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [r["backend"] for r in out["results"]] == ["reference", "onnxruntime", "onnxruntime (as is)"]
+    assert all(len(r["decode_tok_s_rounds"]) == 2 for r in out["results"])
+    assert out["ratio_vs_first"][0] == 1.0
+    assert out["ratio_vs_first"][1] == pytest.approx(out["results"][1]["decode_tok_s"] /
+                                                     out["results"][0]["decode_tok_s"])
+    evaluated = [json.loads(invoke("eval", str(d), "--eval-tokens", "2x16", "--json").stdout)["ppl"]
+                 for d in (art, foreign)]
+    assert evaluated[0] == pytest.approx(evaluated[1], rel=1e-6)  # the same model, run as is
+
+
+def test_bench_rejects_bad_rounds(tiny_dir):
+    result = invoke("bench", tiny_dir, "--rounds", "0")
+    assert result.exit_code == 2 and "rounds" in result.stderr.lower()
+
+
 # -- SmolLM2: the numbers that mean something ----------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2_runs(tmp_path_factory):

@@ -155,6 +155,7 @@ def test_matmulnbits_exact_at_fp32_accuracy(bits, group, symmetric, tiny_graph, 
     assert {_accuracy(n) for n in onnx_nodes(tmp_path / "model.onnx") if n.op_type == "MatMulNBits"} == {0}
     nodes = [n.op_type for n in onnx_nodes(tmp_path / "model.onnx")]
     assert "MatMulNBits" in nodes and "MatMul" not in nodes
+    assert ("GatherBlockQuantized" in nodes) == symmetric  # the embedding's rows dequantized at lookup
     report = check_parity(graph, session, tokens=_ids(graph.meta.vocab_size), quantized=False)
     assert report.max_abs_diff <= 1e-3
 
@@ -175,6 +176,19 @@ def test_int8_activations_parity(arch, tiny_graph, tmp_path):
     fp32_acts = check_parity(_quantize(tiny_graph(arch), bits=4, group_size=32), session, tokens=tokens,
                              raise_on_failure=False)
     assert modelled.max_abs_diff * 20 < fp32_acts.max_abs_diff
+
+
+def test_calibrated_bar_catches_a_wrong_activation_block(tiny_graph, tmp_path):
+    """The rounding-jitter bar for act_quant graphs still fails a backend that quantizes different blocks."""
+    graph = _quantize(tiny_graph("llama"), bits=4, group_size=16, act_bits=8)
+    OnnxRuntimeBackend().lower(graph, tmp_path / "out")
+    session = OnnxRuntimeBackend().load(tmp_path / "out", threads=1)
+    wrong = graph.copy()
+    for node in wrong.nodes("Linear"):
+        node.attrs["act_quant"] = {"bits": 8, "block": 32}
+    report = check_parity(wrong, session, tokens=_ids(graph.meta.vocab_size), raise_on_failure=False)
+    assert not report.passed and report.mean_kl > report.jitter_kl * 1.5
+    assert check_parity(graph, session, tokens=_ids(graph.meta.vocab_size), raise_on_failure=False).passed
 
 
 def test_numerics_the_ir_does_not_describe_are_not_shipped(tiny_graph, tmp_path, monkeypatch):

@@ -244,26 +244,47 @@ def eval_command(model_or_artifact: str, eval_text: str | None, eval_tokens: str
 
 
 @cli.command()
-@click.argument("model_or_artifact")
+@click.argument("targets", nargs=-1, required=True, metavar="MODEL_OR_ARTIFACT...")
 @click.option("--backend", default=None,
-              help="Lower a model to this backend first (default: the reference executor; an artifact uses its own).")
+              help="Lower a model to this backend first (default: the reference executor; an artifact uses its own; "
+                   "an onnxruntime-genai directory from another tool runs as is).")
 @click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="The batched measurement's size.")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch threads while measuring (0: torch's default, all cores).")
+@click.option("--rounds", type=click.IntRange(1), default=None,
+              help="Measurements per target, alternating between targets  [default: 1 for one target, 3 for several]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def bench(model_or_artifact: str, backend: str | None, prompt_len: int, decode_tokens: int, batch: int,
-          threads: int, as_json: bool) -> None:
-    """Prefill and decode tokens/s (batch 1 and a batch) and peak memory."""
-    from tokopt.optimizer.optimize import bench as run_bench
+def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode_tokens: int, batch: int,
+          threads: int, rounds: int | None, as_json: bool) -> None:
+    """Prefill and decode tokens/s (batch 1 and a batch) and peak memory.
 
-    result = run_bench(model_or_artifact, backend, speed_options={"prompt_len": prompt_len,
-                                                                  "decode_tokens": decode_tokens,
-                                                                  "batch_size": batch, "threads": threads})
+    Several targets are measured side by side in one process, alternating round by round,
+    and each decode speed is reported as a ratio to the first target's.
+    """
+    from tokopt.optimizer.optimize import bench as run_bench
+    from tokopt.optimizer.optimize import compare
+
+    speed = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "batch_size": batch, "threads": threads}
+    if len(targets) == 1 and rounds in (None, 1):
+        result = run_bench(targets[0], backend, speed_options=speed)
+        if as_json:
+            _emit_json(result)
+            return
+        _print_bench(result, batch)
+        return
+    result = compare(list(targets), backend, speed_options=speed, rounds=rounds or 3)
     if as_json:
         _emit_json(result)
         return
+    for res, ratio in zip(result["results"], result["ratio_vs_first"], strict=True):
+        _print_bench(res, batch)
+        rounds_text = ", ".join(f"{v:.1f}" for v in res["decode_tok_s_rounds"])
+        click.echo(f"  decode tok/s by round  [{rounds_text}]  ({ratio:.2f}x the first)")
+
+
+def _print_bench(result: dict[str, Any], batch: int) -> None:
     click.echo(f"{result['model']} on {result['backend']}")
     rows = [("prefill tok/s (batch 1)", f"{result['prefill_tok_s']:.1f}"),
             ("decode tok/s (batch 1)", f"{result['decode_tok_s']:.1f}")]

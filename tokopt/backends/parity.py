@@ -6,6 +6,15 @@ identical inputs), and the logits must agree — fp32 graphs to ``atol`` in max 
 difference, graphs holding quantized weights (identical codes on both sides, so only the
 kernels' arithmetic differs) to ``min_top1`` next-token agreement.  A mismatch raises
 :class:`~tokopt.optimizer.errors.ParityError`: nothing wrong is shipped.
+
+Graphs that quantize activations at run time (``act_quant``) are discontinuous: a float
+rounding difference upstream moves an activation across a code boundary.  On SmolLM2 with
+int8 activations per block of 32, the reference disagrees *with itself* on ~6-10 % of
+next tokens when its activations are jittered by 1e-6, so no correct backend can reach
+99 %.  For them the bar is calibrated: the reference is run once more under
+:func:`~tokopt.optimizer.activations.rounding_jitter`, and the backend must agree with the
+reference about as well as that run does — mean KL at most ``KL_FACTOR`` times the
+jittered run's (plus a floor) and top-1 within ``TOP1_SLACK`` of it.
 """
 
 from __future__ import annotations
@@ -16,11 +25,16 @@ from typing import Any
 
 import torch
 
+from tokopt.optimizer.activations import rounding_jitter
 from tokopt.optimizer.errors import ParityError
 from tokopt.optimizer.graph import Graph
 from tokopt.optimizer.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
+
+KL_FACTOR = 1.5  # a block-size mistake (64 for 32) measured 1.9x the jittered KL on SmolLM2; a correct backend ~1.0x
+KL_FLOOR = 1e-4  # nats: the bar for models whose jittered run changes nothing
+TOP1_SLACK = 0.03  # about one standard deviation of top-1 agreement over ~136 positions
 
 
 @dataclass
@@ -31,16 +45,17 @@ class ParityReport:
     quantized: bool
     passed: bool
     criterion: str
+    mean_kl: float | None = None  # act_quant graphs: KL(reference || backend), nats per position
+    jitter_kl: float | None = None  # ... and KL(reference || reference under rounding jitter)
+    jitter_top1: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def is_quantized(graph: Graph) -> bool:
-    """Quantized weights, or run-time quantized activations: rounding makes logits discontinuous, so a
-    float-level difference upstream may flip a code and the check falls back to top-1 agreement."""
-    return any(isinstance(w, QuantizedWeight) for w in graph.params.values()) or any(
-        n.attrs.get("act_quant") is not None for n in graph.nodes("Linear"))
+    """Quantized weights or run-time quantized activations: compared on real text, by agreement."""
+    return any(isinstance(w, QuantizedWeight) for w in graph.params.values()) or has_act_quant(graph)
 
 
 def sample_tokens(graph: Graph, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -75,9 +90,12 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
         tokens = sample_tokens(graph, 2, 64 if quantized else 16)
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
+    calibrated = has_act_quant(graph)
     ref_cache, cache = ref.new_cache(), _new_cache(session, tokens.shape[0])
+    jittered = ReferenceExecutor(graph) if calibrated else None
+    jit_cache = jittered.new_cache() if jittered else None
     step = tokens
-    max_diff, agree, total = 0.0, 0, 0
+    max_diff, agree, total, kl, jit_kl, jit_agree = 0.0, 0, 0, 0.0, 0.0, 0
     for _ in range(decode_steps + 1):
         expected = ref.forward(step, ref_cache).float()
         got = session.forward(step, cache).float()
@@ -86,19 +104,44 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
         max_diff = max(max_diff, float((got - expected).abs().max()))
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += expected.shape[0] * expected.shape[1]
+        if jittered is not None:
+            with rounding_jitter(seed=total):
+                other = jittered.forward(step, jit_cache).float()
+            kl += _kl_sum(expected, got)
+            jit_kl += _kl_sum(expected, other)
+            jit_agree += int((other.argmax(-1) == expected.argmax(-1)).sum())
         step = expected[:, -1:].argmax(-1)
     top1 = agree / total
-    if quantized:
-        passed, criterion = top1 >= min_top1, f"top-1 agreement >= {min_top1:.0%}"
+    if calibrated:
+        kl, jit_kl, jit_top1 = kl / total, jit_kl / total, jit_agree / total
+        kl_bar, top1_bar = KL_FACTOR * jit_kl + KL_FLOOR, min(min_top1, jit_top1 - TOP1_SLACK)
+        passed = kl <= kl_bar and top1 >= top1_bar
+        criterion = (f"run-time activation quantization, bar set by the reference under rounding jitter: mean KL "
+                     f"<= {kl_bar:.2g} and top-1 >= {top1_bar:.1%} (jittered reference: KL {jit_kl:.2g}, "
+                     f"top-1 {jit_top1:.1%}); measured KL {kl:.2g}")
+        report = ParityReport(max_diff, top1, total, quantized, passed, criterion, kl, jit_kl, jit_top1)
     else:
-        passed, criterion = max_diff <= atol, f"max |logit diff| <= {atol:g}"
-    report = ParityReport(max_diff, top1, total, quantized, passed, criterion)
+        if quantized:
+            passed, criterion = top1 >= min_top1, f"top-1 agreement >= {min_top1:.0%}"
+        else:
+            passed, criterion = max_diff <= atol, f"max |logit diff| <= {atol:g}"
+        report = ParityReport(max_diff, top1, total, quantized, passed, criterion)
     log.info("parity %s: max diff %.3g, top-1 %.2f%% over %d positions", label, max_diff, 100 * top1, total)
     if not passed and raise_on_failure:
         raise ParityError(
             f"{label} disagrees with the reference executor: max |logit diff| {max_diff:.3g}, top-1 agreement "
             f"{top1:.2%} over {total} positions (required: {criterion}); the artifact was not written")
     return report
+
+
+def has_act_quant(graph: Graph) -> bool:
+    return any(n.attrs.get("act_quant") is not None for n in graph.nodes("Linear"))
+
+
+def _kl_sum(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Sum over positions of KL(softmax(reference) || softmax(other))."""
+    p = torch.log_softmax(reference, -1)
+    return float((p.exp() * (p - torch.log_softmax(other, -1))).sum())
 
 
 def _new_cache(session: Any, batch: int) -> Any:

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
+from tokopt.optimizer.corpus import has_tokenizer
 from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
 from tokopt.optimizer.graph import Graph, ModelMeta, Value
 from tokopt.optimizer.weights import LazyTensor, QuantizedWeight, pack_codes
 
 log = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # where an HF module path starts inside an exporter's node or initializer name
 _HF_ROOTS = ("model.", "transformer.", "lm_head")
 
@@ -85,7 +85,7 @@ def _from_tokopt(model, desc: dict[str, Any], model_path: Path) -> Graph:
                                "supported by this version (expected 1)")
     inits, load = _initializer_loader(model, model_path)
     meta = ModelMeta(**desc["meta"])
-    if any((model_path.parent / f).exists() for f in _TOKENIZER_FILES):
+    if has_tokenizer(model_path.parent):
         meta.tokenizer_path = str(model_path.parent)
     meta.source = str(model_path)
     graph = Graph(meta)

@@ -13,11 +13,14 @@ switch, is what lets the report measure its quality cost before any backend runs
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 ACT_BITS = (8,)
+_jitter: dict[str, Any] = {}  # set only inside rounding_jitter()
 
 
 def act_quant_attr(bits: int, block: int) -> dict[str, int]:
@@ -41,8 +44,27 @@ def check_act_quant(spec: Any, in_features: int) -> str | None:
 def quantize_activations(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """``x`` fake-quantized per block of its last dimension: symmetric, absmax scaling, half-to-even."""
     qmax = 2 ** (bits - 1) - 1
+    if _jitter:
+        x = x * (1 + _jitter["rel"] * torch.randn(x.shape, generator=_jitter["gen"]).to(x.dtype))
     shape = x.shape
     blocks = x.reshape(*shape[:-1], shape[-1] // block, block)
     scale = blocks.abs().amax(-1, keepdim=True) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (torch.round(blocks / safe) * scale).reshape(shape)
+
+
+@contextmanager
+def rounding_jitter(rel: float = 1e-6, seed: int = 0) -> Iterator[None]:
+    """Perturb every quantized activation by a relative ``rel`` before it is rounded, inside this block.
+
+    Rounding makes a model discontinuous: an input a float rounding away from a code
+    boundary lands on the other code.  Running the reference once more under a jitter the
+    size of float32 arithmetic measures how far two *correct* implementations of the same
+    graph may disagree, which is the bar a backend's parity is held to
+    (:func:`tokopt.backends.parity.check_parity`).
+    """
+    _jitter.update(rel=float(rel), gen=torch.Generator().manual_seed(seed))
+    try:
+        yield
+    finally:
+        _jitter.clear()

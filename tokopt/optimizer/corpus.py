@@ -150,11 +150,17 @@ def resolve_texts(eval_text: str | Path | None, calib_text: str | Path | None) -
     return ev, cal
 
 
+TOKENIZER_DEFINING_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(directory: str | Path | None) -> bool:
+    """Whether ``directory`` holds a loadable tokenizer's own files (a generation_config.json alone is not one)."""
+    return bool(directory) and any((Path(directory) / f).is_file() for f in TOKENIZER_DEFINING_FILES)
+
+
 def tokenizer_for(graph: Graph):
     """The model's tokenizer, or None when it carries none (tiny test models built from a config)."""
-    path = graph.meta.tokenizer_path
-    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    if not path or not any((Path(path) / f).exists() for f in files):
+    if not has_tokenizer(graph.meta.tokenizer_path):
         return None
     from tokopt.generation import load_tokenizer
 

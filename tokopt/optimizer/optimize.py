@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tokopt.optimizer.corpus import resolve_texts, tokenizer_for
+from tokopt.optimizer.corpus import has_tokenizer, resolve_texts, tokenizer_for
 from tokopt.optimizer.cost import static_metrics
 from tokopt.optimizer.errors import BackendUnavailableError, GateError, TokoptError
 from tokopt.optimizer.evaluate import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
@@ -333,22 +333,47 @@ def _open(target: str | Path | Graph, load_options: dict[str, Any] | None = None
         return _Target(target.meta.source or "graph", ReferenceExecutor(target), tokenizer_for(target),
                        target.meta.vocab_size, target)
     if is_artifact(target):
-        from tokopt.optimizer.corpus import CorpusError
         from tokopt.optimizer.speed import artifact_vocab_size
 
         manifest = read_manifest(target)
         session = load_artifact(target, **(load_options or {}))
-        tokenizer = None
-        if manifest.get("tokenizer"):
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(str(Path(target) / manifest["tokenizer"]))
-            except (OSError, ValueError) as exc:
-                raise CorpusError(f"cannot load the tokenizer inside {target}: {exc}") from None
+        tokenizer = _directory_tokenizer(Path(target) / manifest["tokenizer"]) if manifest.get("tokenizer") else None
         return _Target(str(target), session, tokenizer, artifact_vocab_size(manifest), None, manifest)
+    if (genai := _genai_directory(target)) is not None:
+        from tokopt.backends.onnxruntime.session import OnnxRuntimeSession
+
+        session = OnnxRuntimeSession(Path(target) / "model.onnx", **(load_options or {}))
+        tokenizer = _directory_tokenizer(Path(target)) if has_tokenizer(target) else None
+        return _Target(str(target), session, tokenizer, genai["vocab_size"], None)
     graph = _load(target)
     return _Target(str(target), ReferenceExecutor(graph), tokenizer_for(graph), graph.meta.vocab_size, graph)
+
+
+def _genai_directory(target: str | Path) -> dict[str, Any] | None:
+    """The ``model`` section of another tool's onnxruntime-genai directory (e.g. its model builder's output),
+    which runs as is on onnxruntime; None for anything else."""
+    import json
+
+    path = Path(target)
+    config = path / "genai_config.json"
+    if not (path.is_dir() and config.is_file() and (path / "model.onnx").is_file()):
+        return None
+    try:
+        model = json.loads(config.read_text())["model"]
+        return {**model, "vocab_size": int(model["vocab_size"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{config} is not an onnxruntime-genai config with model.vocab_size ({exc})") from None
+
+
+def _directory_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from tokopt.optimizer.corpus import CorpusError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise CorpusError(f"cannot load the tokenizer in {path}: {exc}") from None
 
 
 def evaluate(model: str | Path | Graph, eval_text: str | Path | None = None, *,
@@ -376,46 +401,88 @@ def evaluate(model: str | Path | Graph, eval_text: str | Path | None = None, *,
 def bench(model: str | Path | Graph, backend: str | None = None, *, speed_options: dict[str, Any] | None = None,
           load_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prefill/decode speed and peak memory of a model (reference executor, or lowered to
-    ``backend`` in a temporary directory) or of an artifact (with the backend that wrote it)."""
-    from tokopt.backends.artifact import is_artifact, read_manifest
+    ``backend`` in a temporary directory), of an artifact (with the backend that wrote it)
+    or of an onnxruntime-genai directory another tool wrote (as is, on onnxruntime)."""
+    result = compare([model], backend, speed_options=speed_options, load_options=load_options, rounds=1)
+    return {**result["results"][0], "speed_config": result["speed_config"], "machine": result["machine"]}
+
+
+def compare(models: list[str | Path | Graph], backend: str | None = None, *,
+            speed_options: dict[str, Any] | None = None, load_options: dict[str, Any] | None = None,
+            rounds: int = 3) -> dict[str, Any]:
+    """Measure several models/artifacts side by side: every round measures each once, in turn.
+
+    Alternating, in one process, is what makes a ratio trustworthy on a shared machine:
+    load drift hits every contestant alike.  Each result holds the per-round values and
+    their medians; ``ratio_vs_first`` divides every median decode tok/s by the first one's.
+    """
+    import contextlib
+    import statistics
+
     from tokopt.optimizer.machine import describe_machine
 
+    if not models:
+        raise UsageError("nothing to benchmark: name at least one model or artifact")
+    if rounds < 1:
+        raise UsageError(f"rounds must be at least 1, got {rounds}")
     config: SpeedConfig = _config(SpeedConfig, None, speed_options, "speed options")
     machine = describe_machine()
-    result: dict[str, Any] = {"model": str(model) if not isinstance(model, Graph) else model.meta.source}
+    with contextlib.ExitStack() as stack:
+        opened = [_bench_target(m, backend, load_options, machine, stack) for m in models]
+        runs: list[list[dict[str, Any]]] = [[] for _ in opened]
+        for _ in range(rounds):
+            for i, (_, session, vocab) in enumerate(opened):
+                runs[i].append(measure_speed(session, vocab, config))
+    results = []
+    for (info, _, _), measured in zip(opened, runs, strict=True):
+        merged = dict(measured[-1])
+        for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_batch", "decode_tok_s_batch"):
+            if key in merged:
+                merged[key] = statistics.median(m[key] for m in measured)
+                merged[f"{key}_rounds"] = [m[key] for m in measured]
+        merged["peak_rss_bytes"] = max(m["peak_rss_bytes"] for m in measured)
+        results.append({**info, **merged})
+    first = results[0]["decode_tok_s"]
+    return {"results": results, "rounds": rounds,
+            "ratio_vs_first": [r["decode_tok_s"] / first if first else None for r in results],
+            "speed_config": config.as_dict(),
+            "machine": {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads", "memory_bandwidth_bytes_per_s")}}
+
+
+def _bench_target(model: str | Path | Graph, backend: str | None, load_options: dict[str, Any] | None,
+                  machine: dict[str, Any], stack: Any) -> tuple[dict[str, Any], Any, int]:
+    """(what it is, a session to time, its vocabulary size); temporary lowerings live as long as ``stack``."""
+    from tokopt.backends.artifact import is_artifact, read_manifest
+
+    info: dict[str, Any] = {"model": str(model) if not isinstance(model, Graph) else model.meta.source}
     if not isinstance(model, Graph) and is_artifact(model):
         manifest = read_manifest(model)
         if backend and backend != manifest["backend"]:
             raise UsageError(f"{model} is a {manifest['backend']!r} artifact; it cannot be benchmarked with "
                              f"--backend {backend}")
         target = _open(model, load_options)
-        result.update(backend=manifest["backend"], **measure_speed(target.session, target.vocab_size, config))
-    else:
-        graph = model if isinstance(model, Graph) else _load(model)
-        static = static_metrics(graph).as_dict()
-        result.update({k: static[k] for k in ("params", "weight_bytes", "bits_per_param", "kv_bytes_per_token",
-                                              "bytes_per_token")})
-        result["decode_tok_s_bound"] = machine["memory_bandwidth_bytes_per_s"] / static["bytes_per_token"]
-        if backend in (None, "reference"):
-            from tokopt.backends.torch import ReferenceExecutor
+        return {**info, "backend": manifest["backend"]}, target.session, target.vocab_size
+    if not isinstance(model, Graph) and backend in (None, "onnxruntime") and _genai_directory(model) is not None:
+        target = _open(model, load_options)
+        return {**info, "backend": "onnxruntime (as is)"}, target.session, target.vocab_size
+    graph = model if isinstance(model, Graph) else _load(model)
+    static = static_metrics(graph).as_dict()
+    info.update({k: static[k] for k in ("params", "weight_bytes", "bits_per_param", "kv_bytes_per_token",
+                                        "bytes_per_token")})
+    info["decode_tok_s_bound"] = machine["memory_bandwidth_bytes_per_s"] / static["bytes_per_token"]
+    if backend in (None, "reference"):
+        from tokopt.backends.torch import ReferenceExecutor
 
-            result.update(backend="reference", **measure_speed(ReferenceExecutor(graph), graph.meta.vocab_size,
-                                                                config))
-        else:
-            from tokopt.backends.registry import get_backend
+        return {**info, "backend": "reference"}, ReferenceExecutor(graph), graph.meta.vocab_size
+    from tokopt.backends.registry import get_backend
 
-            backend_obj = get_backend(backend)
-            ok, why = backend_obj.availability()
-            if not ok:
-                raise BackendUnavailableError(f"backend {backend!r} cannot run here: {why}")
-            with tempfile.TemporaryDirectory(prefix="tokopt-bench-") as scratch:
-                path = Path(scratch) / "artifact"
-                backend_obj.lower(graph, path)
-                result.update(backend=backend, **measure_speed(backend_obj.load(path, **(load_options or {})),
-                                                               graph.meta.vocab_size, config))
-    result["speed_config"] = config.as_dict()
-    result["machine"] = {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads", "memory_bandwidth_bytes_per_s")}
-    return result
+    backend_obj = get_backend(backend)
+    ok, why = backend_obj.availability()
+    if not ok:
+        raise BackendUnavailableError(f"backend {backend!r} cannot run here: {why}")
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tokopt-bench-"))) / "artifact"
+    backend_obj.lower(graph, path)
+    return {**info, "backend": backend}, backend_obj.load(path, **(load_options or {})), graph.meta.vocab_size
 
 
-__all__ = ["optimize", "evaluate", "bench", "OptimizeResult", "UsageError", "make_progress", "SPEED_MODES"]
+__all__ = ["optimize", "evaluate", "bench", "compare", "OptimizeResult", "UsageError", "make_progress", "SPEED_MODES"]

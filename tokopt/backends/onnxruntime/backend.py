@@ -100,6 +100,7 @@ class OnnxRuntimeBackend(Backend):
         from tokopt.backends.onnxruntime.lower import LoweringOptions, lower_graph
         from tokopt.backends.onnxruntime.roundtrip import embed_graph_description
         from tokopt.backends.parity import check_parity
+        from tokopt.optimizer.corpus import has_tokenizer
 
         self.check(graph)
         options = LoweringOptions(attention, fused_norms, max_length, fuse_qkv)
@@ -121,7 +122,7 @@ class OnnxRuntimeBackend(Backend):
                                       label="onnxruntime artifact")
                 del session
             manifest = write_manifest(
-                tmp, self.name, files, graph, tokenizer="." if tokenizer else None, onnx_model="model.onnx",
+                tmp, self.name, files, graph, tokenizer="." if has_tokenizer(tmp) else None, onnx_model="model.onnx",
                 lowering={**options.to_dict(), "attention_mode": ctx.attention_mode, "max_length": ctx.max_length},
                 kv_cache=[{"node": s.node, "index": s.index, "dtype": s.dtype} for s in ctx.kv],
                 parity=report.to_dict() if report else None)

@@ -21,10 +21,12 @@ def lower_input(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
 
 @register_lowering("Embedding")
 def lower_embedding(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
-    from tokopt.backends.onnxruntime.ops.linear import dequantized_table, nbits_supported
+    from tokopt.backends.onnxruntime.ops.linear import dequantized_table, gather_quantized, nbits_supported
 
     w = ctx.raw(node.params["weight"])
     if isinstance(w, QuantizedWeight) and nbits_supported(w):
+        if w.symmetric and w.shape[1] % w.group_size == 0:
+            return gather_quantized(ctx, node.params["weight"], w, inputs[0], node.name)
         table = dequantized_table(ctx, node.params["weight"], w)
     else:
         table = ctx.weight_init(node.params["weight"])

@@ -110,6 +110,20 @@ def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, nam
                     block_size=w.group_size, accuracy_level=accuracy, name=name)
 
 
+def gather_quantized(ctx: LowerContext, param: str, w: QuantizedWeight, ids: str, name: str) -> str:
+    """Rows of a symmetric quantized table, dequantized by ``GatherBlockQuantized`` as they are looked up.
+
+    It reads the MatMulNBits tensors in place (the lm_head's, when tied), so a quantized
+    embedding costs no float copy of the table in memory, as the model builder does.
+    """
+    b = ctx.b
+    names = nbits_initializers(ctx, param, w)
+    n, k = w.shape
+    rows = b.op("Reshape", [names[0], b.const([n, k * w.bits // 8])], name=f"{name}/rows")
+    return b.ms("GatherBlockQuantized", [rows, ids, names[1]], gather_axis=0, quantize_axis=1,
+                block_size=w.group_size, bits=w.bits, name=name)
+
+
 def dequantized_table(ctx: LowerContext, param: str, w: QuantizedWeight) -> str:
     """The (N, K) float table of a quantized weight, computed in-graph from its MatMulNBits tensors.
 

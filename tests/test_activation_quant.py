@@ -111,5 +111,5 @@ def test_standard_op_lowering_on_dense_weights(llama, tmp_path):
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
-    fused = 2 * len(graph.nodes("Attention"))  # q/k/v share one input: fused QKV quantizes it once
+    fused = 3 * len(graph.nodes("Attention"))  # per layer, fused q/k/v and fused gate/up quantize their input once
     assert ops.count("Round") == len(graph.nodes("Linear")) - fused

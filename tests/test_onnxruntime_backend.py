@@ -160,6 +160,17 @@ def test_matmulnbits_exact_at_fp32_accuracy(bits, group, symmetric, tiny_graph, 
     assert report.max_abs_diff <= 1e-3
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+def test_mlp_gate_and_up_run_as_one_matmul(bits, tiny_graph, tmp_path):
+    graph = tiny_graph("llama") if bits is None else _quantize(tiny_graph("llama"), bits=bits, group_size=16)
+    session, _ = lowered_session(graph, tmp_path)
+    layers = len(graph.nodes("Attention"))
+    kind = "MatMul" if bits is None else "MatMulNBits"
+    fused = [n for n in onnx_nodes(tmp_path / "model.onnx") if n.op_type == kind and "gate_proj+" in n.name]
+    assert len(fused) == layers
+    assert_parity(graph, session)
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_int8_activations_parity(arch, tiny_graph, tmp_path):
     """act_bits=8 lowers to MatMulNBits accuracy level 4, and the reference computes the same int8

@@ -188,6 +188,8 @@ def nbits_initializers(ctx: LowerContext, param: str, w: QuantizedWeight) -> lis
 def lower_linear(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
     if ctx.options.fuse_qkv and (group := qkv_group(ctx, node)) is not None:
         return lower_fused_qkv(ctx, group, inputs[0])[[p.name for p in group[1]].index(node.name)]
+    if ctx.options.fuse_qkv and (siblings := sibling_group(ctx, node)) is not None:
+        return lower_fused_siblings(ctx, siblings, inputs[0])[[n.name for n in siblings].index(node.name)]
     return linear(ctx, inputs[0], node.params["weight"], node.params.get("bias"), node.name,
                   node.attrs.get("act_quant"))
 
@@ -229,15 +231,17 @@ def _storage_kind(w) -> tuple | None:
     return ("dense",)
 
 
-def lower_fused_qkv(ctx: LowerContext, group: tuple[Node, list[Node]], x: str) -> list[str]:
-    """One MatMul(NBits) for q, k and v; binds all three nodes (split, or packed for GQA)."""
-    attn, producers = group
+def fused_matmul(ctx: LowerContext, producers: list[Node], x: str, name: str) -> tuple[str, list[int]]:
+    """One MatMul(NBits) computing several Linears of the same input, outputs concatenated; (output, widths).
+
+    Weights (and biases) are concatenated along the output axis and each parameter records
+    its rows/columns, so the ONNX frontend recovers every one of them exactly.
+    """
     b = ctx.b
-    name = f"{attn.name}/qkv_proj"
     params = [p.params["weight"] for p in producers]
     weights = [ctx.raw(p) for p in params]
     sizes = [w.shape[0] for w in weights]
-    offsets = [sum(sizes[:i]) for i in range(3)]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     act_quant = producers[0].attrs.get("act_quant")
     native = native_act_quant(act_quant, weights[0])
     if act_quant is not None and not native:
@@ -270,12 +274,60 @@ def lower_fused_qkv(ctx: LowerContext, group: tuple[Node, list[Node]], x: str) -
         for p, off, n in zip(producers, offsets, sizes, strict=True):
             ctx.params[p.params["bias"]] = {"kind": "dense", "init": f"{name}.bias", "transform": "",
                                             "cols": [off, off + n]}
+    return y, sizes
+
+
+def lower_fused_qkv(ctx: LowerContext, group: tuple[Node, list[Node]], x: str) -> list[str]:
+    """One MatMul(NBits) for q, k and v; binds all three nodes (split, or packed for GQA)."""
+    attn, producers = group
+    b = ctx.b
+    name = f"{attn.name}/qkv_proj"
+    y, sizes = fused_matmul(ctx, producers, x, name)
     if ctx.attention_mode == "gqa" and not attn.attrs.get("qk_norm"):
         ctx.cache[("packed_qkv", attn.name)] = y  # GroupQueryAttention takes packed QKV itself
         parts = [y, y, y]
     else:
         parts = b.op("Split", [y, b.const(sizes)], axis=-1, outputs=3, name=f"{name}/split")
+    _bind(ctx, producers, parts)
+    return list(parts)
+
+
+def _bind(ctx: LowerContext, producers: list[Node], parts: list[str]) -> None:
     for p, part in zip(producers, parts, strict=True):
         ctx.bind(p.name, part)
         ctx.done.add(p.name)
+
+
+# -- fused siblings (an MLP's gate and up) ---------------------------------------------------
+def sibling_group(ctx: LowerContext, node: Node) -> list[Node] | None:
+    """Linears reading the same tensor as ``node`` that can run as one matmul, ``node`` among them.
+
+    An MLP's gate and up projections are the case that matters: one MatMulNBits instead of
+    two means one activation quantization and one kernel call less per layer and token.
+    Same storage, bias presence and ``act_quant`` as for fused QKV; q/k/v go their own way.
+    """
+    x = ctx.graph.inputs_of(node.name)[0]
+    key = _fusion_key(ctx, node)
+    if key is None:
+        return None
+    group = [n for n in (ctx.graph.node(u) for u, _ in ctx.graph.users_of(x))
+             if n.op == "Linear" and _fusion_key(ctx, n) == key]
+    if len(group) < 2 or any(ctx.options.fuse_qkv and qkv_group(ctx, n) is not None for n in group):
+        return None
+    return sorted(group, key=lambda n: n.name)
+
+
+def _fusion_key(ctx: LowerContext, node: Node) -> tuple | None:
+    param = node.params["weight"]
+    if ctx.is_shared(param):
+        return None
+    kind = _storage_kind(ctx.raw(param))
+    return None if kind is None else (kind, "bias" in node.params, repr(node.attrs.get("act_quant")))
+
+
+def lower_fused_siblings(ctx: LowerContext, group: list[Node], x: str) -> list[str]:
+    name = "+".join(n.name for n in group)
+    y, sizes = fused_matmul(ctx, group, x, name)
+    parts = ctx.b.op("Split", [y, ctx.b.const(sizes)], axis=-1, outputs=len(group), name=f"{name}/split")
+    _bind(ctx, group, parts)
     return list(parts)

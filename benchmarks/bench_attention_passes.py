@@ -2,7 +2,8 @@
 
 Run:  pytest benchmarks/bench_attention_passes.py -s -q                  (everything)
       pytest benchmarks/bench_attention_passes.py -s -q -k sparse        (one table)
-      TOKOPT_BENCH_LONG_SEQS=2  — long-context sequences (default 1 × 2048 tokens)
+      TOKOPT_BENCH_LONG_SEQS=N  — long-context sequences (default 6 × 2048 tokens; the delta varies a lot
+                                  between sequences of this text, so one is not enough)
       TOKOPT_BENCH_HEAL_STEPS=N — add a gqa row healed for N steps (default 0: skipped, it takes minutes)
 
 Every quality figure is against the unmodified model of the same run on the same tokens
@@ -31,7 +32,7 @@ pytestmark = [
 ]
 
 LONG = 2048
-LONG_SEQS = int(os.environ.get("TOKOPT_BENCH_LONG_SEQS", "1"))
+LONG_SEQS = int(os.environ.get("TOKOPT_BENCH_LONG_SEQS", "6"))
 HEAL_STEPS = int(os.environ.get("TOKOPT_BENCH_HEAL_STEPS", "0"))
 
 
@@ -42,18 +43,19 @@ def smollm2():
     return tokopt.load("smollm2")
 
 
-def _ppl(graph, ids: torch.Tensor) -> float:
-    import math
-
+def _row_nll(graph, ids: torch.Tensor) -> list[float]:
+    """Mean next-token NLL of each row of ``ids``."""
     from tokopt.backends.torch import ReferenceExecutor
 
     ex = ReferenceExecutor(graph)
-    nll, count = 0.0, 0
-    for row in ids.split(1):
-        logits = ex.forward(row)
-        nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], row[0, 1:], reduction="sum"))
-        count += row.shape[1] - 1
-    return math.exp(nll / count)
+    return [float(torch.nn.functional.cross_entropy(ex.forward(row)[0, :-1], row[0, 1:])) for row in ids.split(1)]
+
+
+def _ppl(graph, ids: torch.Tensor) -> float:
+    import math
+
+    nll = _row_nll(graph, ids)
+    return math.exp(sum(nll) / len(nll))
 
 
 def _run(name: str, graph, **opts):
@@ -67,23 +69,30 @@ def _run(name: str, graph, **opts):
 
 
 def test_sparse_attention_long_context(smollm2):
+    import math
+
     from tokopt.optimizer.cost import kv_bytes_for_context
     from tokopt.passes.attention.calibration import eval_tokens
 
     ids = eval_tokens(smollm2, LONG, LONG_SEQS)
-    base = _ppl(smollm2, ids)
+    base_rows = _row_nll(smollm2, ids)
+    base = math.exp(sum(base_rows) / len(base_rows))
     base_kv = kv_bytes_for_context(smollm2, LONG)
     rows = {}
     for window, sinks in ((256, 4), (256, 0)):
         g = _run("sparse-attention", smollm2, window=window, sinks=sinks).graph
-        ppl = _ppl(g, ids)
-        rows[(window, sinks)] = (ppl, 100 * (ppl / base - 1), kv_bytes_for_context(g, LONG) / base_kv)
+        nll = _row_nll(g, ids)
+        ppl = math.exp(sum(nll) / len(nll))
+        per_seq = [100 * (math.exp(a - b) - 1) for a, b in zip(nll, base_rows, strict=True)]
+        rows[(window, sinks)] = (ppl, 100 * (ppl / base - 1), kv_bytes_for_context(g, LONG) / base_kv, per_seq)
     print(f"\nsparse-attention on SmolLM2-135M, {LONG_SEQS} × {LONG} eval tokens: full ppl {base:.3f}")
-    for (window, sinks), (ppl, delta, kv) in rows.items():
-        print(f"  window={window:<4} sinks={sinks}: ppl {ppl:8.3f}  Δ {delta:+7.1f} %  KV bytes @{LONG}: {kv:.4f}×")
-    assert rows[(256, 4)][1] <= 7.0
-    assert rows[(256, 0)][1] > 50.0
+    for (window, sinks), (ppl, delta, kv, per_seq) in rows.items():
+        spread = ", ".join(f"{d:+.1f}" for d in per_seq)
+        print(f"  window={window:<4} sinks={sinks}: ppl {ppl:8.3f}  Δ {delta:+7.1f} %  KV bytes @{LONG}: {kv:.4f}×"
+              f"  (per sequence: {spread} %)")
     assert rows[(256, 4)][2] <= 0.13
+    assert rows[(256, 0)][1] > 50.0
+    assert rows[(256, 4)][1] <= 7.0  # the issue's budget: missed on this text (+10.7 % over 6 sequences)
 
 
 def test_gqa_quality(smollm2):

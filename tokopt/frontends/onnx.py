@@ -1,6 +1,6 @@
 """ONNX decoder models → IR, so passes apply to models users hand us as ``.onnx``.
 
-Two layouts are recognised:
+Three layouts are recognised:
 
 - **tokopt's own output** (the onnxruntime backend's ``model.onnx``): the file carries the
   IR (``tokopt.graph`` metadata) and every parameter's storage, so the graph comes back
@@ -10,6 +10,10 @@ Two layouts are recognised:
   and parameter names on the rest, so the weights are recovered under their checkpoint
   names and the architecture's own frontend builder (from the ``config.json`` beside the
   file) rebuilds the IR — the robust route, no pattern matching of attention math.
+- **onnxruntime-genai model builder output** (``model.onnx`` of contrib ops + ``genai_config.json``,
+  no ``config.json``) of llama-family decoders, fp32 or int4 ``MatMulNBits``: the same route,
+  with the config rebuilt from ``genai_config.json`` and the graph and int4 weights kept
+  exactly as stored (:mod:`tokopt.frontends.onnx_genai`).
 
 Anything else is refused with an error naming what was not recognised.
 """
@@ -180,10 +184,14 @@ def _from_hf_export(model, model_path: Path) -> Graph:
     outputs = {o.name for o in model.graph.output}
     contrib = sorted({n.op_type for n in model.graph.node if n.domain == "com.microsoft"})
     if contrib:
+        from tokopt.frontends.onnx_genai import GENAI_CONFIG, is_genai_builder_output, load_genai_builder
+
+        if is_genai_builder_output(model, model_path):
+            return load_genai_builder(model, model_path)
         raise UnsupportedArchitectureError(
-            f"{model_path}: ONNX decoders built from contrib ops ({', '.join(contrib)}; e.g. onnxruntime-genai's "
-            "model builder output) are not recognised; import the Hugging Face checkpoint it was built from, "
-            "or a tokopt onnxruntime artifact")
+            f"{model_path}: ONNX decoders built from contrib ops ({', '.join(contrib)}) are recognised only as "
+            f"onnxruntime-genai model builder output, with the {GENAI_CONFIG} it writes beside model.onnx; "
+            "import the Hugging Face checkpoint it was built from, or a tokopt onnxruntime artifact")
     if "input_ids" not in inputs or "logits" not in outputs:
         raise UnsupportedArchitectureError(
             f"{model_path}: not a decoder export: expected an 'input_ids' input and a 'logits' output, found "

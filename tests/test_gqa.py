@@ -196,3 +196,21 @@ def test_healing_reduces_divergence(llama):
     assert kl_healed < 0.5 * kl_plain
     assert {n.attrs["num_kv_heads"] for n in healed.graph.nodes("Attention")} == {1}
     assert static_metrics(healed.graph).params == static_metrics(plain.graph).params
+
+
+def test_refinement_fits_each_block_and_the_model(llama):
+    """Block-local refinement lowers each converted block's error (its loss is the max_error metric) and the
+    model's divergence from the original (on the calibration tokens: random ids of a random model carry no
+    structure to generalise)."""
+    ctx = calib(n=4, seq=64)
+    ids = torch.cat(ctx.calibration_batches)
+    ref = ReferenceExecutor(llama).forward(ids)
+    plain = convert(llama, ctx, num_kv_heads=1, method="mean", max_error=1e9)  # max_error: report block errors
+    refined = convert(llama, ctx, num_kv_heads=1, method="mean", max_error=1e9, refine_steps=60, refine_lr=1e-2)
+    errors = {r: [float(n.split("block error ")[1].rstrip(")")) for n in res.notes if "block error" in n]
+              for r, res in (("plain", plain), ("refined", refined))}
+    assert errors["plain"] and all(b < 0.5 * a for a, b in zip(errors["plain"], errors["refined"], strict=True))
+    kl_plain = mean_kl(ref, ReferenceExecutor(plain.graph).forward(ids))
+    kl_refined = mean_kl(ref, ReferenceExecutor(refined.graph).forward(ids))
+    assert kl_refined < 0.8 * kl_plain
+    verify(refined.graph, "test")

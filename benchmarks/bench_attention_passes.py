@@ -4,7 +4,9 @@ Run:  pytest benchmarks/bench_attention_passes.py -s -q                  (everyt
       pytest benchmarks/bench_attention_passes.py -s -q -k sparse        (one table)
       TOKOPT_BENCH_LONG_SEQS=N  — long-context sequences (default 6 × 2048 tokens; the delta varies a lot
                                   between sequences of this text, so one is not enough)
-      TOKOPT_BENCH_HEAL_STEPS=N — add a gqa row healed for N steps (default 0: skipped, it takes minutes)
+      TOKOPT_BENCH_REFINE_STEPS=N — gqa row refined block by block for N steps per layer (default 150; 0 skips)
+      TOKOPT_BENCH_HEAL_STEPS=N — add a gqa row refined, then healed for N steps (default 0: skipped, it takes
+                                  many minutes)
 
 Every quality figure is against the unmodified model of the same run on the same tokens
 (the project's default evaluation text: standard-library docstrings).  Speed figures are
@@ -33,6 +35,7 @@ pytestmark = [
 
 LONG = 2048
 LONG_SEQS = int(os.environ.get("TOKOPT_BENCH_LONG_SEQS", "6"))
+REFINE_STEPS = int(os.environ.get("TOKOPT_BENCH_REFINE_STEPS", "150"))
 HEAL_STEPS = int(os.environ.get("TOKOPT_BENCH_HEAL_STEPS", "0"))
 
 
@@ -103,9 +106,12 @@ def test_gqa_quality(smollm2):
     base = _ppl(smollm2, ids)
     before = static_metrics(smollm2).kv_bytes_per_token
     configs = [("mean", dict(method="mean")), ("calibrated", dict(method="calibrated", calib_samples=4))]
+    if REFINE_STEPS:
+        configs.append((f"calibrated + refine {REFINE_STEPS}", dict(method="calibrated", calib_samples=4,
+                                                                    refine_steps=REFINE_STEPS)))
     if HEAL_STEPS:
-        configs.append((f"calibrated + heal {HEAL_STEPS}", dict(method="calibrated", calib_samples=4,
-                                                                heal_steps=HEAL_STEPS)))
+        configs.append((f"... + heal {HEAL_STEPS}", dict(method="calibrated", calib_samples=4,
+                                                         refine_steps=REFINE_STEPS, heal_steps=HEAL_STEPS)))
     rows = {}
     for label, opts in configs:
         t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def refine_block(node: Node, teacher_attrs: dict, student_attrs: dict, teacher: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        last = float(loss)
+        last = loss.item()
         if step == 0:
             first = last
     refined = AttentionWeights(**{name: (params[name].detach() if name in params else None) for name in fields})

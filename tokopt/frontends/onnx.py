@@ -65,17 +65,27 @@ def load_onnx(path: str | Path) -> Graph:
 
 
 # -- initializers ------------------------------------------------------------------------------
-def _initializer_loader(model, model_path: Path) -> tuple[dict[str, Any], Any]:
-    inits = {t.name: t for t in model.graph.initializer}
-    base = str(model_path.parent)
+class InitializerStore:
+    """A model's initializers, read on demand (external data included); each wrapped once as a LazyTensor."""
 
-    def load(name: str) -> torch.Tensor:
+    def __init__(self, model, model_path: Path) -> None:
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self._base = str(model_path.parent)
+        self._lazy: dict[str, LazyTensor] = {}
+
+    def load(self, name: str) -> torch.Tensor:
         from onnx import numpy_helper
 
-        array = numpy_helper.to_array(inits[name], base_dir=base)
-        return torch.from_numpy(array.copy())
+        return torch.from_numpy(numpy_helper.to_array(self.inits[name], base_dir=self._base).copy())
 
-    return inits, load
+    def lazy(self, name: str) -> LazyTensor:
+        if name not in self._lazy:
+            from onnx import helper
+
+            tensor = self.inits[name]
+            dtype = str(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            self._lazy[name] = LazyTensor(_shape_of(tensor), dtype, lambda: self.load(name))
+        return self._lazy[name]
 
 
 def _shape_of(tensor) -> tuple[int, ...]:
@@ -87,25 +97,18 @@ def _from_tokopt(model, desc: dict[str, Any], model_path: Path) -> Graph:
     if desc.get("format") != 1:
         raise ModelSourceError(f"{model_path}: tokopt graph description format {desc.get('format')!r} is not "
                                "supported by this version (expected 1)")
-    inits, load = _initializer_loader(model, model_path)
+    store = InitializerStore(model, model_path)
     meta = ModelMeta(**desc["meta"])
     if has_tokenizer(model_path.parent):
         meta.tokenizer_path = str(model_path.parent)
     meta.source = str(model_path)
     graph = Graph(meta)
     graph.history = [*desc["history"], "frontend:onnx:tokopt"]
-    cache: dict[str, LazyTensor] = {}
 
     def stored(name: str) -> LazyTensor:
-        if name not in cache:
-            if name not in inits:
-                raise ModelSourceError(f"{model_path}: initializer {name!r} named by the graph description is missing")
-            tensor = inits[name]
-            from onnx import helper
-
-            dtype = str(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-            cache[name] = LazyTensor(_shape_of(tensor), dtype, lambda n=name: load(n))
-        return cache[name]
+        if name not in store.inits:
+            raise ModelSourceError(f"{model_path}: initializer {name!r} named by the graph description is missing")
+        return store.lazy(name)
 
     for pname, entry in desc["params"].items():
         graph.params[pname] = _restore_param(entry, stored)
@@ -120,7 +123,7 @@ def _restore_param(entry: dict[str, Any], stored) -> Any:
     """Invert the storage the onnxruntime backend chose for one parameter."""
     shape = tuple(entry["param_shape"])
     if entry["kind"] == "nbits":
-        return _restore_nbits(entry, stored)
+        return restore_nbits(entry, stored)
     src = stored(entry["init"])
     transform, cols = entry.get("transform", ""), entry.get("cols")
 
@@ -138,7 +141,7 @@ def _restore_param(entry: dict[str, Any], stored) -> Any:
     return LazyTensor(shape, src.dtype, lambda: fn(src.materialize()))
 
 
-def _restore_nbits(entry: dict[str, Any], stored) -> QuantizedWeight:
+def restore_nbits(entry: dict[str, Any], stored) -> QuantizedWeight:
     n, k = entry["shape"]
     bits, group = entry["bits"], entry["group_size"]
     rows = entry.get("rows") or [0, n]
@@ -200,7 +203,8 @@ def _from_hf_export(model, model_path: Path) -> Graph:
         raise ModelSourceError(f"{model_path}: a Hugging Face ONNX export needs its config.json beside it "
                                "(optimum writes one; copy the source model's config.json there)")
     config = json.loads(config_path.read_text())
-    inits, load = _initializer_loader(model, model_path)
+    store = InitializerStore(model, model_path)
+    inits, load = store.inits, store.load
     producers = {o: n for n in model.graph.node for o in n.output}
     tensors: dict[str, torch.Tensor] = {}
     unrecognised: list[str] = []

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokopt.frontends.onnx import InitializerStore, restore_nbits
 from tokopt.optimizer.corpus import has_tokenizer
 from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
 from tokopt.optimizer.graph import Graph
@@ -135,28 +136,20 @@ class _Importer:
     def __init__(self, model: Any, model_path: Path) -> None:
         self.model = model
         self.path = model_path
-        self.inits = {t.name: t for t in model.graph.initializer}
+        self.store = InitializerStore(model, model_path)
+        self.inits = self.store.inits
         self.producers = {o: n for n in model.graph.node for o in n.output}
         self.tensors: dict[str, Weight] = {}
         self.accuracy: dict[str, tuple[int, int, int]] = {}  # param -> (accuracy_level, block, K)
-        self._stored: dict[str, LazyTensor] = {}
         self._quantized: dict[tuple[str, int, int], QuantizedWeight] = {}
 
     # -- initializers ------------------------------------------------------------------
     def stored(self, name: str) -> LazyTensor:
-        if name not in self._stored:
-            if name not in self.inits:
-                raise UnsupportedArchitectureError(
-                    f"{self.path}: expected an initializer for {name!r} (weights computed at run time are not "
-                    "recognised)")
-            from onnx import helper, numpy_helper
-
-            tensor, base = self.inits[name], str(self.path.parent)
-            dtype = str(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-            self._stored[name] = LazyTensor(tuple(int(d) for d in tensor.dims), dtype,
-                                            lambda t=tensor: torch.from_numpy(
-                                                numpy_helper.to_array(t, base_dir=base).copy()))
-        return self._stored[name]
+        if name not in self.inits:
+            raise UnsupportedArchitectureError(
+                f"{self.path}: expected an initializer for {name!r} (weights computed at run time are not "
+                "recognised)")
+        return self.store.lazy(name)
 
     def load(self, name: str) -> torch.Tensor:
         return self.stored(name).materialize()
@@ -172,8 +165,6 @@ class _Importer:
 
     def nbits_weight(self, node: Any, rows: tuple[int, int] | None) -> QuantizedWeight:
         """MatMulNBits' (B, scales, zero_points) as the QuantizedWeight holding the same codes."""
-        from tokopt.frontends.onnx import _restore_nbits
-
         a = _attrs(node)
         if len(node.input) > 4 and node.input[4]:
             raise UnsupportedArchitectureError(f"{self.path}: {_describe(node)} has a g_idx (act-order) input; "
@@ -188,11 +179,11 @@ class _Importer:
                      "B": node.input[1], "scales": node.input[2], "zero_points": zp, "scale_dtype": scales.dtype,
                      "extra": {"source": "onnxruntime-genai model builder"}}
             stored = self._reshaped_scales(n, math.ceil(k / block))
-            self._quantized[key] = _restore_nbits(entry, stored)
+            self._quantized[key] = restore_nbits(entry, stored)
         return self._quantized[key]
 
     def _reshaped_scales(self, n: int, k_blocks: int):
-        """``stored`` that views flat (N*k_blocks,) scales / zero points as rows, as _restore_nbits slices them."""
+        """``stored`` that views flat (N*k_blocks,) scales / zero points as rows, as restore_nbits slices them."""
 
         def stored(name: str) -> LazyTensor:
             t = self.stored(name)

@@ -80,16 +80,23 @@ def quantize_activations(ctx: LowerContext, x: str, act_quant: dict, name: str) 
     return b.op("Reshape", [q, shape], name=f"{name}/act_unblock")
 
 
+def activation_input(ctx: LowerContext, x: str, act_quant: dict | None, w, name: str) -> tuple[str, int]:
+    """(the matmul's input, MatMulNBits accuracy level) for a Linear's ``act_quant`` on weight ``w``."""
+    if native_act_quant(act_quant, w):
+        return x, 4
+    if act_quant is not None:
+        x = quantize_activations(ctx, x, act_quant, name)
+    return x, 0
+
+
 def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None, name: str,
            act_quant: dict | None = None) -> str:
     """``x @ W.T + b`` with ``x`` of any rank ≥ 2, its input quantized first as ``act_quant`` says."""
     b = ctx.b
     w = ctx.raw(weight_param)
-    native = native_act_quant(act_quant, w)
-    if act_quant is not None and not native:
-        x = quantize_activations(ctx, x, act_quant, name)
+    x, accuracy = activation_input(ctx, x, act_quant, w, name)
     if isinstance(w, QuantizedWeight) and nbits_supported(w):
-        y = _matmul_nbits(ctx, x, weight_param, w, name, 4 if native else 0)
+        y = _matmul_nbits(ctx, x, weight_param, w, name, accuracy)
     elif ctx.is_shared(weight_param):
         # a tied embedding: keep one (V, H) copy and let Gemm read it transposed
         out_f, in_f = w.shape
@@ -212,15 +219,8 @@ def qkv_group(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
         return None
     if len({ctx.graph.inputs_of(p.name)[0] for p in producers}) != 1 or len({p.name for p in producers}) != 3:
         return None
-    if len({"bias" in p.params for p in producers}) != 1:
-        return None
-    if len({repr(p.attrs.get("act_quant")) for p in producers}) != 1:
-        return None
-    weights = [ctx.raw(p.params["weight"]) for p in producers]
-    if any(ctx.is_shared(p.params["weight"]) for p in producers):
-        return None
-    kinds = {_storage_kind(w) for w in weights}
-    if len(kinds) != 1 or None in kinds:
+    keys = {_fusion_key(ctx, p) for p in producers}
+    if len(keys) != 1 or None in keys:
         return None
     return attn, producers
 
@@ -242,10 +242,7 @@ def fused_matmul(ctx: LowerContext, producers: list[Node], x: str, name: str) ->
     weights = [ctx.raw(p) for p in params]
     sizes = [w.shape[0] for w in weights]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    act_quant = producers[0].attrs.get("act_quant")
-    native = native_act_quant(act_quant, weights[0])
-    if act_quant is not None and not native:
-        x = quantize_activations(ctx, x, act_quant, name)
+    x, accuracy = activation_input(ctx, x, producers[0].attrs.get("act_quant"), weights[0], name)
     if isinstance(weights[0], QuantizedWeight):
         tensors = [nbits_tensors(w) for w in weights]
         packed = np.concatenate([t[0] for t in tensors])
@@ -261,7 +258,7 @@ def fused_matmul(ctx: LowerContext, producers: list[Node], x: str, name: str) ->
                              "rows": [off, off + w.shape[0]]}
         w0 = weights[0]
         y = b.ms("MatMulNBits", [x, *names], K=w0.shape[1], N=sum(sizes), bits=w0.bits, block_size=w0.group_size,
-                 accuracy_level=4 if native else 0, name=name)
+                 accuracy_level=accuracy, name=name)
     else:
         fused = np.concatenate([ctx.dense(p).t().numpy() for p in params], axis=1)
         init = b.initializer(f"{name}.weight.T", fused)
@@ -312,12 +309,14 @@ def sibling_group(ctx: LowerContext, node: Node) -> list[Node] | None:
         return None
     group = [n for n in (ctx.graph.node(u) for u, _ in ctx.graph.users_of(x))
              if n.op == "Linear" and _fusion_key(ctx, n) == key]
-    if len(group) < 2 or any(ctx.options.fuse_qkv and qkv_group(ctx, n) is not None for n in group):
+    if len(group) < 2 or any(qkv_group(ctx, n) is not None for n in group):
         return None
     return sorted(group, key=lambda n: n.name)
 
 
 def _fusion_key(ctx: LowerContext, node: Node) -> tuple | None:
+    """Linears with equal keys can share one matmul: same storage, bias presence and ``act_quant``;
+    None for a weight that cannot (shared with an embedding, or stored in no fusable form)."""
     param = node.params["weight"]
     if ctx.is_shared(param):
         return None

@@ -189,13 +189,39 @@ def test_healing_reduces_divergence(llama):
     ids = torch.cat(ctx.calibration_batches)  # the loop must fit what it trains on
     ref = ReferenceExecutor(llama).forward(ids)
     plain = convert(llama, ctx, num_kv_heads=1, method="mean")
-    healed = convert(llama, ctx, num_kv_heads=1, method="mean", heal_steps=30, heal_lr=1e-2, heal_seq_len=32)
+    healed = convert(llama, ctx, num_kv_heads=1, method="mean", heal_steps=30, heal_lr=1e-2, heal_seq_len=32,
+                     heal_held_out=0)
     assert any("healed 30 steps" in n for n in healed.notes)
     kl_plain = mean_kl(ref, ReferenceExecutor(plain.graph).forward(ids))
     kl_healed = mean_kl(ref, ReferenceExecutor(healed.graph).forward(ids))
     assert kl_healed < 0.5 * kl_plain
     assert {n.attrs["num_kv_heads"] for n in healed.graph.nodes("Attention")} == {1}
     assert static_metrics(healed.graph).params == static_metrics(plain.graph).params
+
+
+def test_healing_keeps_the_checkpoint_with_the_lowest_held_out_kl(llama):
+    """Held-out sequences pick the checkpoint: a sane run keeps a later step and lowers their KL; a run that
+    only damages the model (a huge learning rate) keeps the unhealed weights, bit for bit."""
+    ctx = calib(n=8, seq=32)
+    held_out = torch.cat(ctx.calibration_batches[-2:])
+    ref = ReferenceExecutor(llama).forward(held_out)
+    plain = convert(llama, ctx, num_kv_heads=1, method="mean")
+    healed = convert(llama, ctx, num_kv_heads=1, method="mean", heal_steps=20, heal_lr=1e-2, heal_seq_len=32,
+                     heal_held_out=2)
+    note = next(n for n in healed.notes if n.startswith("healed"))
+    first, best = (float(x) for x in note.split("held-out KL ")[1].split(",")[0].split(" → "))
+    assert best < first and "kept step 0 " not in note
+    assert mean_kl(ref, ReferenceExecutor(healed.graph).forward(held_out)) == pytest.approx(best, rel=1e-3)
+    wrecked = convert(llama, ctx, num_kv_heads=1, method="mean", heal_steps=4, heal_lr=5.0, heal_seq_len=32,
+                      heal_held_out=2)
+    assert any("unhealed weights kept" in n for n in wrecked.notes)
+    torch.testing.assert_close(ReferenceExecutor(wrecked.graph).forward(held_out),
+                               ReferenceExecutor(plain.graph).forward(held_out), rtol=0, atol=0)
+
+
+def test_healing_needs_sequences_beyond_the_held_out_ones(llama):
+    with pytest.raises(PreconditionError, match="heal_held_out=4"):
+        convert(llama, calib(n=2, seq=32), num_kv_heads=1, method="mean", heal_steps=2, heal_seq_len=32)
 
 
 def test_refinement_fits_each_block_and_the_model(llama):
@@ -214,3 +240,4 @@ def test_refinement_fits_each_block_and_the_model(llama):
     kl_refined = mean_kl(ref, ReferenceExecutor(refined.graph).forward(ids))
     assert kl_refined < 0.8 * kl_plain
     verify(refined.graph, "test")
+

@@ -71,6 +71,8 @@ class GroupedQueryAttention(Pass):
         Option("heal_lr", "float", 5e-4, "Peak AdamW learning rate of healing.", check=_non_negative),
         Option("heal_seq_len", "int", 128, "Tokens per healing sequence.", check=_positive),
         Option("heal_samples", "int", 32, "Distinct calibration sequences healing cycles through.", check=_positive),
+        Option("heal_held_out", "int", 4, "Calibration sequences set aside from healing: its KL on them picks the "
+               "checkpoint kept (0 = keep the last step).", check=_non_negative),
         Option("heal_scope", "str", "attention", "Parameters healing trains: the converted layers' q/k/v/o "
                "projections (attention) or every parameter (all).", choices=("attention", "all")),
         Option("seed", "int", 0, "Seed of healing (batch order, initialisation of optimizer state)."),
@@ -196,11 +198,24 @@ class GroupedQueryAttention(Pass):
             trainable = {p for p, w in student.params.items() if materialize(w).is_floating_point()}
         else:
             trainable = {p for _, names in converted for p in names.values()}
-        batches = calibration_batches(student, ctx, self.opts["heal_samples"], self.opts["heal_seq_len"], self.name)
-        if not batches:
-            raise PreconditionError(f"{self.name}: no calibration text for healing; lower heal_seq_len")
-        tensors, report = heal(teacher, student, trainable, batches, self.opts["heal_steps"], self.opts["heal_lr"],
-                               self.opts["seed"])
+        held = self.opts["heal_held_out"]
+        batches = calibration_batches(student, ctx, self.opts["heal_samples"] + held, self.opts["heal_seq_len"],
+                                      self.name)
+        if len(batches) <= held:
+            raise PreconditionError(f"{self.name}: {len(batches)} calibration sequences of {self.opts['heal_seq_len']} "
+                                    f"tokens leave none to heal on after heal_held_out={held}; give more calibration "
+                                    "text, a shorter heal_seq_len or a smaller heal_held_out")
+        train, held_out = batches[:len(batches) - held], batches[len(batches) - held:]
+        tensors, report = heal(teacher, student, trainable, train, self.opts["heal_steps"], self.opts["heal_lr"],
+                               self.opts["seed"], held_out)
+        summary = (f"healed {report.steps} steps on {len(train)} sequences, {len(trainable)} tensors: training KL "
+                   f"{report.first_kl:.3f} → {report.last_kl:.3f}")
+        if held_out:
+            summary += (f"; held-out KL {report.held_out_first:.3f} → {report.held_out_best:.3f}, "
+                        f"kept step {report.best_step} of {report.steps}")
+        if report.best_step == 0:
+            notes.append(summary + " (healing did not lower the held-out KL: unhealed weights kept)")
+            return student
         healed = student.copy()
         renamed = {old: _fresh(healed, f"{old}.healed") for old in tensors}
         for old, new in renamed.items():
@@ -208,8 +223,7 @@ class GroupedQueryAttention(Pass):
         for node in healed.nodes():
             node.params = {role: renamed.get(p, p) for role, p in node.params.items()}
         healed.eliminate_dead_code()
-        notes.append(f"healed {report.steps} steps on {len(batches)} sequences, {len(trainable)} tensors: "
-                     f"KL {report.first_kl:.3f} → {report.last_kl:.3f}")
+        notes.append(summary)
         return healed
 
 

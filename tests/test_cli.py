@@ -131,6 +131,16 @@ def test_existing_out_exits_2_and_dry_run_writes_nothing(tiny_dir, small_recipe,
     assert result.exit_code == 2 and "--passes" in result.stderr
 
 
+def test_calib_tokens_sizes_the_calibration_text(tiny_dir, small_recipe, tmp_path):
+    result = invoke("optimize", tiny_dir, "--passes", "", "--recipe", small_recipe, "--calib-tokens", "3x16",
+                    "-o", str(tmp_path / "dry"), "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    calibration = json.loads(result.stdout)["calibration"]
+    assert (calibration["sequences"], calibration["seq_len"]) == (3, 16)
+    result = invoke("optimize", tiny_dir, "--passes", "", "--calib-tokens", "3by16", "--dry-run")
+    assert result.exit_code == 2 and "--calib-tokens" in result.stderr
+
+
 def test_optimize_then_eval_and_bench_the_artifact(tiny_dir, small_recipe, tmp_path):
     out = tmp_path / "out"
     result = invoke("optimize", tiny_dir, "--passes", "test-scale-norms:factor=0.9", "--recipe", small_recipe,

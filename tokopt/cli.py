@@ -128,17 +128,17 @@ def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool, passes
 
 
 # -- optimize / eval / bench --------------------------------------------------------------------
-def _eval_tokens(text: str | None) -> dict[str, int]:
-    """``"8x512"`` -> {sequences: 8, seq_len: 512}."""
+def _eval_tokens(text: str | None, option: str = "--eval-tokens", prefix: str = "") -> dict[str, int]:
+    """``"8x512"`` -> {sequences: 8, seq_len: 512} (keys prefixed with ``prefix``, e.g. ``calib_``)."""
     if not text:
         return {}
     seqs, sep, length = text.lower().partition("x")
     try:
         if not sep:
             raise ValueError
-        return {"sequences": int(seqs), "seq_len": int(length)}
+        return {f"{prefix}sequences": int(seqs), f"{prefix}seq_len": int(length)}
     except ValueError:
-        raise click.BadParameter(f"{text!r}: write SEQUENCESxLENGTH, e.g. 8x512", param_hint="--eval-tokens") from None
+        raise click.BadParameter(f"{text!r}: write SEQUENCESxLENGTH, e.g. 8x512", param_hint=option) from None
 
 
 _eval_tokens_option = click.option(
@@ -167,6 +167,8 @@ _long_context_option = click.option(
 @click.option("--max-kl", type=float, metavar="X", help="Gate: fail if mean KL(baseline||final) exceeds X nats.")
 @click.option("--min-decode-speedup", type=float, metavar="X", help="Gate: fail if decode is not X times faster.")
 @_eval_tokens_option
+@click.option("--calib-tokens", metavar="NxLEN", help="Calibration sequences x tokens each (default 8x512); "
+              "healing (gqa:heal_steps) wants more, e.g. 128x512.")
 @_long_context_option
 @click.option("--speed", "speed_mode", type=click.Choice(["auto", "artifact", "reference", "off"]), default="auto",
               show_default=True, help="Where speed is measured: each stage's artifact, the reference executor, "
@@ -175,7 +177,8 @@ _long_context_option = click.option(
 def optimize(model: str, passes: str | None, recipe: str | None, backend: str | None, out: str | None,
              eval_text: str | None, calib_text: str | None, dry_run: bool, as_json: bool, force: bool,
              max_ppl_increase: float | None, max_kl: float | None, min_decode_speedup: float | None,
-             eval_tokens: str | None, long_context: int | None, speed_mode: str, seed: int) -> None:
+             eval_tokens: str | None, calib_tokens: str | None, long_context: int | None, speed_mode: str,
+             seed: int) -> None:
     """Run a pipeline of passes on MODEL, measure every stage, lower to a backend, write OUT.
 
     OUT receives the artifact, report.json, report.md, report.html and the resolved
@@ -187,7 +190,8 @@ def optimize(model: str, passes: str | None, recipe: str | None, backend: str | 
 
     if passes is None and recipe is None:
         raise click.UsageError("give the pipeline with --passes SPEC (\"\" for none) or --recipe FILE")
-    eval_options = {**_eval_tokens(eval_tokens), "long_context": long_context}
+    eval_options = {**_eval_tokens(eval_tokens), **_eval_tokens(calib_tokens, "--calib-tokens", "calib_"),
+                    "long_context": long_context}
     result = run_optimize(
         model, passes, recipe=recipe, backend=backend, out=out, eval_text=eval_text, calib_text=calib_text,
         dry_run=dry_run, force=force, gates=Gates(max_ppl_increase, max_kl, min_decode_speedup),

@@ -68,9 +68,12 @@ class GroupedQueryAttention(Pass):
                "original block's on calibration inputs (0 = none); cheap, runs before healing.", check=_non_negative),
         Option("refine_lr", "float", 1e-3, "Adam learning rate of refinement.", check=_non_negative),
         Option("heal_steps", "int", 0, "Distillation steps after merging (0 = no healing).", check=_non_negative),
-        Option("heal_lr", "float", 5e-4, "Peak AdamW learning rate of healing.", check=_non_negative),
+        Option("heal_lr", "float", 1e-4, "Peak AdamW learning rate of healing (5e-4 only made SmolLM2 worse).",
+               check=_non_negative),
         Option("heal_seq_len", "int", 128, "Tokens per healing sequence.", check=_positive),
-        Option("heal_samples", "int", 32, "Distinct calibration sequences healing cycles through.", check=_positive),
+        Option("heal_samples", "int", 512, "Distinct calibration sequences healing cycles through, at most what the "
+               "calibration text holds (in `tokopt optimize`: --calib-tokens, default 8x512 = 32 of 128).",
+               check=_positive),
         Option("heal_held_out", "int", 4, "Calibration sequences set aside from healing: its KL on them picks the "
                "checkpoint kept (0 = keep the last step).", check=_non_negative),
         Option("heal_scope", "str", "attention", "Parameters healing trains: the converted layers' q/k/v/o "

@@ -90,6 +90,8 @@ def heal(teacher: Graph, student: Graph, trainable: set[str], batches: list[torc
          ) -> tuple[dict[str, torch.Tensor], HealReport]:
     """Distil ``student`` towards ``teacher`` for ``steps`` AdamW steps on ``batches``.
 
+    Returns the kept checkpoint's trained tensors (none when ``best_step`` is 0) and a report.
+
     The loss is KL(teacher ‖ student) of next-token distributions, averaged over tokens;
     the learning rate warms up for 10 % of the steps, then decays to zero (cosine), and
     gradients are clipped to norm 1 — settings that keep a short run from overshooting.
@@ -120,7 +122,8 @@ def heal(teacher: Graph, student: Graph, trainable: set[str], batches: list[torc
             return sum(float(_kl(model(ids), t)) for ids, t in zip(held_out, held_targets, strict=True)) / len(held_out)
 
     first_held = best_held = held_out_kl() if held_out else None
-    best, best_step = model.trained_tensors(), 0
+    best: dict[str, torch.Tensor] = {}  # empty while no checkpoint beats the student as given
+    best_step = 0
     check_every = max(1, steps // 10)
     history: list[float] = []
     steps_iter = range(steps) if progress is None else progress(range(steps), desc="gqa heal")

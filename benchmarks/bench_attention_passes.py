@@ -48,7 +48,7 @@ def smollm2():
 
 def _row_nll(graph, ids: torch.Tensor) -> list[float]:
     """Mean next-token NLL of each row of ``ids``."""
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
     ex = ReferenceExecutor(graph)
     return [float(torch.nn.functional.cross_entropy(ex.forward(row)[0, :-1], row[0, 1:])) for row in ids.split(1)]
@@ -62,8 +62,8 @@ def _ppl(graph, ids: torch.Tensor) -> float:
 
 
 def _run(name: str, graph, **opts):
-    from tokopt.optimizer.verify import verify
-    from tokopt.passes.base import PassContext
+    from tokopt.optimizer.ir.verify import verify
+    from tokopt.optimizer.pass_api import PassContext
     from tokopt.passes.registry import get_pass_class
 
     res = get_pass_class(name)(**opts).run(graph, PassContext())
@@ -74,8 +74,8 @@ def _run(name: str, graph, **opts):
 def test_sparse_attention_long_context(smollm2):
     import math
 
-    from tokopt.optimizer.cost import kv_bytes_for_context
-    from tokopt.passes.attention.calibration import eval_tokens
+    from tokopt.measure.quality import eval_tokens
+    from tokopt.optimizer.ir.cost import kv_bytes_for_context
 
     ids = eval_tokens(smollm2, LONG, LONG_SEQS)
     base_rows = _row_nll(smollm2, ids)
@@ -99,8 +99,8 @@ def test_sparse_attention_long_context(smollm2):
 
 
 def test_gqa_quality(smollm2):
-    from tokopt.optimizer.cost import static_metrics
-    from tokopt.passes.attention.calibration import eval_tokens
+    from tokopt.measure.quality import eval_tokens
+    from tokopt.optimizer.ir.cost import static_metrics
 
     ids = eval_tokens(smollm2, 512, 2)
     base = _ppl(smollm2, ids)
@@ -126,7 +126,7 @@ def test_gqa_quality(smollm2):
 
 
 def _decode_seconds(graph, prompt: int, steps: int) -> float:
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
     ex = ReferenceExecutor(graph)
     cache = ex.new_cache()
@@ -169,7 +169,7 @@ def _streaming_positions_attention(node, ins, ctx):
     Keys in the window keep their true distance either way; only the sinks move.  Evaluation
     only (a full-context forward, no cache): it re-rotates every sink key for every query.
     """
-    from tokopt.backends.torch.kernels import apply_rope, attention_mask, rope_tables
+    from tokopt.optimizer.interpret.kernels import apply_rope, attention_mask, rope_tables
 
     a = node.attrs
     window, sinks = a.get("window"), int(a.get("sinks") or 0)
@@ -196,8 +196,8 @@ def _streaming_positions_attention(node, ins, ctx):
 
 def test_positions_past_the_window(smollm2, monkeypatch):
     """Original absolute positions (what tokopt does) vs positions within the cache (StreamingLLM)."""
-    from tokopt.backends.torch import kernels
-    from tokopt.passes.attention.calibration import eval_tokens
+    from tokopt.measure.quality import eval_tokens
+    from tokopt.optimizer.interpret import kernels
 
     ids = eval_tokens(smollm2, LONG, LONG_SEQS)
     g = _run("sparse-attention", smollm2, window=256, sinks=4).graph
@@ -213,9 +213,9 @@ def test_positions_past_the_window(smollm2, monkeypatch):
 def test_generate_1000_tokens_with_flat_kv_memory(smollm2):
     """What ``tokopt generate smollm2 --passes sparse-attention:window=256,sinks=4 --max-new-tokens 1000`` does,
     with the reference cache's reserved bytes sampled along the way: they stop growing at sinks + window."""
-    from tokopt.backends.torch import ReferenceExecutor
-    from tokopt.generation import load_tokenizer
-    from tokopt.optimizer.cost import kv_bytes_for_context
+    from tokopt.optimizer.corpus import load_tokenizer
+    from tokopt.optimizer.interpret import ReferenceExecutor
+    from tokopt.optimizer.ir.cost import kv_bytes_for_context
 
     g = _run("sparse-attention", smollm2, window=256, sinks=4).graph
     ids = load_tokenizer(g)("The history of the Python programming language", return_tensors="pt").input_ids

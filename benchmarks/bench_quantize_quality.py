@@ -13,13 +13,11 @@ cache Δppl ≤ +0.5 % at ≤ 0.27× KV bytes per token.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = [
     pytest.mark.smollm2,
@@ -40,22 +38,17 @@ CONFIGS: list[tuple[str, dict]] = [
 
 
 def perplexity(graph, batches: torch.Tensor) -> float:
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.measure.quality import perplexity as ppl_of
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
-    executor = ReferenceExecutor(graph)
-    nll, count = 0.0, 0
-    for row in batches.split(2):
-        logits = executor.forward(row)
-        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), row[:, 1:].flatten(), reduction="sum"))
-        count += row[:, 1:].numel()
-    return math.exp(nll / count)
+    return ppl_of(ReferenceExecutor(graph).forward, batches.split(2))
 
 
 def test_quantize_quality_table():
     import tokopt
     from tokopt.optimizer import corpus
-    from tokopt.optimizer.cost import static_metrics
-    from tokopt.passes.base import PassContext
+    from tokopt.optimizer.ir.cost import static_metrics
+    from tokopt.optimizer.pass_api import PassContext
     from tokopt.passes.quantize import QuantizePass
 
     graph = tokopt.load("smollm2")

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
-from tokopt.optimizer.activations import act_quant_attr, quantize_activations
-from tokopt.optimizer.errors import PassOptionError, VerificationError
-from tokopt.optimizer.verify import verify
-from tokopt.optimizer.weights import materialize
-from tokopt.passes.base import PassContext
+from tokopt.errors import PassOptionError, VerificationError
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.interpret.activations import quantize_activations
+from tokopt.optimizer.ir.attrs import act_quant_attr
+from tokopt.optimizer.ir.verify import verify
+from tokopt.optimizer.ir.weights import materialize
+from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quant.rtn import quantize_rtn
 from tokopt.passes.quantize import QuantizePass
 

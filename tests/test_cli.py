@@ -228,7 +228,7 @@ def test_smollm2_baseline_ppl_equals_tokopt_eval(smollm2_runs):
 @pytest.mark.smollm2
 def test_smollm2_static_metrics_follow_from_the_ir(smollm2_runs):
     from tokopt.backends.torch.backend import load_artifact_graph
-    from tokopt.optimizer.weights import QuantizedWeight, weight_dtype
+    from tokopt.optimizer.ir.weights import QuantizedWeight, weight_dtype
 
     _, empty, one, root = smollm2_runs
     base = empty["stages"][0]["metrics"]

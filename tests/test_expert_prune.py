@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
+from tokopt.errors import PassOptionError, PreconditionError
 from tokopt.optimizer import static_metrics, verify
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.weights import materialize
-from tokopt.passes.base import PassContext
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.weights import materialize
+from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.registry import get_pass_class
 
 
@@ -57,7 +57,7 @@ def test_pruned_mixtral_equals_masked_routing(tiny_model_dir):
     _, captured = ReferenceExecutor(pruned).forward(ids, capture={"layers.0.moe"})
     x = captured["layers.0.moe"]
     kept = [int(k) for k in result.notes[0].split("[")[1].split("]")[0].split(",")]
-    from tokopt.backends.torch.kernels import StepContext, get_kernel
+    from tokopt.optimizer.interpret.kernels import StepContext, get_kernel
 
     ex = ReferenceExecutor(pruned)
     node = pruned.node("layers.0.moe")

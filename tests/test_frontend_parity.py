@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHITECTURES
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
+from tokopt.optimizer.interpret import ReferenceExecutor
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
-from tokopt.optimizer.cost import static_metrics
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.verify import verify
-from tokopt.optimizer.weights import materialize
-from tokopt.passes.attention.quality import mean_kl
-from tokopt.passes.base import PassContext
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.measure.quality import mean_kl
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.cost import static_metrics
+from tokopt.optimizer.ir.verify import verify
+from tokopt.optimizer.ir.weights import materialize
+from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.gqa import GroupedQueryAttention
 from tokopt.passes.registry import get_pass_class
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
-from tokopt.optimizer.errors import ModelSourceError
+from tokopt.errors import ModelSourceError
+from tokopt.optimizer.interpret import ReferenceExecutor
 
 
 def _fake_hub_cache(root, repo_id: str, model_dir) -> None:

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
 from tokopt.optimizer import LazyTensor, QuantizedWeight, VerificationError, static_metrics, verify
-from tokopt.optimizer.weights import pack_codes, unpack_codes
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.weights import pack_codes, unpack_codes
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
-from tokopt.backends.torch.kv_cache import CachePolicy, KVCache
-from tokopt.optimizer.errors import KVCacheFullError, PassOptionError, UnsupportedOpError
-from tokopt.optimizer.verify import verify
+from tokopt.errors import KVCacheFullError, PassOptionError, UnsupportedOpError
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.interpret.kv_cache import CachePolicy, KVCache
+from tokopt.optimizer.ir.verify import verify
+from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.attention.kv_memory import reserved_kv_bytes
-from tokopt.passes.base import PassContext
 from tokopt.passes.kv_layout import KVLayout
 from tokopt.passes.registry import get_pass_class
 
@@ -159,7 +159,7 @@ def test_converted_models_match_every_backend_that_accepts_them(llama, backend_n
     """Each attention pass's output lowers and matches the reference, decoding past the window — or is refused."""
     from tokopt.backends.parity import check_parity
     from tokopt.backends.registry import get_backend
-    from tokopt.optimizer.errors import BackendRefusalError
+    from tokopt.errors import BackendRefusalError
 
     backend = get_backend(backend_name)
     ok, why = backend.availability()
@@ -181,7 +181,7 @@ def test_converted_models_match_every_backend_that_accepts_them(llama, backend_n
 
 
 def test_static_max_len_must_hold_the_window(llama):
-    from tokopt.optimizer.errors import PreconditionError
+    from tokopt.errors import PreconditionError
     from tokopt.passes.sparse_attention import SparseAttention
 
     windowed = SparseAttention(window=16, sinks=4).run(llama, PassContext()).graph

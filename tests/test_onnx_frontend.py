@@ -15,9 +15,9 @@ pytest.importorskip("onnxruntime")
 
 import tokopt  # noqa: E402
 from tokopt.backends.onnxruntime.backend import OnnxRuntimeBackend  # noqa: E402
-from tokopt.backends.torch import ReferenceExecutor  # noqa: E402
-from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError  # noqa: E402
-from tokopt.passes.base import PassContext  # noqa: E402
+from tokopt.errors import ModelSourceError, UnsupportedArchitectureError  # noqa: E402
+from tokopt.optimizer.interpret import ReferenceExecutor  # noqa: E402
+from tokopt.optimizer.pass_api import PassContext  # noqa: E402
 
 
 def _ids(vocab: int, batch: int = 2, seq: int = 9, seed: int = 0) -> torch.Tensor:

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(
 import tokopt  # noqa: E402
 from tokopt.backends.onnxruntime.session import OnnxRuntimeSession  # noqa: E402
 from tokopt.backends.parity import check_parity  # noqa: E402
-from tokopt.optimizer.errors import UnsupportedArchitectureError  # noqa: E402
-from tokopt.optimizer.weights import QuantizedWeight  # noqa: E402
+from tokopt.errors import UnsupportedArchitectureError  # noqa: E402
+from tokopt.optimizer.ir.weights import QuantizedWeight  # noqa: E402
 
 # head_size 16 (GroupQueryAttention's CPU kernel) and K a multiple of the int4 block of 32
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -20,8 +20,9 @@ from tokopt.backends.onnxruntime.external_data import write_model  # noqa: E402
 from tokopt.backends.onnxruntime.lower import LoweringOptions, lower_graph  # noqa: E402
 from tokopt.backends.onnxruntime.session import OnnxRuntimeSession  # noqa: E402
 from tokopt.backends.parity import check_parity  # noqa: E402
-from tokopt.optimizer.errors import BackendRefusalError, ParityError, UnsupportedOpError  # noqa: E402
-from tokopt.passes.base import PassContext  # noqa: E402
+from tokopt.errors import BackendRefusalError, ParityError, UnsupportedOpError  # noqa: E402
+from tokopt.optimizer.interpret import ReferenceExecutor  # noqa: E402
+from tokopt.optimizer.pass_api import PassContext  # noqa: E402
 
 HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None
 
@@ -76,7 +77,7 @@ def test_chunked_prefill_batch1(tiny_graph, tmp_path):
     """A multi-token step after a cached prefix (the shared GQA buffer appends in place)."""
     graph = tiny_graph("mistral")
     session, _ = lowered_session(graph, tmp_path)
-    ref = tokopt.backends.torch.ReferenceExecutor(graph)
+    ref = ReferenceExecutor(graph)
     ids = _ids(graph.meta.vocab_size, batch=1, seq=20)
     rc, oc = ref.new_cache(), session.new_cache(1)
     for chunk in (ids[:, :5], ids[:, 5:13], ids[:, 13:14], ids[:, 14:]):
@@ -87,7 +88,7 @@ def test_generate_matches_reference(tiny_graph, tmp_path):
     graph = tiny_graph("qwen3")
     session, _ = lowered_session(graph, tmp_path)
     ids = _ids(graph.meta.vocab_size, batch=1, seq=6)
-    ref = tokopt.backends.torch.ReferenceExecutor(graph)
+    ref = ReferenceExecutor(graph)
     assert torch.equal(session.generate(ids, 10), ref.generate(ids, 10))
 
 

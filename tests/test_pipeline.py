@@ -11,21 +11,24 @@ from pathlib import Path
 
 import pytest
 
-from tokopt.optimizer.errors import (
+from tokopt.errors import (
     GateError,
     OutputExistsError,
     PassOptionError,
     PluginError,
     PreconditionError,
+    RecipeError,
+    UsageError,
     VerificationError,
 )
-from tokopt.optimizer.gates import Gates
-from tokopt.optimizer.optimize import UsageError, evaluate, optimize
-from tokopt.optimizer.pipeline import PassSpec, RecipeError, load_recipe, parse_passes, recipe_passes, resolve
-from tokopt.optimizer.report import LONG_METRIC_KEYS, STAGE_METRIC_KEYS
-from tokopt.optimizer.weights import materialize
-from tokopt.passes.base import Option, Pass, PassResult
+from tokopt.jobs.optimize import evaluate, optimize
+from tokopt.measure.gates import Gates
+from tokopt.optimizer.ir.weights import materialize
+from tokopt.optimizer.pass_api import Option, Pass, PassResult
+from tokopt.optimizer.recipe import PassSpec, load_recipe
+from tokopt.passes.pipeline import parse_passes, recipe_passes, resolve
 from tokopt.plugins import hookimpl, register_plugin, unregister_plugin
+from tokopt.report.document import LONG_METRIC_KEYS, STAGE_METRIC_KEYS
 
 PLUGIN = "acme-tokopt-test"
 SMALL_EVAL = {"sequences": 2, "seq_len": 32, "calib_sequences": 2, "calib_seq_len": 32, "long_context": 96,
@@ -43,6 +46,7 @@ class ScaleNorms(Pass):
     moves = ("ppl", "kl")
 
     def run(self, graph, ctx):
+        graph = graph.copy()  # a pass never changes its input (the manager checks)
         factor = self.opts["factor"]
         norms = graph.nodes("RMSNorm")
         for node in norms:
@@ -75,6 +79,7 @@ class BreakGraph(Pass):
     summary = "returns an invalid graph"
 
     def run(self, graph, ctx):
+        graph = graph.copy()
         del graph.params[graph.nodes("RMSNorm")[0].params["weight"]]
         return PassResult(graph, True)
 
@@ -191,7 +196,7 @@ def test_dry_run_checks_everything_and_writes_nothing(tiny, tmp_path):
 
 # -- running ----------------------------------------------------------------------------------
 def test_pipeline_report_rows_follow_from_the_ir(tiny, tmp_path):
-    from tokopt.optimizer.cost import kv_bytes_for_context, static_metrics
+    from tokopt.optimizer.ir.cost import kv_bytes_for_context, static_metrics
 
     path, graph = tiny
     out = tmp_path / "out"

@@ -22,9 +22,9 @@ import torch
 
 import tokopt
 from tokopt import plugins
-from tokopt.optimizer.errors import PassOptionError, PluginError, PreconditionError
-from tokopt.optimizer.graph import Graph
-from tokopt.passes.base import Option, Pass, PassContext, PassResult
+from tokopt.errors import PassOptionError, PluginError, PreconditionError
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
 from tokopt.plugins import hookimpl, hookspecs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -56,7 +56,7 @@ class ScaleLogits(Pass):
         out = graph.copy()
         head = out.producer(out.outputs["logits"])
         pname = head.params["weight"]
-        from tokopt.optimizer.weights import materialize
+        from tokopt.optimizer.ir.weights import materialize
 
         out.params[pname] = materialize(out.params[pname]) * self.opts["factor"]
         return PassResult(out, True, [f"scaled by {self.opts['factor']}"])
@@ -111,7 +111,7 @@ def test_in_process_plugin_pass_is_listed_resolved_and_named(manager, tiny_graph
     assert cls is ScaleLogits and cls.plugin == "toy-plugin"
     assert cls.describe()["plugin"] == "toy-plugin"
     result = cls(factor=3).run(tiny_graph, PassContext())
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
     ids = sample_ids(1, 8)
     base = ReferenceExecutor(tiny_graph).forward(ids)
@@ -130,7 +130,7 @@ def test_references_are_imported_only_when_the_name_is_used(manager, tmp_path, m
     from tokopt.passes.registry import get_pass_class, known_pass_names
 
     (tmp_path / "lazy_pass_mod.py").write_text(textwrap.dedent('''
-        from tokopt.passes.base import Pass, PassResult
+        from tokopt.optimizer.pass_api import Pass, PassResult
 
         class LazyPass(Pass):
             name = "lazy-pass"
@@ -224,7 +224,7 @@ def test_crash_inside_a_plugin_pass_is_named_but_user_errors_pass_through(manage
 
 
 def test_crash_inside_a_plugin_pass_through_the_pipeline_names_the_plugin(manager, tiny_graph):
-    pipeline = pytest.importorskip("tokopt.optimizer.pipeline")
+    pipeline = pytest.importorskip("tokopt.optimizer.manager")
     plugins.register_plugin(_plugin(tokopt_register_passes=lambda: {"crashing-pass": CrashingPass}), "crashy")
     from tokopt.passes.registry import get_pass_class
 
@@ -278,16 +278,16 @@ def test_crashing_observer_is_named(manager, tiny_graph):
 
 
 def test_pipeline_notifies_observers(manager, tiny_graph):
-    pipeline = pytest.importorskip("tokopt.optimizer.pipeline")
+    pipeline = pytest.importorskip("tokopt.passes.pipeline")
     seen: list[str] = []
     plugins.register_plugin(_plugin(tokopt_stage_end=lambda stage, index: seen.append(f"{index}:{stage}")), "w")
-    pipeline.run_pipeline([ScaleLogits(factor=2.0)], tiny_graph, PassContext())
+    pipeline.Pipeline([ScaleLogits(factor=2.0)]).run(tiny_graph, PassContext())
     assert seen == ["0:baseline", "1:scale-logits"]
 
 
 # -- ops ------------------------------------------------------------------------------------------------
 def _scale_op_definition():
-    from tokopt.optimizer.ops import OpSpec
+    from tokopt.optimizer.ir.ops import OpSpec
     from tokopt.plugins.ops import OpDefinition
 
     def kernel(node, ins, ctx):
@@ -302,10 +302,10 @@ OP_DEFINITION = None  # filled lazily by the "module:attribute" reference test b
 
 
 def test_plugin_op_is_installed_with_kernel_lowering_and_survives_serialization(manager, tiny_graph, tmp_path):
-    from tokopt.backends.torch import ReferenceExecutor
-    from tokopt.optimizer.ops import all_ops
-    from tokopt.optimizer.serialize import load_graph, save_graph
-    from tokopt.optimizer.verify import verify
+    from tokopt.optimizer.interpret import ReferenceExecutor
+    from tokopt.optimizer.ir.ops import all_ops
+    from tokopt.optimizer.ir.serialize import load_graph, save_graph
+    from tokopt.optimizer.ir.verify import verify
 
     global OP_DEFINITION
     if "PluginScale" not in all_ops():
@@ -382,7 +382,7 @@ def test_entry_point_discovery_is_lazy_and_a_broken_distribution_is_named(tmp_pa
                 return {"good-pass": "good_heavy:GoodPass"}
         ''',
         "good_heavy": '''
-            from tokopt.passes.base import Pass, PassResult
+            from tokopt.optimizer.pass_api import Pass, PassResult
 
             class GoodPass(Pass):
                 name = "good-pass"
@@ -444,7 +444,7 @@ def test_cli_names_a_crashing_plugin_pass_and_leaves_no_output(tmp_path):
                 return {"crash-pass": "crash_impl:CrashPass"}
         ''',
         "crash_impl": '''
-            from tokopt.passes.base import Pass
+            from tokopt.optimizer.pass_api import Pass
 
             class CrashPass(Pass):
                 name = "crash-pass"

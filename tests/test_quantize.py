@@ -13,14 +13,16 @@ from hypothesis import strategies as st
 from tiny_models import sample_ids, save_tiny_llama
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
-from tokopt.backends.torch.kv_quant import fake_quantize, kv_cache_quant_attrs, quantize_kv
+from tokopt.backends.registry import backend_capabilities
 from tokopt.cli import cli
-from tokopt.optimizer.cost import static_metrics
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.verify import verify
-from tokopt.optimizer.weights import QuantizedWeight, materialize, pack_codes, unpack_codes
-from tokopt.passes.base import PassContext
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.interpret.kv_quant import fake_quantize, quantize_kv
+from tokopt.optimizer.ir.attrs import kv_cache_quant_attrs
+from tokopt.optimizer.ir.cost import static_metrics
+from tokopt.optimizer.ir.verify import verify
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, pack_codes, unpack_codes
+from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quant.gptq import gptq_quantize, output_error
 from tokopt.passes.quant.rtn import quantize_rtn
 from tokopt.passes.quantize import QuantizePass
@@ -242,7 +244,8 @@ def test_kv_group_size_must_divide_head_dim(tiny):
 
 def test_kv_bits_on_a_backend_without_quantized_kv_names_one_that_has_it(tiny):
     with pytest.raises(PreconditionError, match=r"'onnxruntime' cannot store an int8 KV cache.*can: .*torch"):
-        QuantizePass(weights=False, kv_bits=8).check(tiny, PassContext(backend="onnxruntime"))
+        QuantizePass(weights=False, kv_bits=8).check(
+            tiny, PassContext(backend="onnxruntime", backend_capabilities=backend_capabilities()))
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tokopt.optimizer.gates import GateResult, Gates, check_gates
-from tokopt.optimizer.report import (
+from tokopt.measure.gates import GateResult, Gates, check_gates
+from tokopt.report.document import (
     LONG_METRIC_KEYS,
     SCHEMA_VERSION,
     STAGE_METRIC_KEYS,
@@ -21,7 +21,7 @@ from tokopt.optimizer.report import (
     stage_metrics,
     write_reports,
 )
-from tokopt.optimizer.report_html import BAR_COLOURS, render_html
+from tokopt.report.html import BAR_COLOURS, render_html
 
 CHROMIUM = Path("/usr/bin/chromium")
 

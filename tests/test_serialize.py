@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import tokopt
-from tokopt.backends.torch import ReferenceExecutor
-from tokopt.optimizer.cost import static_metrics
-from tokopt.optimizer.errors import ModelSourceError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.serialize import GRAPH_FILE, load_graph, save_graph
-from tokopt.optimizer.summary import describe
-from tokopt.optimizer.weights import QuantizedWeight, materialize, pack_codes
+from tokopt.errors import ModelSourceError
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.cost import static_metrics
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.serialize import GRAPH_FILE, load_graph, save_graph
+from tokopt.optimizer.ir.summary import describe
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, pack_codes
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import sample_ids, save_tiny_llama  # noqa: E402

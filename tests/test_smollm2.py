@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 from conftest import requires_smollm2
 
-from tokopt.backends.torch import ReferenceExecutor
 from tokopt.cli import cli
+from tokopt.optimizer.interpret import ReferenceExecutor
 
 pytestmark = [requires_smollm2, pytest.mark.smollm2]
 

@@ -20,9 +20,9 @@ import torch
 import tokopt
 from tokopt.backends.registry import get_backend, known_backend_names
 from tokopt.backends.tensorrt.backend import tensorrt_unavailable_reason
-from tokopt.backends.torch import ReferenceExecutor
-from tokopt.optimizer.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
-from tokopt.optimizer.graph import Graph
+from tokopt.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.graph import Graph
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import sample_ids, save_tiny_llama  # noqa: E402
@@ -116,7 +116,7 @@ def test_quantized_weights_are_exported_dequantized_with_identical_numerics(tiny
 
     from tokopt.backends.onnxruntime.session import OnnxRuntimeSession
     from tokopt.backends.tensorrt.onnx_source import export_portable_onnx, nonstandard_ops
-    from tokopt.optimizer.weights import QuantizedWeight, materialize, pack_codes
+    from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, pack_codes
 
     g = tiny.copy()
     name = g.nodes("Linear")[1].params["weight"]

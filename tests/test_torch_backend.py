@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import tokopt
-from tokopt.backends.artifact import MANIFEST_FILE, OutputExistsError, load_artifact, read_manifest
+from tokopt.backends.artifact import MANIFEST_FILE, load_artifact, read_manifest
 from tokopt.backends.registry import get_backend, known_backend_names
-from tokopt.backends.torch import ReferenceExecutor
 from tokopt.backends.torch.compiled import CompiledSession
-from tokopt.optimizer.cost import static_metrics
-from tokopt.optimizer.errors import BackendRefusalError, KVCacheFullError, ModelSourceError
-from tokopt.optimizer.graph import Graph
+from tokopt.errors import BackendRefusalError, KVCacheFullError, ModelSourceError, OutputExistsError
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.cost import static_metrics
+from tokopt.optimizer.ir.graph import Graph
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import sample_ids, save_tiny_llama  # noqa: E402
@@ -109,7 +109,7 @@ def test_existing_output_is_never_overwritten(tiny, artifact):
 
 
 def test_failed_lowering_leaves_nothing(tiny, tmp_path, monkeypatch):
-    import tokopt.optimizer.serialize as serialize
+    import tokopt.optimizer.ir.serialize as serialize
 
     def explode(*args, **kwargs):
         raise OSError("disk full")
@@ -162,7 +162,7 @@ def test_static_cache_program_on_other_architectures(kind, tmp_path):
 
 
 def test_static_cache_honours_window_sinks_and_int8_kv(tiny):
-    from tokopt.backends.torch.kv_quant import kv_cache_quant_attrs
+    from tokopt.optimizer.ir.attrs import kv_cache_quant_attrs
 
     g = tiny.copy()
     for node in g.nodes("Attention"):
@@ -178,7 +178,7 @@ def test_static_cache_honours_window_sinks_and_int8_kv(tiny):
 
 
 def test_static_cache_honours_int8_activations(tiny):
-    from tokopt.passes.base import PassContext
+    from tokopt.optimizer.pass_api import PassContext
     from tokopt.passes.quantize import QuantizePass
 
     g = QuantizePass(bits=4, group_size=16, method="rtn", act_bits=8).run(tiny, PassContext()).graph
@@ -215,7 +215,7 @@ def test_smollm2_artifact(tmp_path):
     manifest = json.loads((tmp_path / "smol" / MANIFEST_FILE).read_text())
     assert manifest["model"]["num_layers"] == 30
     session = load_artifact(tmp_path / "smol")
-    from tokopt.generation import generate_text
+    from tokopt.jobs.generate import generate_text
 
     a = generate_text(session.graph, "The capital of France is", 8, executor=session)
     b = generate_text(g, "The capital of France is", 8)

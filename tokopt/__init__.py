@@ -14,18 +14,12 @@ The Python API mirrors the CLI::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from tokopt.frontends import load_model as load
+from tokopt.jobs.optimize import OptimizeResult, bench, evaluate, optimize
+from tokopt.measure.gates import Gates
 from tokopt.optimizer import Graph, TokoptError, static_metrics, verify
-from tokopt.optimizer.gates import Gates
-from tokopt.optimizer.optimize import OptimizeResult, bench, evaluate, optimize
-from tokopt.optimizer.pipeline import Pipeline, parse_passes
-
-try:
-    __version__ = version("tokopt")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
+from tokopt.passes.pipeline import Pipeline, parse_passes
+from tokopt.version import __version__
 
 __all__ = ["__version__", "load", "Graph", "TokoptError", "static_metrics", "verify", "optimize", "evaluate", "bench",
            "OptimizeResult", "Gates", "Pipeline", "parse_passes"]

@@ -25,8 +25,8 @@ from typing import Any
 
 import click
 
-from tokopt import __version__
-from tokopt.optimizer.errors import TokoptError
+from tokopt.errors import TokoptError
+from tokopt.version import __version__
 
 
 class TokoptGroup(click.Group):
@@ -72,7 +72,7 @@ def cli(verbose: int) -> None:
 def inspect(model: str, as_json: bool, show_graph: bool) -> None:
     """Architecture, heads, parameters, weight bytes, KV bytes/token and FLOPs of MODEL."""
     from tokopt.frontends import load_model
-    from tokopt.optimizer.summary import describe
+    from tokopt.optimizer.ir.summary import describe
 
     graph = load_model(model)
     info = describe(graph)
@@ -113,11 +113,11 @@ def inspect(model: str, as_json: bool, show_graph: bool) -> None:
 def generate(model: str, prompt: str, max_new_tokens: int, as_json: bool, passes_text: str | None) -> None:
     """Greedy generation with the reference executor and its KV cache."""
     from tokopt.frontends import load_model
-    from tokopt.generation import generate_text
+    from tokopt.jobs.generate import generate_text
 
     graph = load_model(model)
     if passes_text:
-        from tokopt.optimizer.pipeline import Pipeline
+        from tokopt.passes.pipeline import Pipeline
 
         graph = Pipeline.parse(passes_text).run(graph)
     result = generate_text(graph, prompt, max_new_tokens)
@@ -184,9 +184,9 @@ def optimize(model: str, passes: str | None, recipe: str | None, backend: str | 
     OUT receives the artifact, report.json, report.md, report.html and the resolved
     recipe.yaml, all at once; on any failure (including a failed gate) nothing is left.
     """
-    from tokopt.optimizer.gates import Gates
-    from tokopt.optimizer.optimize import optimize as run_optimize
-    from tokopt.optimizer.report import format_table
+    from tokopt.jobs.optimize import optimize as run_optimize
+    from tokopt.measure.gates import Gates
+    from tokopt.report.document import format_table
 
     if passes is None and recipe is None:
         raise click.UsageError("give the pipeline with --passes SPEC (\"\" for none) or --recipe FILE")
@@ -232,7 +232,7 @@ def eval_command(model_or_artifact: str, eval_text: str | None, eval_tokens: str
 
     The batches are those `tokopt optimize` uses, so the result equals a report's baseline ppl.
     """
-    from tokopt.optimizer.optimize import evaluate
+    from tokopt.jobs.optimize import evaluate
 
     result = evaluate(model_or_artifact, eval_text, eval_options={**_eval_tokens(eval_tokens),
                                                                   "long_context": long_context},
@@ -267,8 +267,8 @@ def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode
     Several targets are measured side by side in one process, alternating round by round,
     and each decode speed is reported as a ratio to the first target's.
     """
-    from tokopt.optimizer.optimize import bench as run_bench
-    from tokopt.optimizer.optimize import compare
+    from tokopt.jobs.optimize import bench as run_bench
+    from tokopt.jobs.optimize import compare
 
     speed = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "batch_size": batch, "threads": threads}
     if len(targets) == 1 and rounds in (None, 1):
@@ -370,9 +370,9 @@ def backends_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(as_json: bool) -> None:
     """Versions, machine, measured memory bandwidth, backends, passes and plugins."""
-    from tokopt.optimizer.machine import describe_machine
-    from tokopt.optimizer.report import library_versions
+    from tokopt.measure.machine import describe_machine
     from tokopt.plugins import describe_plugins, plugin_failures
+    from tokopt.report.document import library_versions
 
     passes, problems = _describe_passes()
     backends = [{k: b.get(k) for k in ("name", "available", "reason", "plugin")} for b in _describe_backends()]

@@ -24,11 +24,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokopt.optimizer.errors import ModelSourceError, TokoptError
+from tokopt.errors import ModelSourceError, OutputExistsError
 
 if TYPE_CHECKING:
     from tokopt.backends.base import Session
-    from tokopt.optimizer.graph import Graph
+    from tokopt.optimizer.ir.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,8 @@ TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
                       "*.model", "chat_template*", "generation_config.json", "config.json", "preprocessor_config.json")
 
 
-class OutputExistsError(TokoptError):
-    """The output directory exists and is not empty; tokopt never overwrites it silently."""
-
-
 def _tokopt_version() -> str:
-    from tokopt import __version__
+    from tokopt.version import __version__
 
     return __version__
 
@@ -101,25 +97,54 @@ def load_artifact(path: str | Path, **options: Any) -> Session:
     return get_backend(manifest["backend"]).load(Path(path), **options)
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds.
+def check_output(out: Path, force: bool, empty_ok: bool = False) -> None:
+    """Refuse an existing ``out`` (unless ``force``, or ``empty_ok`` and it is an empty directory), before any work."""
+    if out.exists() or out.is_symlink():
+        if empty_ok and out.is_dir() and not any(out.iterdir()):
+            return
+        if not force:
+            raise OutputExistsError(f"{out} exists; choose another -o/--out or pass --force to replace it")
+        if not out.is_dir():
+            raise OutputExistsError(f"{out} exists and is not a directory; remove it or choose another -o/--out")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise OutputExistsError(f"{out.parent} is not a directory; choose another -o/--out")
 
-    ``out_dir`` must not exist, or be an empty directory; otherwise :class:`OutputExistsError`.
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, force: bool = False, empty_ok: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; on success it becomes ``out``, on failure it is deleted.
+
+    A build system reading ``out`` must never see half a result: the temporary directory lives
+    next to ``out`` (same filesystem, so the final rename is atomic).  An existing ``out`` is
+    refused (see :func:`check_output`); with ``force`` it is replaced only once the new one is complete.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"{out} already exists and is not empty; choose a new output directory or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    check_output(out, force, empty_ok)
+    out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`; OUT itself appears only when complete
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
+        _commit(tmp, out, force, empty_ok)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _commit(tmp: Path, out: Path, force: bool, empty_ok: bool) -> None:
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an output directory is normally shared
+    if out.exists():
+        check_output(out, force, empty_ok)
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(trash / out.name, out)  # put the old one back
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    log.info("wrote %s", out)
 
 
 def copy_tokenizer(graph: Graph, directory: Path) -> str | None:
@@ -139,5 +164,5 @@ def copy_tokenizer(graph: Graph, directory: Path) -> str | None:
     return TOKENIZER_DIR
 
 
-__all__ = ["MANIFEST_FILE", "ARTIFACT_FORMAT_VERSION", "TOKENIZER_DIR", "OutputExistsError", "write_manifest",
+__all__ = ["MANIFEST_FILE", "ARTIFACT_FORMAT_VERSION", "TOKENIZER_DIR", "check_output", "write_manifest",
            "read_manifest", "is_artifact", "load_artifact", "atomic_directory", "copy_tokenizer", "model_summary"]

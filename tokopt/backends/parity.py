@@ -5,14 +5,14 @@ batched prefill, then greedy decode steps fed the reference's choices so both si
 identical inputs), and the logits must agree — fp32 graphs to ``atol`` in max absolute
 difference, graphs holding quantized weights (identical codes on both sides, so only the
 kernels' arithmetic differs) to ``min_top1`` next-token agreement.  A mismatch raises
-:class:`~tokopt.optimizer.errors.ParityError`: nothing wrong is shipped.
+:class:`~tokopt.errors.ParityError`: nothing wrong is shipped.
 
 Graphs that quantize activations at run time (``act_quant``) are discontinuous: a float
 rounding difference upstream moves an activation across a code boundary.  On SmolLM2 with
 int8 activations per block of 32, the reference disagrees *with itself* on ~6-10 % of
 next tokens when its activations are jittered by 1e-6, so no correct backend can reach
 99 %.  For them the bar is calibrated: the reference is run once more under
-:func:`~tokopt.optimizer.activations.rounding_jitter`, and the backend must agree with the
+:func:`~tokopt.optimizer.interpret.activations.rounding_jitter`, and the backend must agree with the
 reference about as well as that run does — mean KL at most ``KL_FACTOR`` times the
 jittered run's (plus a floor) and top-1 within ``TOP1_SLACK`` of it.
 """
@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from tokopt.optimizer.activations import rounding_jitter
-from tokopt.optimizer.errors import ParityError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.weights import QuantizedWeight
+from tokopt.errors import ParityError
+from tokopt.optimizer.interpret.activations import rounding_jitter
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
                  atol: float = 1e-3, min_top1: float = 0.99, quantized: bool | None = None,
                  reference: Any = None, raise_on_failure: bool = True, label: str = "backend") -> ParityReport:
     """Compare ``session`` (any object with new_cache/forward) with the reference executor on ``graph``."""
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
     ref = reference or ReferenceExecutor(graph)
     quantized = is_quantized(graph) if quantized is None else quantized

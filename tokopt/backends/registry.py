@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from tokopt.backends.base import Backend
-from tokopt.optimizer.errors import BackendUnavailableError
+from tokopt.errors import BackendUnavailableError
 
 BUILTIN_BACKENDS: dict[str, str] = {
     # name: "module:Class" — each built-in backend package adds its line here
@@ -29,6 +29,17 @@ def known_backend_names() -> list[str]:
     from tokopt.plugins import plugin_names
 
     return sorted(set(BUILTIN_BACKENDS) | set(plugin_names("backend")))
+
+
+def backend_capabilities() -> dict[str, dict]:
+    """What every known backend can express (a backend that cannot even be created expresses nothing)."""
+    out: dict[str, dict] = {}
+    for name in known_backend_names():
+        try:
+            out[name] = get_backend(name).capabilities()
+        except Exception:  # noqa: BLE001 - an unusable backend simply cannot do it
+            out[name] = {}
+    return out
 
 
 def get_backend(name: str) -> Backend:

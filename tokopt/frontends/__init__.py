@@ -12,11 +12,11 @@ import logging
 import re
 from pathlib import Path
 
+from tokopt.errors import ModelSourceError
 from tokopt.frontends.gguf import gguf_to_hf_directory
 from tokopt.frontends.hf import load_hf_directory, supported_architectures
-from tokopt.optimizer.errors import ModelSourceError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.verify import verify
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.verify import verify
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Lazy access to a Hugging Face checkpoint's tensors.
 
 safetensors files are opened memory-mapped and each tensor becomes a
-:class:`~tokopt.optimizer.weights.LazyTensor`; nothing is read until used.  Legacy
+:class:`~tokopt.optimizer.ir.weights.LazyTensor`; nothing is read until used.  Legacy
 ``pytorch_model*.bin`` files load with ``weights_only=True`` (no pickled code runs).
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from tokopt.optimizer.errors import ModelSourceError
-from tokopt.optimizer.weights import LazyTensor, dtype_name
+from tokopt.errors import ModelSourceError
+from tokopt.optimizer.ir.weights import LazyTensor, dtype_name
 
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
               "I8": "int8", "U8": "uint8", "BOOL": "bool", "F64": "float64"}

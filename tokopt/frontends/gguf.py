@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
 from tokopt.frontends.cache import cache_dir
-from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 

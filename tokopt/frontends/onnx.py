@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
+from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
 from tokopt.optimizer.corpus import has_tokenizer
-from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
-from tokopt.optimizer.graph import Graph, ModelMeta, Value
-from tokopt.optimizer.weights import LazyTensor, QuantizedWeight, pack_codes
+from tokopt.optimizer.ir.graph import Graph, ModelMeta, Value
+from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, pack_codes
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
 from tokopt.frontends.onnx import InitializerStore, restore_nbits
 from tokopt.optimizer.corpus import has_tokenizer
-from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.weights import LazyTensor, QuantizedWeight, Weight
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, Weight
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ GENAI_CONFIG = "genai_config.json"
 # genai_config "model.type" → (HF model_type, architecture); each has a tokopt frontend builder
 _TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
-# accuracy level 4 = int8 activations quantized per weight block (tokopt.optimizer.activations)
+# accuracy level 4 = int8 activations quantized per weight block (tokopt.optimizer.interpret.activations)
 _INT8_ACCURACY = 4
 
 # (module path pattern, ops allowed there, role).  The module path is the node name minus its

@@ -1,17 +1,17 @@
 """The core: IR, op declarations, verifier and analytic cost model."""
 
-from tokopt.optimizer.cost import StaticMetrics, static_metrics
-from tokopt.optimizer.errors import (
+from tokopt.errors import (
     ModelSourceError,
     TokoptError,
     UnsupportedArchitectureError,
     UnsupportedOpError,
     VerificationError,
 )
-from tokopt.optimizer.graph import Graph, ModelMeta, Node, TensorInfo, Value
-from tokopt.optimizer.ops import OpSpec, get_op, register_op
-from tokopt.optimizer.verify import verify
-from tokopt.optimizer.weights import LazyTensor, QuantizedWeight
+from tokopt.optimizer.ir.cost import StaticMetrics, static_metrics
+from tokopt.optimizer.ir.graph import Graph, ModelMeta, Node, TensorInfo, Value
+from tokopt.optimizer.ir.ops import OpSpec, get_op, register_op
+from tokopt.optimizer.ir.verify import verify
+from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight
 
 __all__ = [
     "Graph", "ModelMeta", "Node", "TensorInfo", "Value", "OpSpec", "get_op", "register_op", "verify",

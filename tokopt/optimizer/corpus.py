@@ -20,12 +20,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokopt.optimizer.errors import TokoptError
+from tokopt.errors import CorpusError, ModelSourceError
 
 if TYPE_CHECKING:
     import torch
 
-    from tokopt.optimizer.graph import Graph
+    from tokopt.optimizer.ir.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ CALIBRATION_MODULES: tuple[str, ...] = (
 )
 
 assert not set(EVAL_MODULES) & set(CALIBRATION_MODULES), "evaluation and calibration modules must be disjoint"
-
-
-class CorpusError(TokoptError):
-    """Text for evaluation or calibration is missing, too short, or overlaps."""
 
 
 @dataclass(frozen=True)
@@ -162,9 +158,19 @@ def tokenizer_for(graph: Graph):
     """The model's tokenizer, or None when it carries none (tiny test models built from a config)."""
     if not has_tokenizer(graph.meta.tokenizer_path):
         return None
-    from tokopt.generation import load_tokenizer
-
     return load_tokenizer(graph)
+
+
+def load_tokenizer(graph: Graph):
+    from transformers import AutoTokenizer
+
+    path = graph.meta.tokenizer_path
+    if not path:
+        raise ModelSourceError(f"{graph.meta.source} carries no tokenizer; pass token ids instead")
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"cannot load the tokenizer from {path}: {exc}") from None
 
 
 def tokenize(text: TextSource, tokenizer, vocab_size: int) -> torch.Tensor:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.weights import QuantizedWeight, materialize
-from tokopt.passes.base import Option, Pass, PassContext, PassResult
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
 
 
 def _positive(value: float) -> str | None:
@@ -83,7 +83,7 @@ class ExpertPrunePass(Pass):
             notes.append(
                 f"{node.name}: kept experts {kept.tolist()} ({100 * share:.1f}% of routing {self.opts['method']})")
         out.reinfer()
-        return PassResult(out, changed=bool(notes), notes=notes or ["every MoE layer already has <= keep experts"])
+        return PassResult(out, modified=bool(notes), notes=notes or ["every MoE layer already has <= keep experts"])
 
 
 def _layer_index(node_name: str) -> int | None:

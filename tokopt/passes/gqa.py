@@ -20,15 +20,14 @@ import logging
 
 import torch
 
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.graph import Graph, Node, Value
-from tokopt.optimizer.ops import kv_bytes_per_token
-from tokopt.optimizer.weights import QuantizedWeight, materialize
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.ir.graph import Graph, Node, Value
+from tokopt.optimizer.ir.ops import kv_bytes_per_token
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
 from tokopt.passes.attention.block import block_output, relative_error
-from tokopt.passes.attention.calibration import calibration_batches
 from tokopt.passes.attention.merge import AttentionWeights, HeadLayout, calibrated_merge, mean_merge
 from tokopt.passes.attention.selection import attention_nodes
-from tokopt.passes.base import Option, Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ class GroupedQueryAttention(Pass):
 
     def _capture(self, graph: Graph, ctx: PassContext, nodes: list[Node]) -> dict[str, torch.Tensor]:
         """Inputs of each candidate's k projection on calibration text, (1, tokens, hidden)."""
-        batches = calibration_batches(graph, ctx, self.opts["calib_samples"], self.opts["calib_seq_len"], self.name)
+        batches = ctx.calibration(graph, self.opts["calib_samples"], self.opts["calib_seq_len"], self.name)
         if not batches:
             raise PreconditionError(f"{self.name}: no calibration text long enough for {self.opts['calib_seq_len']} "
                                     "tokens; lower calib_seq_len")
@@ -202,7 +201,7 @@ class GroupedQueryAttention(Pass):
         else:
             trainable = {p for _, names in converted for p in names.values()}
         held = self.opts["heal_held_out"]
-        batches = calibration_batches(student, ctx, self.opts["heal_samples"] + held, self.opts["heal_seq_len"],
+        batches = ctx.calibration(student, self.opts["heal_samples"] + held, self.opts["heal_seq_len"],
                                       self.name)
         if len(batches) <= held:
             raise PreconditionError(f"{self.name}: {len(batches)} calibration sequences of {self.opts['heal_seq_len']} "

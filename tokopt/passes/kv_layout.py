@@ -11,11 +11,11 @@ a batch of mixed lengths before and after (:func:`~tokopt.passes.attention.kv_me
 
 from __future__ import annotations
 
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.graph import Graph
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
 from tokopt.passes.attention.kv_memory import reserved_kv_bytes
 from tokopt.passes.attention.selection import attention_nodes
-from tokopt.passes.base import Option, Pass, PassContext, PassResult
 
 # A batch of mixed lengths the notes quote reserved bytes for (chat-like: short and long).
 SAMPLE_LENGTHS = (37, 180, 512, 900, 2048, 64, 333, 1200)
@@ -48,7 +48,7 @@ class KVLayout(Pass):
         Option("layers", "int_list", None, "Layer indices to change (default: all layers)."),
     )
     requires = frozenset({"attention"})
-    moves = ("kv_reserved_bytes", "decode_tokens_per_s")
+    moves = ("peak_rss_bytes", "decode_tok_s")
     changes_numerics = False
 
     def validate(self) -> None:

@@ -1,6 +1,6 @@
 """The ``quantize`` pass: int8/int4 weights (RTN or GPTQ) and an int8/int4 KV cache.
 
-Weights become :class:`~tokopt.optimizer.weights.QuantizedWeight` values (packed codes,
+Weights become :class:`~tokopt.optimizer.ir.weights.QuantizedWeight` values (packed codes,
 scales, zero points) that every executor dequantizes exactly; the KV cache becomes an
 integer ``kv_cache.dtype`` with per-token scales that the reference attention honours
 in prefill and decode.  Calibrated quantization (GPTQ) runs the model block by block on
@@ -17,14 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tokopt.backends.torch.kv_quant import kv_cache_quant_attrs
-from tokopt.optimizer.activations import act_quant_attr
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.graph import Graph, Node, Value
-from tokopt.optimizer.ops import kv_bytes_per_token
-from tokopt.optimizer.weights import QuantizedWeight, materialize, weight_nbytes, weight_shape
-from tokopt.passes.base import Option, Pass, PassContext, PassResult
-from tokopt.passes.quant.calibration import BlockwiseRunner, calibration_batches
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.ir.attrs import act_quant_attr, kv_cache_quant_attrs
+from tokopt.optimizer.ir.graph import Graph, Node, Value
+from tokopt.optimizer.ir.ops import kv_bytes_per_token
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, weight_nbytes, weight_shape
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
+from tokopt.passes.quant.calibration import BlockwiseRunner
 from tokopt.passes.quant.gptq import gptq_quantize, search_grid
 from tokopt.passes.quant.rtn import SCALE_DTYPES, quantize_rtn
 
@@ -100,7 +99,7 @@ class QuantizePass(Pass):
                "(per token, per head). Must divide head_dim.", check=_positive),
         Option("kv_symmetric", "bool", None, "Symmetric KV grid; default: true for 8 bits, false for 4."),
     )
-    moves = ("weight_bytes", "bits_per_param", "bytes_per_token", "kv_bytes_per_token", "ppl")
+    moves = ("weight_bytes", "bits_per_param", "decode_tok_s_bound", "kv_bytes_per_token", "ppl")
 
     def validate(self) -> None:
         o = self.opts
@@ -192,19 +191,17 @@ class QuantizePass(Pass):
             if bad:
                 raise PassOptionError(f"quantize: kv_group_size={gs} does not divide head_dim {bad[0]}; use a divisor "
                                       f"of {bad[0]} (e.g. {bad[0] // 2}) or leave it unset for per-head scales")
-        if ctx.backend:
-            self._check_backend(ctx.backend)
+        if ctx.backend and ctx.backend_capabilities:
+            self._check_backend(ctx.backend, ctx.backend_capabilities)
 
-    def _check_backend(self, backend: str) -> None:
+    def _check_backend(self, backend: str, capabilities: dict[str, dict]) -> None:
         """Refuse a KV dtype the backend cannot store (``capabilities()["kv_dtypes"]``), naming those that can."""
-        from tokopt.backends.registry import get_backend, known_backend_names
-
         o = self.opts
-        caps = get_backend(backend).capabilities()
+        caps = capabilities.get(backend) or {}
         if o["kv_bits"] is not None:
             want = f"int{o['kv_bits']}"
             if want not in (caps.get("kv_dtypes") or []):
-                able = [n for n in known_backend_names() if want in (_caps(n).get("kv_dtypes") or [])]
+                able = [n for n, c in sorted(capabilities.items()) if want in (c.get("kv_dtypes") or [])]
                 raise PreconditionError(
                     f"quantize: backend {backend!r} cannot store an {want} KV cache (supports "
                     f"{', '.join(caps.get('kv_dtypes') or ['float only'])}); backends that can: "
@@ -279,9 +276,9 @@ class QuantizePass(Pass):
 
     def _gptq(self, g: Graph, targets: list[_Target], ctx: PassContext) -> None:
         o = self.opts
-        batches = list(ctx.calibration_batches)
-        if not batches:
-            batches = calibration_batches(g, o["calibration_samples"], o["calibration_seq_len"], ctx.seed)
+        given = ctx.calibration_batches  # all of the pipeline's text, as cut; else the option's sizes
+        batches = ctx.calibration(g, len(given) or o["calibration_samples"],
+                                  given[0].shape[-1] if given else o["calibration_seq_len"], self.name)
         runner = BlockwiseRunner(g, batches)
         for name, w in g.params.items():  # tensors quantized without calibration: later blocks see their error
             if isinstance(w, QuantizedWeight):
@@ -355,12 +352,3 @@ def _from_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
     codes = quantize_codes(grouped, scale[..., None], zero[..., None], bits).reshape(out_f, in_f)
     return quantized_weight(codes, scale, zero, bits, group_size, symmetric, SCALE_DTYPES[scale_dtype], "mse",
                             {"scale_dtype": scale_dtype})
-
-
-def _caps(backend: str) -> dict:
-    from tokopt.backends.registry import get_backend
-
-    try:
-        return get_backend(backend).capabilities()
-    except Exception:  # noqa: BLE001 - an unusable backend simply cannot do it
-        return {}

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from tokopt.optimizer.errors import PassOptionError
-from tokopt.passes.base import Pass
+from tokopt.errors import PassOptionError
+from tokopt.optimizer.pass_api import Pass
 
 BUILTIN_PASSES: dict[str, str] = {
     # name: "module:Class" — each built-in pass module adds its line here

@@ -15,9 +15,9 @@ query-to-sink distance leaves the trained range — the pass warns when that is 
 
 from __future__ import annotations
 
-from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
 from tokopt.passes.attention.selection import attention_nodes
-from tokopt.passes.base import Option, Pass, PassContext, PassResult
 
 
 def _positive(value: int) -> str | None:

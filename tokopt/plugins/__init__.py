@@ -11,14 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokopt.optimizer.errors import PluginError
+from tokopt.errors import PluginError
+from tokopt.optimizer.ir.ops import add_op_resolver
 from tokopt.plugins.hookspecs import PLUGIN_API_VERSION, SUPPORTED_PLUGIN_API_VERSIONS, hookimpl, hookspec
 from tokopt.plugins.manager import ENTRY_POINT_GROUP, PluginManager, plugin_guard
 
 if TYPE_CHECKING:
     from tokopt.backends.base import Backend
-    from tokopt.optimizer.graph import Graph
-    from tokopt.passes.base import Pass
+    from tokopt.optimizer.ir.graph import Graph
+    from tokopt.optimizer.pass_api import Pass
 
 _MANAGER: PluginManager | None = None
 
@@ -55,7 +56,7 @@ def plugin_names(kind: str) -> list[str]:
 
 def plugin_pass_class(name: str) -> type[Pass] | None:
     """The plugin pass class called ``name`` (imported now), or None if no plugin provides it."""
-    from tokopt.passes.base import Pass
+    from tokopt.optimizer.pass_api import Pass
 
     resolved = get_plugin_manager().resolve("pass", name)
     if resolved is None:
@@ -134,6 +135,9 @@ def op_lowering(backend: str, op: str) -> Any | None:
     return ops.op_lowering(backend, op)
 
 
+add_op_resolver(lambda missing: install_plugin_ops())  # serialized graphs may name plugin ops
+
+
 # -- pipeline observers: the pipeline calls these, in this order ----------------------------
 def notify_pipeline_start(model: str, passes: list[str], backend: str | None, graph: Graph) -> None:
     get_plugin_manager().call("tokopt_pipeline_start", model=model, passes=list(passes), backend=backend, graph=graph)
@@ -148,6 +152,16 @@ def notify_stage_end(stage: str, index: int, graph: Graph, metrics: dict[str, An
                               notes=list(notes))
 
 
+class StageNotifier:
+    """Forwards the pass manager's stage events to the plugins' ``tokopt_stage_*`` observers."""
+
+    def stage_start(self, stage: str, index: int, graph: Graph) -> None:
+        notify_stage_start(stage, index, graph)
+
+    def stage_end(self, stage: str, index: int, graph: Graph, metrics: dict[str, Any], notes: list[str]) -> None:
+        notify_stage_end(stage, index, graph, metrics, notes)
+
+
 def notify_pipeline_end(report: dict[str, Any] | None, out_dir: Path | None, error: BaseException | None) -> None:
     get_plugin_manager().call("tokopt_pipeline_end", report=report, out_dir=out_dir, error=error)
 
@@ -157,5 +171,5 @@ __all__ = [
     "hookimpl", "hookspec", "get_plugin_manager", "reset_plugin_manager", "register_plugin", "unregister_plugin",
     "plugin_names", "plugin_pass_class", "plugin_backend", "unknown_name_error", "plugin_failures",
     "describe_plugins", "install_plugin_frontends", "install_plugin_ops", "op_lowering", "plugin_guard",
-    "notify_pipeline_start", "notify_stage_start", "notify_stage_end", "notify_pipeline_end",
+    "notify_pipeline_start", "notify_stage_start", "notify_stage_end", "notify_pipeline_end", "StageNotifier",
 ]

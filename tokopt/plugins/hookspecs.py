@@ -26,8 +26,8 @@ used.  Returning the object itself also works; it just makes the import eager::
 
 Error handling: a manifest that fails to import, a hook that raises, an API version tokopt
 does not speak, a reference that does not resolve, or a pass/backend that crashes with an
-exception that is not a :class:`~tokopt.optimizer.errors.TokoptError` all become a
-:class:`~tokopt.optimizer.errors.PluginError` (CLI exit code 5) whose message names the
+exception that is not a :class:`~tokopt.errors.TokoptError` all become a
+:class:`~tokopt.errors.PluginError` (CLI exit code 5) whose message names the
 distribution.  Raise a ``TokoptError`` subclass (``PassOptionError``, ``PreconditionError``…)
 yourself for problems the user can fix; those pass through unchanged.
 
@@ -48,8 +48,8 @@ import pluggy
 if TYPE_CHECKING:
     from tokopt.backends.base import Backend
     from tokopt.frontends.hf import Builder
-    from tokopt.optimizer.graph import Graph
-    from tokopt.passes.base import Pass
+    from tokopt.optimizer.ir.graph import Graph
+    from tokopt.optimizer.pass_api import Pass
     from tokopt.plugins.ops import OpDefinition
 
 PROJECT_NAME = "tokopt"
@@ -88,7 +88,7 @@ def tokopt_register_passes() -> dict[str, str | type[Pass]]:
     Called once per process, the first time tokopt lists or resolves pass names.
 
     :return: ``{pass name: reference}`` where the reference is ``"module:Class"`` (imported
-        only when the pass is used) or the :class:`~tokopt.passes.base.Pass` subclass
+        only when the pass is used) or the :class:`~tokopt.optimizer.pass_api.Pass` subclass
         itself.  The class's ``name`` attribute must equal the key.  tokopt sets the
         class attribute ``plugin`` to your distribution name so reports and errors can
         name you.  A name that collides with a built-in pass or another plugin's pass is
@@ -137,9 +137,9 @@ def tokopt_register_ops() -> list[str | OpDefinition]:
 
     :return: a list of :class:`tokopt.plugins.ops.OpDefinition` objects or
         ``"module:attribute"`` references to them.  Each definition carries the
-        :class:`~tokopt.optimizer.ops.OpSpec` (schema, shape inference, cost model), the
+        :class:`~tokopt.optimizer.ir.ops.OpSpec` (schema, shape inference, cost model), the
         torch reference kernel (the op's numerical definition; installed in
-        ``tokopt.backends.torch.kernels.KERNELS``) and optional ``lowerings``:
+        ``tokopt.optimizer.interpret.kernels.KERNELS``) and optional ``lowerings``:
         ``{backend name: object}`` whose meaning each backend documents (backends look
         them up with :func:`tokopt.plugins.op_lowering`).  A backend meeting an op with
         no lowering for it refuses the graph, naming the op.

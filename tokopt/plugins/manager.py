@@ -31,7 +31,7 @@ from typing import Any
 
 import pluggy
 
-from tokopt.optimizer.errors import PluginError, TokoptError
+from tokopt.errors import PluginError, TokoptError
 from tokopt.plugins import hookspecs
 from tokopt.plugins.hookspecs import PLUGIN_API_VERSION, PROJECT_NAME, SUPPORTED_PLUGIN_API_VERSIONS
 

@@ -1,7 +1,7 @@
 """How a plugin declares a new IR op: its spec, its torch reference kernel, its lowerings.
 
 An op is useful only when every consumer understands it: the verifier and cost model
-(through the :class:`~tokopt.optimizer.ops.OpSpec`), the reference executor (through a
+(through the :class:`~tokopt.optimizer.ir.ops.OpSpec`), the reference executor (through a
 torch kernel — the op's numerical definition, which every backend is checked against)
 and each backend that should run it (through a backend-specific *lowering*).  Bundling
 the three in one :class:`OpDefinition` keeps them from drifting apart.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tokopt.optimizer.ops import OpSpec
+    from tokopt.optimizer.ir.ops import OpSpec
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ _OWNERS: dict[str, str] = {}  # op name -> plugin that declared it
 
 def install_op(definition: OpDefinition, plugin: str) -> None:
     """Make ``definition`` known to the IR, the reference executor and the backends."""
-    from tokopt.backends.torch.kernels import KERNELS
-    from tokopt.optimizer.errors import PluginError
-    from tokopt.optimizer.ops import all_ops, register_op
+    from tokopt.errors import PluginError
+    from tokopt.optimizer.interpret.kernels import KERNELS
+    from tokopt.optimizer.ir.ops import all_ops, register_op
 
     name = definition.spec.name
     if _OWNERS.get(name) == plugin:

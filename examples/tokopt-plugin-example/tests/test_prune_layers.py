@@ -25,10 +25,10 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - CI install
     pytest.skip(f"{DIST} is not installed: pip install -e examples/tokopt-plugin-example", allow_module_level=True)
 
 import tokopt  # noqa: E402
-from tokopt.backends.torch import ReferenceExecutor  # noqa: E402
-from tokopt.optimizer.cost import static_metrics  # noqa: E402
-from tokopt.optimizer.errors import PassOptionError, PluginError, PreconditionError  # noqa: E402
-from tokopt.passes.base import PassContext  # noqa: E402
+from tokopt.errors import PassOptionError, PluginError, PreconditionError  # noqa: E402
+from tokopt.optimizer.interpret import ReferenceExecutor  # noqa: E402
+from tokopt.optimizer.ir.cost import static_metrics  # noqa: E402
+from tokopt.optimizer.pass_api import PassContext  # noqa: E402
 from tokopt.passes.registry import get_pass_class, known_pass_names  # noqa: E402
 
 LAYERS = 6

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.ir.graph import Graph
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")

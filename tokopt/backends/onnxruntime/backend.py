@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from tokopt.backends.base import Artifact, Backend
-from tokopt.optimizer.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.weights import QuantizedWeight
+from tokopt.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class OnnxRuntimeBackend(Backend):
         ctx = lower_graph(graph, options)
         embed_graph_description(ctx)
 
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir, empty_ok=True) as tmp:
             files = write_model(ctx.b, tmp / "model.onnx")
             files.append(write_json(tmp / "config.json", hf_config(graph)))
             tokenizer = copy_tokenizer(graph, tmp)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from tokopt.backends.onnxruntime.onnx_builder import OnnxGraphBuilder
-from tokopt.optimizer.errors import UnsupportedOpError
-from tokopt.optimizer.graph import Graph, Node, Value
-from tokopt.optimizer.weights import QuantizedWeight, materialize
+from tokopt.errors import UnsupportedOpError
+from tokopt.optimizer.ir.graph import Graph, Node, Value
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokopt.backends.base import greedy_decode
+from tokopt.optimizer.interpret.decode import greedy_decode
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ ONNX lets a user rebuild) + tokenizer + ``tokopt_artifact.json`` atomically.
 
 Where TensorRT cannot run — no ``tensorrt`` package, its libraries missing, or no NVIDIA
 GPU — ``availability()`` says which, and ``lower``/``load`` raise
-:class:`~tokopt.optimizer.errors.BackendUnavailableError` with that message.
+:class:`~tokopt.errors.BackendUnavailableError` with that message.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 from tokopt.backends.artifact import atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
-from tokopt.optimizer.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
-from tokopt.optimizer.graph import Graph
+from tokopt.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
+from tokopt.optimizer.ir.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class TensorRTBackend(Backend):
         self._require()
         length = int(max_length or min(graph.meta.max_positions or 2048, 2048))
         shapes = EngineShapes(max_batch=max_batch, max_length=length, opt_prefill=min(128, length - 1))
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir, empty_ok=True) as tmp:
             exported = export_portable_onnx(graph, tmp / ONNX_DIR, max_length=length)
             model = onnx.load(str(exported.path), load_external_data=False)
             dims = {i.name: [d.dim_value if d.HasField("dim_value") else d.dim_param

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from tokopt.backends.base import greedy_decode
-from tokopt.optimizer.errors import BackendRefusalError
+from tokopt.errors import BackendRefusalError
+from tokopt.optimizer.interpret.decode import greedy_decode
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokopt.optimizer.errors import BackendRefusalError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.weights import QuantizedWeight
+from tokopt.errors import BackendRefusalError
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,4 @@
-"""The torch backend: the eager reference executor, and the compiled static-cache session on top.
+"""The torch backend: serialized IR artifacts, run by the reference interpreter or the compiled session.
 
 ``backend.TorchBackend`` writes and loads artifacts; ``compiled.CompiledSession`` is the fast path.
 """
-
-from tokopt.backends.torch.reference import ReferenceExecutor
-
-__all__ = ["ReferenceExecutor"]

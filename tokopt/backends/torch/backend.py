@@ -1,7 +1,7 @@
 """The ``torch`` backend: a self-contained artifact the reference executor (or the compiled session) runs.
 
 The artifact is the IR itself — ``graph.json`` + ``weights.safetensors`` written by
-:mod:`tokopt.optimizer.serialize`, quantized weights kept packed — plus the tokenizer
+:mod:`tokopt.optimizer.ir.serialize`, quantized weights kept packed — plus the tokenizer
 files and ``tokopt_artifact.json``.  Loading it needs tokopt and torch, nothing from the
 original checkpoint.  ``load(path)`` gives the eager reference executor (the oracle);
 ``load(path, compile=True)`` gives :class:`~tokopt.backends.torch.compiled.CompiledSession`
@@ -16,29 +16,14 @@ from typing import Any
 
 from tokopt.backends.artifact import atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
-from tokopt.optimizer.errors import BackendRefusalError, ModelSourceError
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.weights import QuantizedWeight
+from tokopt.errors import BackendRefusalError, ModelSourceError
+from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES, KV_STORAGES
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 WEIGHT_BITS = (4, 8)
-
-
-def _kv_dtypes() -> list[str]:
-    try:
-        from tokopt.backends.torch.kv_quant import KV_QUANT_DTYPES
-    except ImportError:  # older tree without KV quantization
-        KV_QUANT_DTYPES = {}
-    return ["float32", *sorted(KV_QUANT_DTYPES)]
-
-
-def _kv_storages() -> list[str]:
-    try:
-        from tokopt.backends.torch.kv_cache import STORAGES
-    except ImportError:
-        STORAGES = ("dynamic",)
-    return list(STORAGES)
 
 
 class TorchBackend(Backend):
@@ -54,20 +39,20 @@ class TorchBackend(Backend):
         return True, f"torch {torch.__version__} ({device})"
 
     def capabilities(self) -> dict[str, Any]:
-        from tokopt.backends.torch.kernels import KERNELS
+        from tokopt.optimizer.interpret.kernels import KERNELS
 
         return {
             "window": True, "sinks": True, "softcap": True, "qk_norm": True, "moe": True,
-            "kv_dtypes": _kv_dtypes(), "kv_storage": _kv_storages(), "weight_bits": list(WEIGHT_BITS),
+            "kv_dtypes": ["float32", *sorted(KV_QUANT_DTYPES)], "kv_storage": list(KV_STORAGES), "weight_bits": list(WEIGHT_BITS),
             "quantized_weights": "dequantized once at load (exact); no low-bit matmul kernels yet",
             "ops": sorted(KERNELS), "compile": True,
         }
 
     def check(self, graph: Graph) -> None:
-        from tokopt.backends.torch.kernels import KERNELS
+        from tokopt.optimizer.interpret.kernels import KERNELS
 
         problems: list[str] = []
-        kv_dtypes = _kv_dtypes()
+        kv_dtypes = ["float32", *sorted(KV_QUANT_DTYPES)]
         for node in graph.nodes():
             if node.op not in KERNELS:
                 problems.append(f"{node.name}: no torch kernel for op {node.op!r}")
@@ -88,11 +73,11 @@ class TorchBackend(Backend):
         With ``parity`` (default), the written artifact is read back and its logits compared
         with the in-memory graph's before the directory is renamed into place.
         """
-        from tokopt.optimizer.serialize import GRAPH_FILE, WEIGHTS_FILE, save_graph
+        from tokopt.optimizer.ir.serialize import GRAPH_FILE, WEIGHTS_FILE, save_graph
 
         self.check(graph)
         out_dir = Path(out_dir)
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir, empty_ok=True) as tmp:
             files = save_graph(graph, tmp)
             tokenizer = copy_tokenizer(graph, tmp)
             if tokenizer:
@@ -100,8 +85,8 @@ class TorchBackend(Backend):
             report = None
             if parity:
                 from tokopt.backends.parity import check_parity
-                from tokopt.backends.torch.reference import ReferenceExecutor
-                from tokopt.optimizer.serialize import load_graph
+                from tokopt.optimizer.interpret.reference import ReferenceExecutor
+                from tokopt.optimizer.ir.serialize import load_graph
 
                 report = check_parity(graph, ReferenceExecutor(load_graph(tmp)), tokens=parity_tokens, atol=1e-5,
                                       quantized=False, label="torch artifact")
@@ -118,7 +103,7 @@ class TorchBackend(Backend):
         Options: ``compile`` (default False: the reference executor; True: the compiled
         static-cache session), ``max_len`` (compiled session: tokens one sequence may hold).
         """
-        from tokopt.optimizer.verify import verify
+        from tokopt.optimizer.ir.verify import verify
 
         unknown = sorted(set(options) - {"compile", "max_len"})
         if unknown:
@@ -130,14 +115,14 @@ class TorchBackend(Backend):
             from tokopt.backends.torch.compiled import CompiledSession
 
             return CompiledSession(graph, compile=True, max_len=options.get("max_len"))
-        from tokopt.backends.torch.reference import ReferenceExecutor
+        from tokopt.optimizer.interpret.reference import ReferenceExecutor
 
         return ReferenceExecutor(graph)
 
 
 def load_artifact_graph(path: Path) -> Graph:
     """The graph inside a torch artifact, its tokenizer path pointing into the artifact."""
-    from tokopt.optimizer.serialize import load_graph
+    from tokopt.optimizer.ir.serialize import load_graph
 
     manifest = read_manifest(path)
     if manifest["backend"] != TorchBackend.name:

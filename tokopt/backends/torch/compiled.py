@@ -32,8 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokopt.backends.base import greedy_decode
-from tokopt.backends.torch.kernels import (
+from tokopt.errors import KVCacheFullError, UnsupportedOpError
+from tokopt.optimizer.interpret.decode import greedy_decode
+from tokopt.optimizer.interpret.kernels import (
     StepContext,
     attention_mask,
     get_kernel,
@@ -42,10 +43,9 @@ from tokopt.backends.torch.kernels import (
     rope_key,
     rope_tables,
 )
-from tokopt.backends.torch.kv_quant import quantize_kv
-from tokopt.optimizer.errors import KVCacheFullError, UnsupportedOpError
-from tokopt.optimizer.graph import Graph, Node
-from tokopt.optimizer.weights import DenseWeights
+from tokopt.optimizer.interpret.kv_quant import quantize_kv
+from tokopt.optimizer.ir.graph import Graph, Node
+from tokopt.optimizer.ir.weights import DenseWeights
 
 log = logging.getLogger(__name__)
 

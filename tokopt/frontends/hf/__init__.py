@@ -11,11 +11,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
 from tokopt.frontends.checkpoint import read_checkpoint
 from tokopt.frontends.hf import gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3
 from tokopt.frontends.hf.builder import HFSource
-from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
-from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.ir.graph import Graph
 
 Builder = Callable[[HFSource], Graph]
 

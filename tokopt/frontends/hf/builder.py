@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from tokopt.optimizer.errors import ModelSourceError, UnsupportedArchitectureError
-from tokopt.optimizer.graph import Graph, ModelMeta, Value
-from tokopt.optimizer.ops import DEFAULT_KV_CACHE
-from tokopt.optimizer.weights import LazyTensor
+from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
+from tokopt.optimizer.ir.graph import Graph, ModelMeta, Value
+from tokopt.optimizer.ir.ops import DEFAULT_KV_CACHE
+from tokopt.optimizer.ir.weights import LazyTensor
 
 HF_ACTIVATIONS = {
     "silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",

@@ -7,9 +7,9 @@ ordinary ``Linear`` nodes so every pass sees the same attention structure as in 
 
 from __future__ import annotations
 
+from tokopt.errors import UnsupportedArchitectureError
 from tokopt.frontends.hf.builder import GraphBuilder, HFSource, default_scale
-from tokopt.optimizer.errors import UnsupportedArchitectureError
-from tokopt.optimizer.graph import Graph, Value
+from tokopt.optimizer.ir.graph import Graph, Value
 
 
 def _conv1d(b: GraphBuilder, key: str, cols: slice | None = None) -> str:

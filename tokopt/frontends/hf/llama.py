@@ -2,7 +2,7 @@
 
 from tokopt.frontends.hf.builder import HFSource
 from tokopt.frontends.hf.llama_like import LlamaLikeSpec, build_llama_like
-from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.ir.graph import Graph
 
 
 def build(src: HFSource) -> Graph:

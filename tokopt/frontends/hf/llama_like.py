@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokopt.frontends.hf.builder import GraphBuilder, HFSource, default_scale, rope_attrs
-from tokopt.optimizer.graph import Graph, Value
+from tokopt.optimizer.ir.graph import Graph, Value
 
 MlpFn = Callable[[GraphBuilder, int, Value], Value]
 

@@ -7,7 +7,7 @@ from tokopt.frontends.hf.llama_like import (
     sliding_windows_from_config,
 )
 from tokopt.frontends.hf.moe import expert_params, moe_node
-from tokopt.optimizer.graph import Graph, Value
+from tokopt.optimizer.ir.graph import Graph, Value
 
 
 def _moe(b: GraphBuilder, i: int, x: Value) -> Value:

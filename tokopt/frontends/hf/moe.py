@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokopt.frontends.hf.builder import GraphBuilder, stacked
-from tokopt.optimizer.graph import Value
+from tokopt.optimizer.ir.graph import Value
 
 
 def expert_params(b: GraphBuilder, ckpt: str, num_experts: int, names: tuple[str, str, str]) -> dict[str, str]:

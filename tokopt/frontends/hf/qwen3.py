@@ -6,7 +6,7 @@ from tokopt.frontends.hf.llama_like import (
     build_llama_like,
     sliding_windows_from_config,
 )
-from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.ir.graph import Graph
 
 
 def build(src: HFSource) -> Graph:

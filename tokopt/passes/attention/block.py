@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokopt.backends.torch.kernels import StepContext, get_kernel
-from tokopt.optimizer.graph import Node
+from tokopt.optimizer.interpret.kernels import StepContext, get_kernel
+from tokopt.optimizer.ir.graph import Node
 from tokopt.passes.attention.merge import AttentionWeights
 
 

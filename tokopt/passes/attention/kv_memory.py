@@ -1,6 +1,6 @@
 """How many KV-cache bytes a configuration reserves: the memory model behind ``kv-layout``.
 
-The reference executor's stores (:mod:`tokopt.backends.torch.kv_cache`) reserve memory
+The reference executor's stores (:mod:`tokopt.optimizer.interpret.kv_cache`) reserve memory
 differently for the same tokens:
 
 - ``dynamic``: a batch is one padded tensor growing to its longest sequence;
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.ops import kv_bytes_per_token
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.ops import kv_bytes_per_token
 
 
 def layer_slots(attrs: dict, lengths: list[int], max_positions: int = 0) -> int:

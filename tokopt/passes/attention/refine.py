@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from tokopt.optimizer.graph import Node
+from tokopt.optimizer.ir.graph import Node
 from tokopt.passes.attention.block import block_output
 from tokopt.passes.attention.merge import AttentionWeights
 

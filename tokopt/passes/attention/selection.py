@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.graph import Graph, Node
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.ir.graph import Graph, Node
 
 
 def attention_nodes(graph: Graph, layers: list[int] | None, pass_name: str) -> list[Node]:

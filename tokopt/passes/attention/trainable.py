@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tokopt.backends.torch.kernels import StepContext, get_kernel
-from tokopt.optimizer.graph import Graph, Value
-from tokopt.optimizer.weights import materialize
+from tokopt.optimizer.interpret.kernels import StepContext, get_kernel
+from tokopt.optimizer.ir.graph import Graph, Value
+from tokopt.optimizer.ir.weights import materialize
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def heal(teacher: Graph, student: Graph, trainable: set[str], batches: list[torc
     thousand calibration tokens are easy to overfit, and a run that diverges must not ship
     (on SmolLM2 3→1 at lr 5e-4, no step beat the unhealed model on held-out text).
     """
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
     torch.manual_seed(seed)
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from tokopt.backends.torch.kernels import StepContext, get_kernel
-from tokopt.optimizer.graph import Graph, Node, Value
-from tokopt.optimizer.weights import DenseWeights, Weight
+from tokopt.optimizer.interpret.kernels import StepContext, get_kernel
+from tokopt.optimizer.ir.graph import Graph, Node, Value
+from tokopt.optimizer.ir.weights import DenseWeights, Weight
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +96,3 @@ class BlockwiseRunner:
             h = flat.T @ flat if h is None else h + flat.T @ flat
             n += flat.shape[0]
         return h / max(n, 1)
-
-
-def calibration_batches(graph: Graph, samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
-    """``samples`` windows of ``seq_len`` tokens of the default calibration text, chosen by a seeded RNG.
-
-    The text is the project corpus's calibration split (standard-library docstrings of
-    modules disjoint from the evaluation text), so a calibrated pass is never judged on
-    the tokens it was fitted to.  Returns ``(1, seq_len)`` tensors.
-    """
-    from tokopt.optimizer.corpus import default_calibration_text, tokenize, tokenizer_for
-
-    ids = tokenize(default_calibration_text(), tokenizer_for(graph), graph.meta.vocab_size)
-    if ids.numel() < seq_len:
-        ids = ids.repeat(seq_len // max(ids.numel(), 1) + 1)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (samples,), generator=torch.Generator().manual_seed(seed))
-    return [ids[s:s + seq_len].unsqueeze(0) for s in starts.tolist()]

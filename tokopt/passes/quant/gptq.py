@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tokopt.optimizer.weights import QuantizedWeight
+from tokopt.optimizer.ir.weights import QuantizedWeight
 from tokopt.passes.quant.rtn import SCALE_DTYPES, grid_params, quantize_codes, quantized_weight, resolve_group_size
 
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 … 0.70

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.optimizer.weights import QuantizedWeight, pack_codes
+from tokopt.optimizer.ir.weights import QuantizedWeight, pack_codes
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
 

@@ -24,9 +24,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from tokopt.optimizer.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.graph import Graph, Value
-from tokopt.passes.base import Option, Pass, PassContext, PassResult
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.ir.graph import Graph, Value
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
 
 NORMS = ("RMSNorm", "LayerNorm")
 
@@ -131,7 +131,7 @@ class PruneLayers(Pass):
         self._renumber(out, [i for i in range(len(blocks)) if i not in chosen])
         out.reinfer()
         note = f"removed blocks {', '.join(map(str, chosen))} of {len(blocks)} ({why}); {removed_nodes} nodes deleted"
-        return PassResult(out, changed=True, notes=[note])
+        return PassResult(out, modified=True, notes=[note])
 
     def _hidden_states(self, graph: Graph, ctx: PassContext, blocks: list[Block], final_norm: str,
                        ) -> list[list[torch.Tensor]]:

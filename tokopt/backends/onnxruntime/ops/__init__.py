@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tokopt.optimizer.errors import UnsupportedOpError
+from tokopt.errors import UnsupportedOpError
 
 if TYPE_CHECKING:
     from tokopt.backends.onnxruntime.lower import LowerContext
-    from tokopt.optimizer.graph import Node
+    from tokopt.optimizer.ir.graph import Node
 
 Lowering = Callable[["LowerContext", "Node", list[str]], Any]
 LOWERINGS: dict[str, Lowering] = {}

@@ -16,8 +16,8 @@ import torch
 from tokopt.backends.onnxruntime.lower import KVSlot, LowerContext
 from tokopt.backends.onnxruntime.ops import register_lowering
 from tokopt.backends.onnxruntime.ops.basic import rms_norm
-from tokopt.optimizer.errors import UnsupportedOpError
-from tokopt.optimizer.graph import Node
+from tokopt.errors import UnsupportedOpError
+from tokopt.optimizer.ir.graph import Node
 
 KV_DTYPES = ("float32",)
 _NEG = float(np.finfo(np.float32).min)  # finite: a fully masked (padded) row stays NaN-free

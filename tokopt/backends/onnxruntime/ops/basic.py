@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tokopt.backends.onnxruntime.lower import LowerContext
 from tokopt.backends.onnxruntime.ops import register_lowering
-from tokopt.optimizer.errors import UnsupportedOpError
-from tokopt.optimizer.graph import Node, Value
-from tokopt.optimizer.weights import QuantizedWeight
+from tokopt.errors import UnsupportedOpError
+from tokopt.optimizer.ir.graph import Node, Value
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 
 @register_lowering("Input")

@@ -9,7 +9,7 @@ IR's implied ``2**(bits-1)``.
 
 A Linear with ``act_quant={"bits": 8, "block": group_size}`` on a MatMulNBits weight
 lowers to ``accuracy_level=4`` (int8 activations per weight block: the same numbers,
-see :mod:`tokopt.optimizer.activations`); any other ``act_quant`` becomes standard ops
+see :mod:`tokopt.optimizer.interpret.activations`); any other ``act_quant`` becomes standard ops
 that quantize the input exactly so (ReduceMax/Round/Mul) in front of an fp32 matmul,
 so no backend that reuses this lowering (TensorRT too) can silently drop it.
 """
@@ -23,8 +23,8 @@ import torch
 
 from tokopt.backends.onnxruntime.lower import LowerContext
 from tokopt.backends.onnxruntime.ops import register_lowering
-from tokopt.optimizer.graph import Node, Value
-from tokopt.optimizer.weights import QuantizedWeight
+from tokopt.optimizer.ir.graph import Node, Value
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 
 def nbits_supported(w: QuantizedWeight) -> bool:
@@ -66,7 +66,7 @@ def native_act_quant(act_quant: dict | None, w) -> bool:
 
 
 def quantize_activations(ctx: LowerContext, x: str, act_quant: dict, name: str) -> str:
-    """Standard-op form of :func:`tokopt.optimizer.activations.quantize_activations` (Round is half-to-even)."""
+    """Standard-op form of :func:`tokopt.optimizer.interpret.activations.quantize_activations` (Round is half-to-even)."""
     b = ctx.b
     block = act_quant["block"]
     shape = b.op("Shape", [x], name=f"{name}/act_shape")

@@ -12,7 +12,7 @@ from tokopt.backends.onnxruntime.lower import LowerContext
 from tokopt.backends.onnxruntime.ops import register_lowering
 from tokopt.backends.onnxruntime.ops.basic import activation
 from tokopt.backends.onnxruntime.ops.linear import linear
-from tokopt.optimizer.graph import Node
+from tokopt.optimizer.ir.graph import Node
 
 
 @register_lowering("MoE")

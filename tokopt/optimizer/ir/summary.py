@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from tokopt.optimizer.cost import static_metrics
-from tokopt.optimizer.graph import Graph
+from tokopt.optimizer.ir.cost import static_metrics
+from tokopt.optimizer.ir.graph import Graph
 
 
 def _uniform(values: list[Any]) -> Any:
@@ -45,6 +45,6 @@ def describe(graph: Graph) -> dict[str, Any]:
 
 
 def _dtype_label(graph: Graph, name: str) -> str:
-    from tokopt.optimizer.weights import weight_dtype
+    from tokopt.optimizer.ir.weights import weight_dtype
 
     return weight_dtype(graph.params[name])

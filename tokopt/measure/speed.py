@@ -5,7 +5,7 @@ the reference executor or a backend's loaded artifact — with the same syntheti
 ids for every stage, greedy decoding through the KV cache, one warm-up round first.
 Peak memory is the process's resident-set high-water mark during the measurement
 (Linux: ``VmHWM``, reset before it starts), so run it in a fresh process to attribute
-the whole figure to one model (``python -m tokopt.optimizer.speed ARTIFACT``).
+the whole figure to one model (``python -m tokopt.measure.speed ARTIFACT``).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _measure(session: Any, ids, config: SpeedConfig) -> dict[str, Any]:
 
 
 def artifact_vocab_size(manifest: dict[str, Any]) -> int:
-    from tokopt.optimizer.errors import ModelSourceError
+    from tokopt.errors import ModelSourceError
 
     size = (manifest.get("model") or {}).get("vocab_size")
     if not size:
@@ -133,10 +133,10 @@ def measure_artifact_speed(path: Path, config: SpeedConfig = SpeedConfig(), time
     """
     import subprocess
 
-    cmd = [sys.executable, "-m", "tokopt.optimizer.speed", str(path), "--config", json.dumps(config.as_dict())]
+    cmd = [sys.executable, "-m", "tokopt.measure.speed", str(path), "--config", json.dumps(config.as_dict())]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
-        from tokopt.optimizer.errors import TokoptError
+        from tokopt.errors import TokoptError
 
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise TokoptError(f"measuring the artifact at {path} failed (exit {proc.returncode}): " + " | ".join(tail))
@@ -144,12 +144,12 @@ def measure_artifact_speed(path: Path, config: SpeedConfig = SpeedConfig(), time
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m tokopt.optimizer.speed ARTIFACT [--config JSON]``: one JSON line on stdout."""
+    """``python -m tokopt.measure.speed ARTIFACT [--config JSON]``: one JSON line on stdout."""
     import argparse
 
     from tokopt.backends.artifact import load_artifact, read_manifest
 
-    parser = argparse.ArgumentParser(prog="python -m tokopt.optimizer.speed")
+    parser = argparse.ArgumentParser(prog="python -m tokopt.measure.speed")
     parser.add_argument("artifact")
     parser.add_argument("--config", default="{}")
     args = parser.parse_args(argv)

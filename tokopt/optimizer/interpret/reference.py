@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.backends.base import greedy_decode
-from tokopt.backends.torch.kernels import StepContext, get_kernel
-from tokopt.backends.torch.kv_cache import KVCache
-from tokopt.optimizer.graph import Graph, Value
-from tokopt.optimizer.weights import DenseWeights
+from tokopt.optimizer.interpret.decode import greedy_decode
+from tokopt.optimizer.interpret.kernels import StepContext, get_kernel
+from tokopt.optimizer.interpret.kv_cache import KVCache
+from tokopt.optimizer.ir.graph import Graph, Value
+from tokopt.optimizer.ir.weights import DenseWeights
 
 
 class ReferenceExecutor:

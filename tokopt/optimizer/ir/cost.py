@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.ops import attended_span, get_op, kv_bytes_per_token, param_bytes
-from tokopt.optimizer.weights import weight_nbytes, weight_numel
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.ops import attended_span, get_op, kv_bytes_per_token, param_bytes
+from tokopt.optimizer.ir.weights import weight_nbytes, weight_numel
 
 DEFAULT_CONTEXTS = (512, 2048, 8192, 32768)
 

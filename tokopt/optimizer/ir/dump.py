@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokopt.optimizer.weights import weight_dtype, weight_shape
+from tokopt.optimizer.ir.weights import weight_dtype, weight_shape
 
 if TYPE_CHECKING:
-    from tokopt.optimizer.graph import Graph
+    from tokopt.optimizer.ir.graph import Graph
 
 _SKIP_ATTRS = {"inv_freq"}
 

@@ -16,23 +16,7 @@ from typing import Any
 
 import torch
 
-KV_QUANT_DTYPES = {"int8": 8, "int4": 4}
-_SCALE_BYTES = {"float16": 2, "float32": 4}
-
-
-def kv_cache_quant_attrs(bits: int, num_kv_heads: int, head_dim: int, group_size: int | None = None,
-                         symmetric: bool = True, scale_dtype: str = "float16") -> dict[str, Any]:
-    """The ``kv_cache`` entries describing a quantized cache (merge into the Attention attrs)."""
-    gs = group_size or head_dim
-    if head_dim % gs:
-        raise ValueError(f"kv group size {gs} does not divide head_dim {head_dim}")
-    per_group = _SCALE_BYTES[scale_dtype] + (0 if symmetric else 1)
-    return {
-        "dtype": f"int{bits}",
-        "scale_bytes_per_token": 2 * num_kv_heads * (head_dim // gs) * per_group,
-        "quant": {"bits": bits, "group_size": gs, "symmetric": symmetric, "scale_dtype": scale_dtype,
-                  "granularity": "per-token, per-head" + ("" if gs == head_dim else f", per {gs} dims")},
-    }
+from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group_size: int, symmetric: bool,

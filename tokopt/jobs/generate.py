@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokopt.optimizer.errors import ModelSourceError
-from tokopt.optimizer.graph import Graph
+from tokopt.errors import ModelSourceError
+from tokopt.optimizer.corpus import load_tokenizer
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.graph import Graph
 
 
 @dataclass
@@ -19,22 +21,8 @@ class Generation:
     text: str
 
 
-def load_tokenizer(graph: Graph):
-    from transformers import AutoTokenizer
-
-    path = graph.meta.tokenizer_path
-    if not path:
-        raise ModelSourceError(f"{graph.meta.source} carries no tokenizer; pass token ids instead")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"cannot load the tokenizer from {path}: {exc}") from None
-
-
 def generate_text(graph: Graph, prompt: str, max_new_tokens: int = 32, executor=None) -> Generation:
     """Greedy continuation of ``prompt``; stops at the model's EOS token."""
-    from tokopt.backends.torch import ReferenceExecutor
-
     tokenizer = load_tokenizer(graph)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:

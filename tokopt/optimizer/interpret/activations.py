@@ -19,26 +19,7 @@ from typing import Any
 
 import torch
 
-ACT_BITS = (8,)
 _jitter: dict[str, Any] = {}  # set only inside rounding_jitter()
-
-
-def act_quant_attr(bits: int, block: int) -> dict[str, int]:
-    """The attribute value a pass stores on a Linear."""
-    return {"bits": int(bits), "block": int(block)}
-
-
-def check_act_quant(spec: Any, in_features: int) -> str | None:
-    """Why ``spec`` is not a valid ``act_quant`` for a Linear of ``in_features`` inputs (None: valid)."""
-    if spec is None:
-        return None
-    if not isinstance(spec, dict) or set(spec) != {"bits", "block"}:
-        return f"act_quant must be {{'bits': 8, 'block': B}}, got {spec!r}"
-    if spec["bits"] not in ACT_BITS:
-        return f"act_quant bits {spec['bits']} (supported: {', '.join(map(str, ACT_BITS))})"
-    if spec["block"] < 1 or in_features % spec["block"]:
-        return f"act_quant block {spec['block']} does not divide in_features {in_features}"
-    return None
 
 
 def quantize_activations(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:

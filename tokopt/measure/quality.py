@@ -16,11 +16,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tokopt.optimizer.corpus import TextSource, fixed_batches, tokenize
+from tokopt.errors import CorpusError
+from tokopt.optimizer.corpus import TextSource, default_eval_text, fixed_batches, tokenize, tokenizer_for
 
 if TYPE_CHECKING:
     import torch
 
+    from tokopt.optimizer.ir.graph import Graph
 log = logging.getLogger(__name__)
 
 Forward = Callable[["torch.Tensor"], "torch.Tensor"]  # ids (batch, seq) -> logits (batch, seq, vocab)
@@ -111,6 +113,22 @@ def perplexity(forward: Forward, batches: Iterable[torch.Tensor], progress: Call
     return math.exp(total / count)
 
 
+def mean_kl(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(reference ‖ other) of next-token distributions, from two logits tensors of one shape."""
+    import torch
+
+    lp, lq = torch.log_softmax(reference.float(), -1), torch.log_softmax(other.float(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def eval_tokens(graph: Graph, length: int, sequences: int = 1) -> torch.Tensor:
+    """(sequences, length) tokens from the start of the default evaluation text (tests, benchmarks)."""
+    ids = tokenize(default_eval_text(), tokenizer_for(graph), graph.meta.vocab_size)
+    if len(ids) < length * sequences:
+        raise CorpusError(f"the evaluation text has only {len(ids)} tokens, {length * sequences} requested")
+    return ids[:length * sequences].reshape(sequences, length)
+
+
 class QualityEvaluator:
     """Measures stages against the first forward it is given (the baseline).
 
@@ -167,5 +185,5 @@ class QualityEvaluator:
 
 __all__ = [
     "EvalConfig", "EvalData", "QualityEvaluator", "build_eval_data", "build_calibration", "ensure_long",
-    "perplexity",
+    "perplexity", "mean_kl", "eval_tokens",
 ]

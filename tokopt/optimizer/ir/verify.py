@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import networkx as nx
 
-from tokopt.optimizer.activations import check_act_quant
-from tokopt.optimizer.errors import UnsupportedOpError, VerificationError
-from tokopt.optimizer.graph import Graph, Node
-from tokopt.optimizer.ops import get_op
-from tokopt.optimizer.weights import weight_shape
+from tokopt.errors import UnsupportedOpError, VerificationError
+from tokopt.optimizer.ir.attrs import check_act_quant, check_kv_cache, check_rope, check_span
+from tokopt.optimizer.ir.graph import Graph, Node
+from tokopt.optimizer.ir.ops import get_op
+from tokopt.optimizer.ir.weights import weight_shape
 
 
 def verify(graph: Graph, stage: str = "graph") -> None:
@@ -110,14 +110,8 @@ def _check_attention(graph: Graph, node: Node, ins: list) -> list[str]:
     for label, info in (("k", ins[1]), ("v", ins[2])):
         if info.shape != (kvh * d,):
             problems.append(f"{node.name}: {label} width {info.shape} != num_kv_heads*head_dim = {kvh * d}")
-    if a.get("window") is not None and a["window"] < 1:
-        problems.append(f"{node.name}: window must be >= 1")
-    if a.get("sinks", 0) and not a.get("window"):
-        problems.append(f"{node.name}: sinks without a window have no effect")
-    rope = a.get("rope")
-    if rope is not None and len(rope["inv_freq"]) * 2 != rope["rotary_dim"]:
-        problems.append(f"{node.name}: rope inv_freq has {len(rope['inv_freq'])} entries "
-                        f"for rotary_dim {rope['rotary_dim']}")
+    problems.extend(f"{node.name}: {why}" for why in
+                    (*check_span(a), *check_kv_cache(a), *check_rope(a.get("rope"), d)))
     for role in ("q_norm", "k_norm"):
         if role in node.params and weight_shape(graph.params[node.params[role]]) != (d,):
             problems.append(f"{node.name}: {role} weight must have shape ({d},)")

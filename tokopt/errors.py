@@ -78,3 +78,19 @@ class GateError(TokoptError):
 
 class OutputExistsError(TokoptError):
     """The output directory exists already; tokopt never overwrites it unless told to (``--force``)."""
+
+
+class UsageError(TokoptError):
+    """The command was called in a way that cannot work (exit code 2)."""
+
+
+class RecipeError(PassOptionError):
+    """A recipe file or ``--passes`` string is malformed (exit code 2)."""
+
+
+class CorpusError(TokoptError):
+    """Text for evaluation or calibration is missing, too short, or overlaps."""
+
+
+class PassContractError(PluginError):
+    """A pass broke its declared contract (``modified``, ``ensures``, or it changed its input); names it and its plugin."""

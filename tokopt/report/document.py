@@ -55,7 +55,7 @@ def library_versions() -> dict[str, str | None]:
 
 
 def tool_info() -> dict[str, str]:
-    from tokopt import __version__
+    from tokopt.version import __version__
 
     return {"name": "tokopt", "version": __version__}
 
@@ -204,7 +204,7 @@ def recipe_yaml(recipe: dict[str, Any]) -> str:
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[str]:
     """Write report.json, report.md, report.html and recipe.yaml into ``out_dir``; returns the names."""
-    from tokopt.optimizer.report_html import render_html
+    from tokopt.report.html import render_html
 
     out_dir = Path(out_dir)
     (out_dir / "report.json").write_text(json.dumps(_plain(report), indent=2, default=str) + "\n")

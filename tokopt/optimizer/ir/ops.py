@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tokopt.optimizer.errors import UnsupportedOpError
-from tokopt.optimizer.weights import DTYPE_BYTES, weight_nbytes, weight_shape
+from tokopt.errors import UnsupportedOpError
+from tokopt.optimizer.ir.weights import DTYPE_BYTES, weight_nbytes, weight_shape
 
 if TYPE_CHECKING:
-    from tokopt.optimizer.graph import Graph, Node, TensorInfo
+    from tokopt.optimizer.ir.graph import Graph, Node, TensorInfo
 
 InferFn = Callable[["Node", list["TensorInfo"], "Graph"], list["TensorInfo"]]
 CostFn = Callable[["Node", "Graph", int], int]
@@ -47,6 +47,26 @@ class OpSpec:
 
 
 _OPS: dict[str, OpSpec] = {}
+_RESOLVERS: list[Callable[[set[str]], None]] = []
+
+
+def add_op_resolver(resolver: Callable[[set[str]], None]) -> None:
+    """Register who can declare ops the IR does not know yet (the plugin layer: plugin ops).
+
+    The IR cannot import the plugins that sit above it; they register here instead, and
+    :func:`ensure_ops` asks them before a graph naming such ops is read.
+    """
+    if resolver not in _RESOLVERS:
+        _RESOLVERS.append(resolver)
+
+
+def ensure_ops(names: set[str]) -> None:
+    """Ask the registered resolvers to declare any of ``names`` that is not declared yet."""
+    for resolver in _RESOLVERS:
+        missing = names - set(_OPS)
+        if not missing:
+            return
+        resolver(missing)
 
 
 def register_op(spec: OpSpec, *, replace: bool = False) -> None:
@@ -71,7 +91,7 @@ def param_bytes(node: Node, graph: Graph, _context: int = 0) -> int:
 
 
 def _info(shape: tuple[int, ...], dtype: str = "float32") -> TensorInfo:
-    from tokopt.optimizer.graph import TensorInfo
+    from tokopt.optimizer.ir.graph import TensorInfo
 
     return TensorInfo(tuple(shape), dtype)
 
@@ -141,7 +161,7 @@ def _linear_flops(node: Node, graph: Graph, _context: int = 0) -> int:
 register_op(OpSpec(
     "Linear", ("x",), ("out",), {"act_quant": None}, ("weight",), _linear_infer, _linear_flops,
     "y = x @ weight.T + bias; weight is (out_features, in_features), dense or quantized.  act_quant "
-    "{'bits': 8, 'block': B} first quantizes x per block of B columns (tokopt.optimizer.activations).",
+    "{'bits': 8, 'block': B} first quantizes x per block of B columns (tokopt.optimizer.interpret.activations).",
     optional_params=("bias",),
 ))
 

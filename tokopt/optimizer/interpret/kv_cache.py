@@ -29,10 +29,8 @@ from typing import Any
 
 import torch
 
-from tokopt.optimizer.errors import KVCacheFullError, UnsupportedOpError
-
-LAYOUTS = ("BNSH", "BSNH")
-STORAGES = ("dynamic", "static", "paged")
+from tokopt.errors import KVCacheFullError, UnsupportedOpError
+from tokopt.optimizer.ir.attrs import check_kv_storage
 
 
 @dataclass(frozen=True)
@@ -59,26 +57,10 @@ class CachePolicy:
             block_size=kv.get("block_size"),
             max_len=kv.get("max_len"),
         )
-        policy.check()
+        problems = check_kv_storage(attrs)
+        if problems:
+            raise UnsupportedOpError(f"the reference KV cache cannot honour this layer: {'; '.join(problems)}")
         return policy
-
-    def check(self) -> None:
-        """Refuse, with a message naming the fix, what the reference cache cannot honour."""
-        if self.layout not in LAYOUTS:
-            raise UnsupportedOpError(
-                f"the reference KV cache has no layout {self.layout!r}; supported: {', '.join(LAYOUTS)}")
-        if self.storage not in STORAGES:
-            raise UnsupportedOpError(
-                f"the reference KV cache has no storage {self.storage!r}; supported: {', '.join(STORAGES)}")
-        if self.storage == "paged" and not (self.block_size and self.block_size > 0):
-            raise UnsupportedOpError("a paged KV cache needs kv_cache.block_size >= 1 (kv-layout:block_size=…)")
-        if self.storage == "static" and self.capacity is None:
-            raise UnsupportedOpError(
-                "a static KV cache needs kv_cache.max_len (kv-layout:max_len=…) or a sliding window")
-        if self.window and self.max_len and self.max_len < self.sinks + self.window:
-            raise UnsupportedOpError(
-                f"kv_cache.max_len={self.max_len} cannot hold the {self.sinks} sinks + {self.window}-token window; "
-                "leave max_len unset on windowed layers (the ring needs exactly sinks + window slots)")
 
     @property
     def bounded(self) -> bool:

@@ -21,9 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tokopt.optimizer.errors import ModelSourceError
-from tokopt.optimizer.graph import Graph, ModelMeta, Node, TensorInfo, Value
-from tokopt.optimizer.weights import LazyTensor, QuantizedWeight, dtype_name, materialize
+from tokopt.errors import ModelSourceError
+from tokopt.optimizer.ir.graph import Graph, ModelMeta, Node, TensorInfo, Value
+from tokopt.optimizer.ir.ops import ensure_ops
+from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, dtype_name, materialize
 
 GRAPH_FILE = "graph.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -161,7 +162,7 @@ def load_graph(directory: Path) -> Graph:
                                f"(this tokopt reads version {GRAPH_FORMAT_VERSION})")
     lazy, load = _reader(wpath)
     attr_tensors = _AttrTensors(lazy)
-    _ensure_ops({n["op"] for n in doc["nodes"]})
+    ensure_ops({n["op"] for n in doc["nodes"]})  # a graph from a plugin pass may use plugin ops
     meta_fields = {f.name for f in fields(ModelMeta)}
     meta = ModelMeta(**{k: v for k, v in _decode(doc["meta"], attr_tensors).items() if k in meta_fields})
     graph = Graph(meta)
@@ -194,16 +195,6 @@ class _AttrTensors(dict):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._lazy[key].materialize()
-
-
-def _ensure_ops(ops: set[str]) -> None:
-    """A graph from a plugin pass may use a plugin op: install plugin ops before it is verified."""
-    from tokopt.optimizer.ops import all_ops
-
-    if ops - set(all_ops()):
-        from tokopt.plugins import install_plugin_ops
-
-        install_plugin_ops()
 
 
 __all__ = ["GRAPH_FILE", "WEIGHTS_FILE", "GRAPH_FORMAT_VERSION", "save_graph", "load_graph", "graph_to_json"]

@@ -1,24 +1,27 @@
-"""The pass API: typed options, preconditions, declared effects, and ``run``.
+"""The pass API: typed options, conditions required and ensured, declared effects, and ``run``.
 
 A pass reads like a page: class attributes declare its name, options (with types,
-defaults and docs), what it needs and which metrics it promises to move; ``run``
-returns the new graph and whether anything changed.  Options are validated when the
-pass is constructed, so a bad pipeline fails before any expensive work.
+defaults and docs), the conditions it needs (``requires``) and guarantees (``ensures``),
+and which report metrics it promises to move; ``run`` returns the new graph and whether
+it modified anything.  Options are validated when the pass is constructed, so a bad
+pipeline fails before any expensive work; the pass manager checks every declaration
+(:mod:`tokopt.optimizer.manager`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from tokopt.optimizer.errors import PassOptionError
+from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 if TYPE_CHECKING:
     import torch
 
-    from tokopt.optimizer.graph import Graph
+    from tokopt.optimizer.ir.graph import Graph
 
 
 def parse_bool(text: str) -> bool:
@@ -107,11 +110,54 @@ class Option:
                 "choices": list(self.choices) if self.choices else None}
 
 
-@dataclass
+# -- conditions: the vocabulary of ``requires`` and ``ensures`` ----------------------------------
+#: name -> (test on a graph and the context, what it means in an error message).  ``"!name"`` negates.
+CONDITIONS: dict[str, Callable[[Graph, PassContext], bool]] = {
+    "attention": lambda g, ctx: bool(g.nodes("Attention")),
+    "moe": lambda g, ctx: bool(g.nodes("MoE")),
+    "calibration": lambda g, ctx: bool(ctx.calibration_batches),
+    "quantized": lambda g, ctx: any(isinstance(w, QuantizedWeight) for w in g.params.values()),
+    "window": lambda g, ctx: any(n.attrs.get("window") for n in g.nodes("Attention")),
+}
+_MEANING = {
+    "attention": "attention layers", "moe": "mixture-of-experts layers",
+    "calibration": "calibration text (--calib-text FILE, or the default corpus)",
+    "quantized": "quantized weights", "window": "sliding-window attention",
+}
+
+
+def parse_condition(text: str, owner: str) -> tuple[str, bool]:
+    """``"moe"`` → ("moe", True), ``"!moe"`` → ("moe", False); an unknown name is the pass's bug."""
+    want = not text.startswith("!")
+    name = text.lstrip("!")
+    if name not in CONDITIONS:
+        raise PassOptionError(f"{owner}: declares condition {text!r}; known conditions: "
+                              f"{', '.join(sorted(CONDITIONS))} (prefix ! to negate)")
+    return name, want
+
+
+def describe_condition(name: str, want: bool) -> str:
+    return _MEANING.get(name, name) if want else f"no {_MEANING.get(name, name)}"
+
+
 class PassResult:
-    graph: Graph
-    changed: bool
-    notes: list[str] = field(default_factory=list)  # what the pass did, for the report
+    """What a pass returns: the new graph, whether it modified anything, and notes for the report.
+
+    ``modified`` is checked by the pass manager against the graphs themselves.  ``changed``
+    is its name in plugin API version 1 and is still accepted.
+    """
+
+    def __init__(self, graph: Graph, modified: bool | None = None, notes: list[str] | None = None, *,
+                 changed: bool | None = None) -> None:
+        if modified is None and changed is None:
+            raise TypeError("PassResult needs modified=True/False")
+        self.graph = graph
+        self.modified = bool(modified if modified is not None else changed)
+        self.notes = list(notes or [])
+
+    @property
+    def changed(self) -> bool:
+        return self.modified
 
 
 class PassContext:
@@ -124,21 +170,51 @@ class PassContext:
 
     def __init__(self, calibration_batches: list[torch.Tensor] | None = None, seed: int = 0,
                  backend: str | None = None, progress: Callable[..., Any] | None = None,
-                 reference_graph: Graph | None = None) -> None:
+                 reference_graph: Graph | None = None,
+                 backend_capabilities: dict[str, dict[str, Any]] | None = None) -> None:
         import torch
 
         self.calibration_batches = calibration_batches or []
         self.seed = seed
         self.rng = torch.Generator().manual_seed(seed)
         self.backend = backend
+        #: what each known backend can express (name -> capabilities), for passes that refuse up front
+        self.backend_capabilities = backend_capabilities or {}
         self.reference_graph = reference_graph  # the graph before the pipeline (for distillation)
         self.progress = progress or (lambda iterable, **_: iterable)
         self.log = logging.getLogger("tokopt.pass")
 
+    def calibration(self, graph: Graph, count: int, seq_len: int, pass_name: str) -> list[torch.Tensor]:
+        """Up to ``count`` (1, ``seq_len``) batches of calibration tokens — one policy for every pass.
+
+        The text is the pipeline's calibration batches when it has any (re-cut, never longer
+        than they are, so a pass may ask for shorter sequences than the pipeline calibrates
+        with), else the project's default calibration text (standard-library docstrings
+        disjoint from the evaluation text), so results stay reproducible offline.
+        """
+        import torch
+
+        from tokopt.optimizer.corpus import default_calibration_text, tokenize, tokenizer_for
+
+        if self.calibration_batches:
+            ids = torch.cat([b.reshape(-1) for b in self.calibration_batches])
+            seq_len = min(seq_len, min(b.shape[-1] for b in self.calibration_batches))
+            source = "pipeline calibration batches"
+        else:
+            ids = tokenize(default_calibration_text(), tokenizer_for(graph), graph.meta.vocab_size)
+            source = "default calibration text (stdlib docstrings)"
+        n = min(count, len(ids) // seq_len)
+        batches = [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(n)]
+        self.log.info("%s: %d × %d calibration tokens from %s", pass_name, len(batches), seq_len, source)
+        if not batches:
+            raise PreconditionError(f"{pass_name}: the calibration text has {len(ids)} tokens, fewer than one "
+                                    f"sequence of {seq_len}; give more calibration text or a shorter sequence length")
+        return batches
+
     def capture_inputs(self, graph: Graph, nodes: set[str], batches: list[torch.Tensor] | None = None,
                        ) -> dict[str, list[torch.Tensor]]:
         """Inputs (first operand) of ``nodes`` for each calibration batch, in order."""
-        from tokopt.backends.torch import ReferenceExecutor
+        from tokopt.optimizer.interpret import ReferenceExecutor
 
         executor = ReferenceExecutor(graph)
         out: dict[str, list[torch.Tensor]] = {n: [] for n in nodes}
@@ -152,16 +228,20 @@ class PassContext:
 class Pass:
     """Base class of every pass (built-in or plugin).
 
-    Subclasses set ``name``, ``summary``, ``options`` and implement :meth:`run`.
-    ``requires`` may name ``calibration`` (needs calibration text), ``attention`` or
-    ``moe`` (the graph must have such nodes).  ``moves`` lists the report metrics the
-    pass promises to change; ``changes_numerics`` is False for pure layout passes.
+    Subclasses set ``name``, ``summary``, ``options`` and implement :meth:`run`, which must
+    not modify its input graph (copy it: ``graph.copy()`` is a cheap structural copy).
+    ``requires`` and ``ensures`` name conditions of :data:`CONDITIONS` (``"!moe"``: none
+    left) that must hold on the pass's input and will hold on its output; the manager
+    checks both, and a pipeline whose later pass needs what an earlier one removes fails in
+    ``--dry-run``.  ``moves`` lists the report metrics the pass promises to change (checked
+    against the report's metric names); ``changes_numerics`` is False for pure layout passes.
     """
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
     requires: ClassVar[frozenset[str]] = frozenset()
+    ensures: ClassVar[frozenset[str]] = frozenset()
     moves: ClassVar[tuple[str, ...]] = ()
     changes_numerics: ClassVar[bool] = True
     plugin: str = "tokopt"  # set by the registry to the distribution that provides it
@@ -199,6 +279,7 @@ class Pass:
     def describe(cls) -> dict[str, Any]:
         return {"name": cls.name, "summary": cls.summary, "doc": (cls.__doc__ or "").strip(),
                 "options": [o.as_dict() for o in cls.options], "requires": sorted(cls.requires),
+                "ensures": sorted(cls.ensures),
                 "moves": list(cls.moves), "changes_numerics": cls.changes_numerics, "plugin": cls.plugin}
 
 

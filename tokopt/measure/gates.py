@@ -26,7 +26,7 @@ class Gates:
             return self
         unknown = sorted(set(other) - set(asdict(self)))
         if unknown:
-            from tokopt.optimizer.pipeline import RecipeError
+            from tokopt.errors import RecipeError
 
             raise RecipeError(f"recipe gates: unknown key(s) {', '.join(unknown)}; valid: {', '.join(asdict(self))}")
         mine = asdict(self)

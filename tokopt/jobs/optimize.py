@@ -24,35 +24,25 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tokopt.backends.artifact import atomic_directory, check_output
+from tokopt.backends.registry import backend_capabilities
+from tokopt.errors import BackendUnavailableError, GateError, PassContractError, RecipeError, UsageError
+from tokopt.measure.gates import GateResult, Gates, check_gates
+from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
+from tokopt.measure.speed import SpeedConfig, measure_artifact_speed, measure_speed
 from tokopt.optimizer.corpus import has_tokenizer, resolve_texts, tokenizer_for
-from tokopt.optimizer.cost import static_metrics
-from tokopt.optimizer.errors import BackendUnavailableError, GateError, TokoptError
-from tokopt.optimizer.evaluate import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
-from tokopt.optimizer.gates import GateResult, Gates, check_gates
-from tokopt.optimizer.graph import Graph
-from tokopt.optimizer.outdir import atomic_directory, check_output
-from tokopt.optimizer.pipeline import (
-    RecipeError,
-    StageResult,
-    check_pipeline,
-    load_recipe,
-    parse_passes,
-    recipe_passes,
-    resolve,
-    resolved_recipe,
-    run_pipeline,
-)
-from tokopt.optimizer.report import new_report, stage_metrics, write_reports
-from tokopt.optimizer.speed import SpeedConfig, measure_artifact_speed, measure_speed
+from tokopt.optimizer.ir.cost import static_metrics
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.manager import StageResult, check_pipeline, run_pipeline
+from tokopt.optimizer.pass_api import Pass
+from tokopt.optimizer.recipe import load_recipe, resolved_recipe
+from tokopt.passes.pipeline import parse_passes, recipe_passes, resolve
+from tokopt.report.document import LONG_METRIC_KEYS, STAGE_METRIC_KEYS, new_report, stage_metrics, write_reports
 
 log = logging.getLogger(__name__)
 
 SPEED_MODES = ("auto", "artifact", "reference", "off")
 SLOWER_WARNING = 0.95  # warn when a pass leaves decode below 95 % of the stage before
-
-
-class UsageError(TokoptError):
-    """The command was called in a way that cannot work (exit code 2)."""
 
 
 def make_progress(enabled: bool | None = None) -> Callable[..., Any]:
@@ -107,7 +97,7 @@ class OptimizeResult:
 
 
 def _model_section(graph: Graph) -> dict[str, Any]:
-    from tokopt.optimizer.summary import describe
+    from tokopt.optimizer.ir.summary import describe
 
     info = describe(graph)
     keys = ("source", "architecture", "model_type", "layers", "hidden_size", "vocab_size", "num_heads",
@@ -129,7 +119,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     executor), ``artifact``, ``reference`` or ``off``.  Gate failures do not raise: check
     :attr:`OptimizeResult.passed` (the CLI exits 1).
     """
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
     t_start = time.perf_counter()
     rec = load_recipe(recipe) if recipe else {}
@@ -151,6 +141,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         check_output(out_path, force)
 
     pass_objs = resolve(specs)  # unknown passes/options fail here, before anything is loaded
+    check_moves(pass_objs)
     backend_obj = None
     if backend_name:
         from tokopt.backends.registry import get_backend
@@ -171,9 +162,10 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     eval_src, calib_src = resolve_texts(eval_text, calib_text)
     calibration, calib_info = build_calibration(calib_src, eval_config, tokenizer, graph.meta.vocab_size)
     show = make_progress(progress)
-    from tokopt.passes.base import PassContext
+    from tokopt.optimizer.pass_api import PassContext
 
-    ctx = PassContext(calibration, seed=seed, backend=backend_name, progress=show, reference_graph=graph)
+    ctx = PassContext(calibration, seed=seed, backend=backend_name, progress=show, reference_graph=graph,
+                      backend_capabilities=backend_capabilities() if backend_name else None)
     check_pipeline(pass_objs, graph, ctx)
     with_long = any("long_ppl" in p.moves for p in pass_objs)
     data = build_eval_data(eval_src, eval_config, tokenizer, graph.meta.vocab_size, with_long=with_long)
@@ -187,7 +179,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         return OptimizeResult(None, None, [], plan)
 
     from tokopt import plugins
-    from tokopt.optimizer.machine import describe_machine
+    from tokopt.measure.machine import describe_machine
 
     assert out_path is not None
     plugins.notify_pipeline_start(source, [p.spec() for p in pass_objs], backend_name, graph)
@@ -252,7 +244,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                     warnings.append(f"{stage.name} changed nothing")
                 log.info("stage %d %s: ppl %.3f", stage.index, stage.name, values["ppl"])
 
-            stages = run_pipeline(pass_objs, graph, ctx, on_stage)
+            stages = run_pipeline(pass_objs, graph, ctx, on_stage, plugins.StageNotifier())
             eval_info = dict(data.source)
             report = new_report(
                 machine=machine, model=_model_section(graph), backend=backend_name,
@@ -276,6 +268,19 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         raise
     plugins.notify_pipeline_end(report, out_path, None)
     return OptimizeResult(report, out_path, gate_results, plan)
+
+
+def check_moves(passes: list[Pass]) -> None:
+    """Every metric a pass promises to move must be one the report measures (names the pass and plugin)."""
+    known = set(STAGE_METRIC_KEYS) | set(LONG_METRIC_KEYS)
+    for p in passes:
+        unknown = sorted(set(p.moves) - known)
+        if unknown:
+            who = f"plugin {p.plugin!r}" if p.plugin != "tokopt" else "built into tokopt"
+            err = PassContractError(f"pass {p.spec()!r} ({who}) declares moves={list(p.moves)}, but the report has no "
+                                    f"metric {', '.join(unknown)}; report metrics: {', '.join(sorted(known))}")
+            err.plugin = p.plugin  # type: ignore[attr-defined]
+            raise err
 
 
 class _GatesFailed(Exception):
@@ -327,13 +332,13 @@ class _Target:
 
 def _open(target: str | Path | Graph, load_options: dict[str, Any] | None = None) -> _Target:
     from tokopt.backends.artifact import is_artifact, load_artifact, read_manifest
-    from tokopt.backends.torch import ReferenceExecutor
+    from tokopt.optimizer.interpret import ReferenceExecutor
 
     if isinstance(target, Graph):
         return _Target(target.meta.source or "graph", ReferenceExecutor(target), tokenizer_for(target),
                        target.meta.vocab_size, target)
     if is_artifact(target):
-        from tokopt.optimizer.speed import artifact_vocab_size
+        from tokopt.measure.speed import artifact_vocab_size
 
         manifest = read_manifest(target)
         session = load_artifact(target, **(load_options or {}))
@@ -368,7 +373,7 @@ def _genai_directory(target: str | Path) -> dict[str, Any] | None:
 def _directory_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    from tokopt.optimizer.corpus import CorpusError
+    from tokopt.errors import CorpusError
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
@@ -419,7 +424,7 @@ def compare(models: list[str | Path | Graph], backend: str | None = None, *,
     import contextlib
     import statistics
 
-    from tokopt.optimizer.machine import describe_machine
+    from tokopt.measure.machine import describe_machine
 
     if not models:
         raise UsageError("nothing to benchmark: name at least one model or artifact")
@@ -471,7 +476,7 @@ def _bench_target(model: str | Path | Graph, backend: str | None, load_options: 
                                         "bytes_per_token")})
     info["decode_tok_s_bound"] = machine["memory_bandwidth_bytes_per_s"] / static["bytes_per_token"]
     if backend in (None, "reference"):
-        from tokopt.backends.torch import ReferenceExecutor
+        from tokopt.optimizer.interpret import ReferenceExecutor
 
         return {**info, "backend": "reference"}, ReferenceExecutor(graph), graph.meta.vocab_size
     from tokopt.backends.registry import get_backend

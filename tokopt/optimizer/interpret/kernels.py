@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from tokopt.backends.torch.kv_quant import quantize_kv
-from tokopt.optimizer.activations import quantize_activations
-from tokopt.optimizer.errors import UnsupportedOpError
-from tokopt.optimizer.graph import Node
+from tokopt.errors import UnsupportedOpError
+from tokopt.optimizer.interpret.activations import quantize_activations
+from tokopt.optimizer.interpret.kv_quant import quantize_kv
+from tokopt.optimizer.ir.graph import Node
 
 if TYPE_CHECKING:
-    from tokopt.backends.torch.kv_cache import KVCache
+    from tokopt.optimizer.interpret.kv_cache import KVCache
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from tokopt.optimizer.report import human_bytes, table_rows
+from tokopt.report.document import human_bytes, table_rows
 
 BAR_COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d")
 
@@ -103,7 +103,7 @@ def charts(report: dict[str, Any]) -> list[str]:
 
 
 def render_html(report: dict[str, Any]) -> str:
-    from tokopt.optimizer.report import recipe_yaml
+    from tokopt.report.document import recipe_yaml
 
     header, rows = table_rows(report)
     model = report.get("model", {})

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import networkx as nx
 
-from tokopt.optimizer.weights import Weight
+from tokopt.optimizer.ir.weights import Weight
 
 
 class Value(NamedTuple):
@@ -64,7 +64,7 @@ class Graph:
 
     Inputs are ``Input`` nodes (``input_ids``, ``position_ids``); ``outputs`` maps output
     names (``logits``) to values.  Mutating helpers keep the edge slots consistent;
-    ``tokopt.optimizer.verify`` checks the rest.
+    ``tokopt.optimizer.ir.verify`` checks the rest.
     """
 
     def __init__(self, meta: ModelMeta) -> None:
@@ -84,7 +84,7 @@ class Graph:
         params: dict[str, str] | None = None,
     ) -> Value:
         """Add a node, infer its output types, and return its first output."""
-        from tokopt.optimizer.ops import get_op
+        from tokopt.optimizer.ir.ops import get_op
 
         if name in self.nx:
             raise ValueError(f"duplicate node name {name!r}")
@@ -185,7 +185,7 @@ class Graph:
 
     def reinfer(self) -> None:
         """Recompute every node's output types (after a pass changed attributes or params)."""
-        from tokopt.optimizer.ops import get_op
+        from tokopt.optimizer.ir.ops import get_op
 
         for node in self.nodes():
             ins = [self.info(v) for v in self.inputs_of(node.name)]
@@ -195,6 +195,6 @@ class Graph:
         return self.nx.number_of_nodes()
 
     def __str__(self) -> str:
-        from tokopt.optimizer.dump import dump
+        from tokopt.optimizer.ir.dump import dump
 
         return dump(self)

@@ -1,0 +1,1 @@
+"""Measurement: quality on fixed tokens, speed of artifacts, the machine, quality gates."""

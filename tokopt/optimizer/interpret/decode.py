@@ -1,0 +1,34 @@
+"""Greedy decoding, shared by the reference executor and every backend's session.
+
+One loop for all of them, so that "the same tokens as the reference" compares sessions, never two
+decoding loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def greedy_decode(forward: Callable[[torch.Tensor, Any], torch.Tensor], cache: Any, input_ids: torch.Tensor,
+                  max_new_tokens: int, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+    """Greedy decoding shared by every session: prefill, then one token per step.
+
+    Stops when every row has produced an EOS token or after ``max_new_tokens``; never runs
+    a forward whose logits would be thrown away.  Returns (batch, new_tokens) ids.
+    """
+    eos = sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or []))
+    logits = forward(input_ids, cache)
+    out: list[torch.Tensor] = []
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)
+        out.append(nxt)
+        if eos:
+            done |= torch.isin(nxt, torch.tensor(eos, dtype=nxt.dtype))
+        if bool(done.all()) or len(out) == max_new_tokens:
+            break
+        logits = forward(nxt[:, None], cache)
+    return torch.stack(out, dim=1) if out else input_ids.new_zeros((input_ids.shape[0], 0))

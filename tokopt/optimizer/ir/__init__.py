@@ -1,0 +1,1 @@
+"""The IR: graph, op schemas, weights, attribute schemas, verifier, cost model, serialization."""

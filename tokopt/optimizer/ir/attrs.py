@@ -1,0 +1,130 @@
+"""One typed schema per attribute family of the IR: what a valid value is, checked in one place.
+
+The verifier (:mod:`tokopt.optimizer.ir.verify`) calls these after the frontend and every
+pass; passes build attribute values with the constructors here; the interpreter and the
+backends read the same definitions.  A value that is stored but that nothing honours is
+invalid here, so it can never be silently ignored downstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# -- act_quant: run-time quantization of a Linear's input ---------------------------------------------
+ACT_BITS = (8,)
+
+
+def act_quant_attr(bits: int, block: int) -> dict[str, int]:
+    """The attribute value a pass stores on a Linear."""
+    return {"bits": int(bits), "block": int(block)}
+
+
+def check_act_quant(spec: Any, in_features: int) -> str | None:
+    """Why ``spec`` is not a valid ``act_quant`` for a Linear of ``in_features`` inputs (None: valid)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) != {"bits", "block"}:
+        return f"act_quant must be {{'bits': 8, 'block': B}}, got {spec!r}"
+    if spec["bits"] not in ACT_BITS:
+        return f"act_quant bits {spec['bits']} (supported: {', '.join(map(str, ACT_BITS))})"
+    if spec["block"] < 1 or in_features % spec["block"]:
+        return f"act_quant block {spec['block']} does not divide in_features {in_features}"
+    return None
+
+
+# -- kv_cache: dtype, quantization, layout and storage of an Attention's cache ------------------------
+KV_QUANT_DTYPES = {"int8": 8, "int4": 4}
+KV_DTYPES = ("float32", "float16", "bfloat16", *KV_QUANT_DTYPES)
+KV_LAYOUTS = ("BNSH", "BSNH")
+KV_STORAGES = ("dynamic", "static", "paged")
+_SCALE_BYTES = {"float16": 2, "float32": 4}
+
+
+def kv_cache_quant_attrs(bits: int, num_kv_heads: int, head_dim: int, group_size: int | None = None,
+                         symmetric: bool = True, scale_dtype: str = "float16") -> dict[str, Any]:
+    """The ``kv_cache`` entries describing a quantized cache (merge into the Attention attrs)."""
+    gs = group_size or head_dim
+    if head_dim % gs:
+        raise ValueError(f"kv group size {gs} does not divide head_dim {head_dim}")
+    per_group = _SCALE_BYTES[scale_dtype] + (0 if symmetric else 1)
+    return {
+        "dtype": f"int{bits}",
+        "scale_bytes_per_token": 2 * num_kv_heads * (head_dim // gs) * per_group,
+        "quant": {"bits": bits, "group_size": gs, "symmetric": symmetric, "scale_dtype": scale_dtype,
+                  "granularity": "per-token, per-head" + ("" if gs == head_dim else f", per {gs} dims")},
+    }
+
+
+def check_kv_cache(attrs: dict[str, Any]) -> list[str]:
+    """Why an Attention's ``kv_cache`` (read with its window and sinks) is invalid; empty when valid."""
+    kv = attrs.get("kv_cache")
+    if not isinstance(kv, dict):
+        return [f"kv_cache must be a mapping, got {kv!r}"]
+    problems = []
+    dtype = kv.get("dtype")
+    if dtype not in KV_DTYPES:
+        problems.append(f"kv_cache.dtype {dtype!r} (valid: {', '.join(KV_DTYPES)})")
+    if dtype in KV_QUANT_DTYPES:
+        q = kv.get("quant") or {}
+        if q.get("bits") != KV_QUANT_DTYPES[dtype] or not q.get("group_size") or \
+                attrs["head_dim"] % q["group_size"] or q.get("scale_dtype") not in _SCALE_BYTES:
+            problems.append(f"kv_cache.quant {q!r} does not describe a {dtype} cache of head_dim {attrs['head_dim']}")
+    return problems + check_kv_storage(attrs)
+
+
+def check_kv_storage(attrs: dict[str, Any]) -> list[str]:
+    """Why the layout/storage part of an Attention's ``kv_cache`` is invalid; empty when valid."""
+    kv = attrs.get("kv_cache") or {}
+    problems = []
+    layout, storage = kv.get("layout") or "BNSH", kv.get("storage") or "dynamic"
+    if layout not in KV_LAYOUTS:
+        problems.append(f"kv_cache.layout {layout!r} (valid: {', '.join(KV_LAYOUTS)})")
+    if storage not in KV_STORAGES:
+        problems.append(f"kv_cache.storage {storage!r} (valid: {', '.join(KV_STORAGES)})")
+    block, max_len = kv.get("block_size"), kv.get("max_len")
+    if storage == "paged" and not (isinstance(block, int) and block > 0):
+        problems.append("a paged KV cache needs kv_cache.block_size >= 1 (kv-layout:block_size=…)")
+    window, sinks = attrs.get("window"), int(attrs.get("sinks") or 0)
+    if storage == "static" and not (max_len or window):
+        problems.append("a static KV cache needs kv_cache.max_len (kv-layout:max_len=…) or a sliding window")
+    if window and max_len and max_len < sinks + window:
+        problems.append(f"kv_cache.max_len={max_len} cannot hold the {sinks} sinks + {window}-token window; "
+                        "leave max_len unset on windowed layers (the ring needs exactly sinks + window slots)")
+    return problems
+
+
+# -- window / sinks: the attention span ------------------------------------------------------------------
+def check_span(attrs: dict[str, Any]) -> list[str]:
+    """Why an Attention's ``window``/``sinks`` are invalid; empty when valid."""
+    problems = []
+    window, sinks = attrs.get("window"), attrs.get("sinks", 0)
+    if window is not None and (not isinstance(window, int) or window < 1):
+        problems.append("window must be an integer >= 1")
+    if sinks and not window:
+        problems.append("sinks without a window have no effect")
+    if sinks is not None and (not isinstance(sinks, int) or sinks < 0):
+        problems.append("sinks must be an integer >= 0")
+    return problems
+
+
+# -- rope: rotary position embedding -------------------------------------------------------------------
+ROPE_KEYS = {"theta", "type", "rotary_dim", "interleaved", "inv_freq", "attention_factor"}
+
+
+def check_rope(rope: dict[str, Any] | None, head_dim: int) -> list[str]:
+    """Why an Attention's ``rope`` is invalid; empty when valid (``None``: no RoPE)."""
+    if rope is None:
+        return []
+    problems = []
+    unknown = sorted(set(rope) - ROPE_KEYS)
+    if unknown:
+        problems.append(f"rope has unknown key(s) {', '.join(unknown)}")
+    rd = rope.get("rotary_dim")
+    if not isinstance(rd, int) or rd < 2 or rd % 2 or rd > head_dim:
+        problems.append(f"rope rotary_dim {rd!r} must be even and within 2..head_dim={head_dim}")
+    elif len(rope.get("inv_freq") or []) * 2 != rd:
+        problems.append(f"rope inv_freq has {len(rope.get('inv_freq') or [])} entries for rotary_dim {rd}")
+    if rope.get("interleaved"):
+        problems.append("rope.interleaved (GPT-J style pairs) is not part of the IR's RoPE; the frontend must "
+                        "permute q/k projections into the half-rotation layout")
+    return problems

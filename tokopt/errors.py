@@ -93,4 +93,7 @@ class CorpusError(TokoptError):
 
 
 class PassContractError(PluginError):
-    """A pass broke its declared contract (``modified``, ``ensures``, or it changed its input); names it and its plugin."""
+    """A pass broke its declared contract (``modified``, ``ensures``, ``moves``, or it changed its input).
+
+    The message names the pass and the plugin that provides it (exit code 5, like every plugin failure).
+    """

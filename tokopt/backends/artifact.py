@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,21 +147,25 @@ def _commit(tmp: Path, out: Path, force: bool, empty_ok: bool) -> None:
     log.info("wrote %s", out)
 
 
-def copy_tokenizer(graph: Graph, directory: Path) -> str | None:
-    """Copy the model's tokenizer files into ``directory/tokenizer``; returns that name or None."""
+def copy_tokenizer(graph: Graph, dest: Path, skip: Collection[str] = ()) -> list[str]:
+    """Copy the model's tokenizer files into ``dest``; returns the names copied (empty: it carries none).
+
+    ``skip`` names files the caller writes itself (the onnxruntime artifact's own ``config.json``).
+    """
     src = graph.meta.tokenizer_path
     if not src or not Path(src).is_dir():
         log.info("model %s carries no tokenizer directory; the artifact will have none", graph.meta.source)
-        return None
-    files = sorted({p for pattern in TOKENIZER_PATTERNS for p in Path(src).glob(pattern) if p.is_file()})
+        return []
+    files = sorted({p for pattern in TOKENIZER_PATTERNS for p in Path(src).glob(pattern)
+                    if p.is_file() and p.name not in skip})
     if not any(p.name.startswith("tokenizer") or p.suffix == ".model" or p.name.startswith("vocab") for p in files):
         log.info("%s holds no tokenizer files; the artifact will have none", src)
-        return None
-    dest = Path(directory) / TOKENIZER_DIR
+        return []
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for p in files:
         shutil.copy2(p, dest / p.name)
-    return TOKENIZER_DIR
+    return [p.name for p in files]
 
 
 __all__ = ["MANIFEST_FILE", "ARTIFACT_FORMAT_VERSION", "TOKENIZER_DIR", "check_output", "write_manifest",

@@ -57,6 +57,16 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 
 
+def at_least(bound: float) -> Callable[[Any], str | None]:
+    """An :class:`Option` check: the value must be ``>= bound`` (counts, sizes, steps, rates)."""
+    return lambda value: None if value >= bound else f"must be >= {bound}"
+
+
+def in_unit_interval(value: float) -> str | None:
+    """An :class:`Option` check for fractions: the value must be in (0, 1]."""
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
 @dataclass(frozen=True)
 class Option:
     """One pass option.  ``kind`` is int, float, str, bool, int_list or str_list.

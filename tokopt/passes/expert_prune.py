@@ -15,11 +15,7 @@ import torch
 from tokopt.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
-from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
-
-
-def _positive(value: float) -> str | None:
-    return None if 0 < value <= 1 else "must be in (0, 1]"
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, in_unit_interval
 
 
 class ExpertPrunePass(Pass):
@@ -29,7 +25,8 @@ class ExpertPrunePass(Pass):
     summary = "Drop the least-used MoE experts (measured on calibration text)."
     options = (
         Option("keep", "int", None, "Experts to keep per MoE layer (>= top_k). Exclusive with keep_ratio."),
-        Option("keep_ratio", "float", None, "Fraction of experts to keep per layer, rounded up.", check=_positive),
+        Option("keep_ratio", "float", None, "Fraction of experts to keep per layer, rounded up.",
+               check=in_unit_interval),
         Option("method", "str", "weight", "Usage score: total routing weight (weight) or selection count (count).",
                choices=("weight", "count")),
         Option("layers", "int_list", None, "Layer indices to prune, e.g. 0;2;4-7 (default: every MoE layer)."),

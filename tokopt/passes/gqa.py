@@ -24,7 +24,7 @@ from tokopt.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.ir.graph import Graph, Node, Value
 from tokopt.optimizer.ir.ops import kv_bytes_per_token
 from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
-from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
 from tokopt.passes.attention.block import block_output, relative_error
 from tokopt.passes.attention.merge import AttentionWeights, HeadLayout, calibrated_merge, mean_merge
 from tokopt.passes.attention.selection import attention_nodes
@@ -32,14 +32,6 @@ from tokopt.passes.attention.selection import attention_nodes
 log = logging.getLogger(__name__)
 
 ROLES = ("q", "k", "v", "o")
-
-
-def _positive(value: int) -> str | None:
-    return None if value >= 1 else "must be >= 1"
-
-
-def _non_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be >= 0"
 
 
 class GroupedQueryAttention(Pass):
@@ -55,26 +47,26 @@ class GroupedQueryAttention(Pass):
     summary = "Merge KV heads (MHA→GQA→MQA): KV bytes/token shrink by old/new heads; mean or calibrated merge."
     options = (
         Option("num_kv_heads", "int", None, "KV heads per converted layer; must divide the current KV and query heads.",
-               check=_positive),
+               check=at_least(1)),
         Option("method", "str", "calibrated", "mean: average each group's K/V rows (Ainslie et al.); "
                "calibrated: RoPE-aware merge fitted on calibration activations.", choices=("mean", "calibrated")),
         Option("layers", "int_list", None, "Layer indices to convert, e.g. 0;2;4-7 (default: all layers)."),
         Option("max_error", "float", None, "Convert only layers whose attention-block output changes by at most "
-               "this relative squared error on calibration text (e.g. 0.05).", check=_non_negative),
-        Option("calib_samples", "int", 8, "Calibration sequences used to fit the merge.", check=_positive),
-        Option("calib_seq_len", "int", 512, "Tokens per calibration sequence.", check=_positive),
+               "this relative squared error on calibration text (e.g. 0.05).", check=at_least(0)),
+        Option("calib_samples", "int", 8, "Calibration sequences used to fit the merge.", check=at_least(1)),
+        Option("calib_seq_len", "int", 512, "Tokens per calibration sequence.", check=at_least(1)),
         Option("refine_steps", "int", 0, "Adam steps per converted layer fitting its attention block's output to the "
-               "original block's on calibration inputs (0 = none); cheap, runs before healing.", check=_non_negative),
-        Option("refine_lr", "float", 1e-3, "Adam learning rate of refinement.", check=_non_negative),
-        Option("heal_steps", "int", 0, "Distillation steps after merging (0 = no healing).", check=_non_negative),
+               "original block's on calibration inputs (0 = none); cheap, runs before healing.", check=at_least(0)),
+        Option("refine_lr", "float", 1e-3, "Adam learning rate of refinement.", check=at_least(0)),
+        Option("heal_steps", "int", 0, "Distillation steps after merging (0 = no healing).", check=at_least(0)),
         Option("heal_lr", "float", 1e-4, "Peak AdamW learning rate of healing (5e-4 only made SmolLM2 worse).",
-               check=_non_negative),
-        Option("heal_seq_len", "int", 128, "Tokens per healing sequence.", check=_positive),
+               check=at_least(0)),
+        Option("heal_seq_len", "int", 128, "Tokens per healing sequence.", check=at_least(1)),
         Option("heal_samples", "int", 512, "Distinct calibration sequences healing cycles through, at most what the "
                "calibration text holds (in `tokopt optimize`: --calib-tokens, default 8x512 = 32 of 128).",
-               check=_positive),
+               check=at_least(1)),
         Option("heal_held_out", "int", 4, "Calibration sequences set aside from healing: its KL on them picks the "
-               "checkpoint kept (0 = keep the last step).", check=_non_negative),
+               "checkpoint kept (0 = keep the last step).", check=at_least(0)),
         Option("heal_scope", "str", "attention", "Parameters healing trains: the converted layers' q/k/v/o "
                "projections (attention) or every parameter (all).", choices=("attention", "all")),
         Option("seed", "int", 0, "Seed of healing (batch order, initialisation of optimizer state)."),

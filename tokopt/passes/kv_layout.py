@@ -13,17 +13,13 @@ from __future__ import annotations
 
 from tokopt.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.ir.graph import Graph
-from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
 from tokopt.passes.attention.kv_memory import reserved_kv_bytes
 from tokopt.passes.attention.selection import attention_nodes
 
 # A batch of mixed lengths the notes quote reserved bytes for (chat-like: short and long).
 SAMPLE_LENGTHS = (37, 180, 512, 900, 2048, 64, 333, 1200)
 DEFAULT_BLOCK_SIZE = 16
-
-
-def _positive(value: int) -> str | None:
-    return None if value >= 1 else "must be >= 1"
 
 
 class KVLayout(Pass):
@@ -42,9 +38,9 @@ class KVLayout(Pass):
         Option("storage", "str", None, "dynamic (grows), static (pre-allocated max_len), paged (block_size pages).",
                choices=("dynamic", "static", "paged")),
         Option("block_size", "int", None, f"Tokens per page when paged (default {DEFAULT_BLOCK_SIZE}).",
-               check=_positive),
+               check=at_least(1)),
         Option("max_len", "int", None, "Slots a static cache pre-allocates per sequence (default: the model's "
-               "max positions, or sinks + window on windowed layers).", check=_positive),
+               "max positions, or sinks + window on windowed layers).", check=at_least(1)),
         Option("layers", "int_list", None, "Layer indices to change (default: all layers)."),
     )
     requires = frozenset({"attention"})

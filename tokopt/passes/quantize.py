@@ -22,7 +22,7 @@ from tokopt.optimizer.ir.attrs import act_quant_attr, kv_cache_quant_attrs
 from tokopt.optimizer.ir.graph import Graph, Node, Value
 from tokopt.optimizer.ir.ops import kv_bytes_per_token
 from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, weight_nbytes, weight_shape
-from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
 from tokopt.passes.quant.calibration import BlockwiseRunner
 from tokopt.passes.quant.gptq import gptq_quantize, search_grid
 from tokopt.passes.quant.rtn import SCALE_DTYPES, quantize_rtn
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 
 GROUP_SIZES = (-1, 0, 16, 32, 64, 128, 256)
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
-
-
-def _positive(value: int) -> str | None:
-    return None if value > 0 else "must be positive"
 
 
 def _damp(value: float) -> str | None:
@@ -86,9 +82,9 @@ class QuantizePass(Pass):
         Option("damp", "float", 0.01, "GPTQ: Hessian dampening, as a fraction of its mean diagonal.", check=_damp),
         Option("act_order", "bool", True, "GPTQ: quantize columns in order of decreasing input energy."),
         Option("calibration_samples", "int", 8, "Sequences of calibration text, when the pipeline gives none.",
-               check=_positive),
+               check=at_least(1)),
         Option("calibration_seq_len", "int", 512, "Tokens per calibration sequence, when the pipeline gives none.",
-               check=_positive),
+               check=at_least(1)),
         Option("act_bits", "int", None,
                "Also quantize each quantized Linear's input to int8 at run time, per block of its weight group "
                "(w4a8/w8a8): onnxruntime's fastest CPU path (MatMulNBits accuracy_level 4). Default: float inputs.",
@@ -96,7 +92,7 @@ class QuantizePass(Pass):
         Option("kv_bits", "int", None, "Quantize the KV cache to this many bits (default: leave it).",
                choices=(8, 4)),
         Option("kv_group_size", "int", None, "Head dimensions sharing one KV scale; default: the whole head "
-               "(per token, per head). Must divide head_dim.", check=_positive),
+               "(per token, per head). Must divide head_dim.", check=at_least(1)),
         Option("kv_symmetric", "bool", None, "Symmetric KV grid; default: true for 8 bits, false for 4."),
     )
     moves = ("weight_bytes", "bits_per_param", "decode_tok_s_bound", "kv_bytes_per_token", "ppl")

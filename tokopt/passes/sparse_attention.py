@@ -16,16 +16,8 @@ query-to-sink distance leaves the trained range — the pass warns when that is 
 from __future__ import annotations
 
 from tokopt.optimizer.ir.graph import Graph
-from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
+from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
 from tokopt.passes.attention.selection import attention_nodes
-
-
-def _positive(value: int) -> str | None:
-    return None if value >= 1 else "must be >= 1"
-
-
-def _non_negative(value: int) -> str | None:
-    return None if value >= 0 else "must be >= 0"
 
 
 class SparseAttention(Pass):
@@ -39,9 +31,9 @@ class SparseAttention(Pass):
     name = "sparse-attention"
     summary = "Sliding window + attention sinks (StreamingLLM): bounded KV cache, attention span capped."
     options = (
-        Option("window", "int", 256, "Recent tokens each query attends to (itself included).", check=_positive),
+        Option("window", "int", 256, "Recent tokens each query attends to (itself included).", check=at_least(1)),
         Option("sinks", "int", 4, "Initial tokens always attended to (attention sinks); 0 disables.",
-               check=_non_negative),
+               check=at_least(0)),
         Option("layers", "int_list", None, "Layer indices to change, e.g. 0;2;4-7 (default: all layers)."),
     )
     requires = frozenset({"attention"})

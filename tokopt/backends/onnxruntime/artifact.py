@@ -16,9 +16,6 @@ import yaml
 
 from tokopt.optimizer.ir.graph import Graph
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
-
 
 def hf_config(graph: Graph) -> dict[str, Any]:
     """The source's config.json, with ``architectures`` filled in (GGUF conversions leave it null)."""
@@ -26,19 +23,6 @@ def hf_config(graph: Graph) -> dict[str, Any]:
     if not config.get("architectures") and graph.meta.architecture:
         config["architectures"] = [graph.meta.architecture]
     return config
-
-
-def copy_tokenizer(graph: Graph, out: Path) -> list[str]:
-    src = graph.meta.tokenizer_path
-    if not src or not Path(src).is_dir():
-        return []
-    copied = []
-    for name in TOKENIZER_FILES:
-        path = Path(src) / name
-        if path.is_file():
-            shutil.copy2(path, out / name)
-            copied.append(name)
-    return copied
 
 
 def write_json(path: Path, payload: Any) -> str:

@@ -93,8 +93,8 @@ class OnnxRuntimeBackend(Backend):
         model builder ships — and the reference executor computes the same int8
         activations, so the parity bar is the same for every artifact.
         """
-        from tokopt.backends.artifact import atomic_directory, write_manifest
-        from tokopt.backends.onnxruntime.artifact import copy_tokenizer, hf_config, write_json, write_recipe
+        from tokopt.backends.artifact import atomic_directory, copy_tokenizer, write_manifest
+        from tokopt.backends.onnxruntime.artifact import hf_config, write_json, write_recipe
         from tokopt.backends.onnxruntime.external_data import write_model
         from tokopt.backends.onnxruntime.genai_config import genai_config
         from tokopt.backends.onnxruntime.lower import LoweringOptions, lower_graph
@@ -110,7 +110,7 @@ class OnnxRuntimeBackend(Backend):
         with atomic_directory(out_dir, empty_ok=True) as tmp:
             files = write_model(ctx.b, tmp / "model.onnx")
             files.append(write_json(tmp / "config.json", hf_config(graph)))
-            tokenizer = copy_tokenizer(graph, tmp)
+            tokenizer = copy_tokenizer(graph, tmp, skip={"config.json"})
             files += tokenizer
             if (name := write_recipe(tmp, recipe)) is not None:
                 files.append(name)

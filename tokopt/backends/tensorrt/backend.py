@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tokopt.backends.artifact import atomic_directory, copy_tokenizer, read_manifest, write_manifest
+from tokopt.backends.artifact import TOKENIZER_DIR, atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
 from tokopt.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
 from tokopt.optimizer.ir.graph import Graph
@@ -125,9 +125,9 @@ class TensorRTBackend(Backend):
                              for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
             build = build_engine(exported.path, tmp / PLAN_FILE, dims, shapes, precision)
             files = [PLAN_FILE, *(f"{ONNX_DIR}/{f}" for f in exported.files)]
-            tokenizer = copy_tokenizer(graph, tmp)
-            if tokenizer:
-                files += [f"{tokenizer}/{p.name}" for p in sorted((tmp / tokenizer).iterdir())]
+            copied = copy_tokenizer(graph, tmp / TOKENIZER_DIR)
+            tokenizer = TOKENIZER_DIR if copied else None
+            files += [f"{TOKENIZER_DIR}/{name}" for name in copied]
             report = None
             if parity:
                 from tokopt.backends.tensorrt.engine import TensorRTSession

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tokopt.backends.artifact import atomic_directory, copy_tokenizer, read_manifest, write_manifest
+from tokopt.backends.artifact import TOKENIZER_DIR, atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
 from tokopt.errors import BackendRefusalError, ModelSourceError
 from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES, KV_STORAGES
@@ -43,7 +43,8 @@ class TorchBackend(Backend):
 
         return {
             "window": True, "sinks": True, "softcap": True, "qk_norm": True, "moe": True,
-            "kv_dtypes": ["float32", *sorted(KV_QUANT_DTYPES)], "kv_storage": list(KV_STORAGES), "weight_bits": list(WEIGHT_BITS),
+            "kv_dtypes": ["float32", *sorted(KV_QUANT_DTYPES)], "kv_storage": list(KV_STORAGES),
+            "weight_bits": list(WEIGHT_BITS),
             "quantized_weights": "dequantized once at load (exact); no low-bit matmul kernels yet",
             "ops": sorted(KERNELS), "compile": True,
         }
@@ -79,9 +80,9 @@ class TorchBackend(Backend):
         out_dir = Path(out_dir)
         with atomic_directory(out_dir, empty_ok=True) as tmp:
             files = save_graph(graph, tmp)
-            tokenizer = copy_tokenizer(graph, tmp)
-            if tokenizer:
-                files += [f"{tokenizer}/{p.name}" for p in sorted((tmp / tokenizer).iterdir())]
+            copied = copy_tokenizer(graph, tmp / TOKENIZER_DIR)
+            tokenizer = TOKENIZER_DIR if copied else None
+            files += [f"{TOKENIZER_DIR}/{name}" for name in copied]
             report = None
             if parity:
                 from tokopt.backends.parity import check_parity

@@ -74,7 +74,8 @@ def tokopt_int4() -> Path:
 
 def run(decode_tokens: int = DECODE_TOKENS, rounds: int = ROUNDS) -> dict:
     import tokopt
-    from tokopt.jobs.optimize import compare, evaluate
+    from tokopt.jobs.bench import compare
+    from tokopt.jobs.evaluate import evaluate
 
     graph = tokopt.load("smollm2")
     dirs = {"builder int4": builder_int4(Path(graph.meta.tokenizer_path)), "tokopt int4": tokopt_int4()}

@@ -158,7 +158,7 @@ def test_every_builtin_pass_declares_only_real_metrics_and_conditions():
     from tokopt.optimizer.pass_api import parse_condition
     from tokopt.passes.registry import BUILTIN_PASSES, builtin_pass
 
-    options = {"expert-prune": {"keep": 1}, "gqa": {"num_kv_heads": 1}}
+    options = {"expert-prune": {"keep": 1}, "gqa": {"num_kv_heads": 1}, "kv-layout": {"storage": "static"}}
     passes = [builtin_pass(name)(**options.get(name, {})) for name in BUILTIN_PASSES]
     check_moves(passes)
     for p in passes:

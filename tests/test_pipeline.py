@@ -21,7 +21,8 @@ from tokopt.errors import (
     UsageError,
     VerificationError,
 )
-from tokopt.jobs.optimize import evaluate, optimize
+from tokopt.jobs.evaluate import evaluate
+from tokopt.jobs.optimize import optimize
 from tokopt.measure.gates import Gates
 from tokopt.optimizer.ir.weights import materialize
 from tokopt.optimizer.pass_api import Option, Pass, PassResult

@@ -5,21 +5,26 @@ The Python API mirrors the CLI::
     import tokopt
     graph = tokopt.load("smollm2")          # HF dir, hub id, .gguf or demo name
     print(tokopt.static_metrics(graph))      # params, weight bytes, KV bytes/token, FLOPs
-    ids = tokopt.generate(graph, "The capital of France is", max_new_tokens=16)
+    print(tokopt.generate(graph, "The capital of France is", max_new_tokens=16).text)  # = tokopt generate
     result = tokopt.optimize("smollm2", "quantize:bits=8", backend="torch", out="out")  # = tokopt optimize
     print(result.report["stages"][-1]["metrics"]["ppl_delta_pct"], result.passed)
     tokopt.evaluate("out")["ppl"]                                                      # = tokopt eval
     tokopt.bench("out")["decode_tok_s"]                                                # = tokopt bench
+    tokopt.compare(["out", "smollm2"], rounds=3)["ratio_vs_first"]                     # = tokopt bench A B
+    tokopt.Pipeline.parse("quantize:bits=8").run(graph)                                # passes, no measurement
 """
 
 from __future__ import annotations
 
 from tokopt.frontends import load_model as load
-from tokopt.jobs.optimize import OptimizeResult, bench, evaluate, optimize
+from tokopt.jobs.bench import bench, compare
+from tokopt.jobs.evaluate import evaluate
+from tokopt.jobs.generate import generate_text as generate
+from tokopt.jobs.optimize import OptimizeResult, optimize
 from tokopt.measure.gates import Gates
 from tokopt.optimizer import Graph, TokoptError, static_metrics, verify
 from tokopt.passes.pipeline import Pipeline, parse_passes
 from tokopt.version import __version__
 
 __all__ = ["__version__", "load", "Graph", "TokoptError", "static_metrics", "verify", "optimize", "evaluate", "bench",
-           "OptimizeResult", "Gates", "Pipeline", "parse_passes"]
+           "compare", "generate", "OptimizeResult", "Gates", "Pipeline", "parse_passes"]

@@ -232,7 +232,7 @@ def eval_command(model_or_artifact: str, eval_text: str | None, eval_tokens: str
 
     The batches are those `tokopt optimize` uses, so the result equals a report's baseline ppl.
     """
-    from tokopt.jobs.optimize import evaluate
+    from tokopt.jobs.evaluate import evaluate
 
     result = evaluate(model_or_artifact, eval_text, eval_options={**_eval_tokens(eval_tokens),
                                                                   "long_context": long_context},
@@ -267,8 +267,8 @@ def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode
     Several targets are measured side by side in one process, alternating round by round,
     and each decode speed is reported as a ratio to the first target's.
     """
-    from tokopt.jobs.optimize import bench as run_bench
-    from tokopt.jobs.optimize import compare
+    from tokopt.jobs.bench import bench as run_bench
+    from tokopt.jobs.bench import compare
 
     speed = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "batch_size": batch, "threads": threads}
     if len(targets) == 1 and rounds in (None, 1):

@@ -1,4 +1,4 @@
-"""The job behind ``tokopt optimize``, ``tokopt eval`` and ``tokopt bench``.
+"""The job behind ``tokopt optimize``.
 
 ``optimize`` resolves and checks the whole pipeline first (cheap), then loads the
 evaluation text, measures the baseline, runs each pass (verify + measure after each),
@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tokopt.backends.artifact import atomic_directory, check_output
 from tokopt.backends.registry import backend_capabilities
-from tokopt.errors import BackendUnavailableError, GateError, PassContractError, RecipeError, UsageError
+from tokopt.errors import BackendUnavailableError, GateError, PassContractError, UsageError
+from tokopt.jobs.common import config_of, load_model, make_progress
 from tokopt.measure.gates import GateResult, Gates, check_gates
 from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
 from tokopt.measure.speed import SpeedConfig, measure_artifact_speed, measure_speed
-from tokopt.optimizer.corpus import has_tokenizer, resolve_texts, tokenizer_for
+from tokopt.optimizer.corpus import resolve_texts, tokenizer_for
 from tokopt.optimizer.ir.cost import static_metrics
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.manager import StageResult, check_pipeline, run_pipeline
@@ -43,36 +42,6 @@ log = logging.getLogger(__name__)
 
 SPEED_MODES = ("auto", "artifact", "reference", "off")
 SLOWER_WARNING = 0.95  # warn when a pass leaves decode below 95 % of the stage before
-
-
-def make_progress(enabled: bool | None = None) -> Callable[..., Any]:
-    """A tqdm wrapper, silent when stderr is not a terminal (CI logs stay readable)."""
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-
-    def progress(iterable: Any, desc: str = "", unit: str = "it", **kwargs: Any) -> Any:
-        return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=not enabled, file=sys.stderr, **kwargs)
-
-    return progress
-
-
-def _config(cls: type, section: dict[str, Any] | None, overrides: dict[str, Any] | None, what: str) -> Any:
-    values = {**(section or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise RecipeError(f"{what}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    try:
-        config = cls(**{k: int(v) for k, v in values.items()})
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{what}: {exc}") from None
-    may_be_zero = ("seed", "decode_tokens", "threads")
-    bad = [f"{k}={v}" for k, v in config.as_dict().items() if v < (0 if k in may_be_zero else 1)]
-    if bad:
-        raise RecipeError(f"{what}: {', '.join(bad)} must be positive")
-    return config
 
 
 @dataclass
@@ -127,8 +96,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         raise UsageError("the pipeline is given twice (--passes and the recipe's 'passes'); use one of them")
     specs = parse_passes(passes) if passes is not None else recipe_passes(rec.get("passes"), str(recipe))
     gates = (gates or Gates()).merged(rec.get("gates"))
-    eval_config: EvalConfig = _config(EvalConfig, rec.get("eval"), eval_options, "eval options")
-    speed_config: SpeedConfig = _config(SpeedConfig, rec.get("speed"), speed_options, "speed options")
+    eval_config: EvalConfig = config_of(EvalConfig, rec.get("eval"), eval_options, "eval options")
+    speed_config: SpeedConfig = config_of(SpeedConfig, rec.get("speed"), speed_options, "speed options")
     if speed not in SPEED_MODES:
         raise UsageError(f"speed={speed!r}; choose one of {', '.join(SPEED_MODES)}")
     backend_name = backend if backend is not None else rec.get("backend", "torch")
@@ -156,7 +125,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     if gates.min_decode_speedup is not None and mode == "off":
         raise UsageError("--min-decode-speedup needs speed measurement; do not turn it off")
 
-    graph = model if isinstance(model, Graph) else _load(model)
+    graph = model if isinstance(model, Graph) else load_model(model)
     source = str(model) if not isinstance(model, Graph) else (graph.meta.source or "graph")
     tokenizer = tokenizer_for(graph)
     eval_src, calib_src = resolve_texts(eval_text, calib_text)
@@ -287,12 +256,6 @@ class _GatesFailed(Exception):
     """Internal: unwinds the atomic output directory (nothing is written when a gate fails)."""
 
 
-def _load(model: str | Path) -> Graph:
-    from tokopt.frontends import load_model
-
-    return load_model(model)
-
-
 def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any) -> dict[str, Any]:
     """Load the final artifact and compare its logits with the reference executor (ParityError: exit 4)."""
     from tokopt.backends.parity import check_parity
@@ -317,177 +280,5 @@ def _stage_record(stage: StageResult) -> dict[str, Any]:
     }
 
 
-# -- eval and bench ---------------------------------------------------------------------------
-@dataclass
-class _Target:
-    """A model or an artifact, opened for running: a forward, its tokenizer and vocabulary."""
 
-    label: str
-    session: Any
-    tokenizer: Any
-    vocab_size: int
-    graph: Graph | None
-    artifact: dict[str, Any] | None = None
-
-
-def _open(target: str | Path | Graph, load_options: dict[str, Any] | None = None) -> _Target:
-    from tokopt.backends.artifact import is_artifact, load_artifact, read_manifest
-    from tokopt.optimizer.interpret import ReferenceExecutor
-
-    if isinstance(target, Graph):
-        return _Target(target.meta.source or "graph", ReferenceExecutor(target), tokenizer_for(target),
-                       target.meta.vocab_size, target)
-    if is_artifact(target):
-        from tokopt.measure.speed import artifact_vocab_size
-
-        manifest = read_manifest(target)
-        session = load_artifact(target, **(load_options or {}))
-        tokenizer = _directory_tokenizer(Path(target) / manifest["tokenizer"]) if manifest.get("tokenizer") else None
-        return _Target(str(target), session, tokenizer, artifact_vocab_size(manifest), None, manifest)
-    if (genai := _genai_directory(target)) is not None:
-        from tokopt.backends.onnxruntime.session import OnnxRuntimeSession
-
-        session = OnnxRuntimeSession(Path(target) / "model.onnx", **(load_options or {}))
-        tokenizer = _directory_tokenizer(Path(target)) if has_tokenizer(target) else None
-        return _Target(str(target), session, tokenizer, genai["vocab_size"], None)
-    graph = _load(target)
-    return _Target(str(target), ReferenceExecutor(graph), tokenizer_for(graph), graph.meta.vocab_size, graph)
-
-
-def _genai_directory(target: str | Path) -> dict[str, Any] | None:
-    """The ``model`` section of another tool's onnxruntime-genai directory (e.g. its model builder's output),
-    which runs as is on onnxruntime; None for anything else."""
-    import json
-
-    path = Path(target)
-    config = path / "genai_config.json"
-    if not (path.is_dir() and config.is_file() and (path / "model.onnx").is_file()):
-        return None
-    try:
-        model = json.loads(config.read_text())["model"]
-        return {**model, "vocab_size": int(model["vocab_size"])}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{config} is not an onnxruntime-genai config with model.vocab_size ({exc})") from None
-
-
-def _directory_tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    from tokopt.errors import CorpusError
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise CorpusError(f"cannot load the tokenizer in {path}: {exc}") from None
-
-
-def evaluate(model: str | Path | Graph, eval_text: str | Path | None = None, *,
-             eval_options: dict[str, Any] | None = None, long: bool = False,
-             progress: bool | None = None) -> dict[str, Any]:
-    """Perplexity of a model or artifact on the evaluation text (the same batches ``optimize`` uses)."""
-    from tokopt.optimizer.corpus import default_eval_text, file_text
-
-    config: EvalConfig = _config(EvalConfig, None, eval_options, "eval options")
-    target = _open(model)
-    text = file_text(eval_text) if eval_text else default_eval_text()
-    data = build_eval_data(text, config, target.tokenizer, target.vocab_size, with_long=long)
-    evaluator = QualityEvaluator(data, make_progress(progress))
-    t0 = time.perf_counter()
-    quality = evaluator.measure(target.session.forward, long=long)
-    result = {"model": target.label, "ppl": quality["ppl"], "tokens": int(data.tokens.numel()),
-              "eval": data.source, "seconds": round(time.perf_counter() - t0, 3)}
-    if long:
-        result["long_ppl"] = quality["long_ppl"]
-    if target.artifact is not None:
-        result["backend"] = target.artifact["backend"]
-    return result
-
-
-def bench(model: str | Path | Graph, backend: str | None = None, *, speed_options: dict[str, Any] | None = None,
-          load_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Prefill/decode speed and peak memory of a model (reference executor, or lowered to
-    ``backend`` in a temporary directory), of an artifact (with the backend that wrote it)
-    or of an onnxruntime-genai directory another tool wrote (as is, on onnxruntime)."""
-    result = compare([model], backend, speed_options=speed_options, load_options=load_options, rounds=1)
-    return {**result["results"][0], "speed_config": result["speed_config"], "machine": result["machine"]}
-
-
-def compare(models: list[str | Path | Graph], backend: str | None = None, *,
-            speed_options: dict[str, Any] | None = None, load_options: dict[str, Any] | None = None,
-            rounds: int = 3) -> dict[str, Any]:
-    """Measure several models/artifacts side by side: every round measures each once, in turn.
-
-    Alternating, in one process, is what makes a ratio trustworthy on a shared machine:
-    load drift hits every contestant alike.  Each result holds the per-round values and
-    their medians; ``ratio_vs_first`` divides every median decode tok/s by the first one's.
-    """
-    import contextlib
-    import statistics
-
-    from tokopt.measure.machine import describe_machine
-
-    if not models:
-        raise UsageError("nothing to benchmark: name at least one model or artifact")
-    if rounds < 1:
-        raise UsageError(f"rounds must be at least 1, got {rounds}")
-    config: SpeedConfig = _config(SpeedConfig, None, speed_options, "speed options")
-    machine = describe_machine()
-    with contextlib.ExitStack() as stack:
-        opened = [_bench_target(m, backend, load_options, machine, stack) for m in models]
-        runs: list[list[dict[str, Any]]] = [[] for _ in opened]
-        for _ in range(rounds):
-            for i, (_, session, vocab) in enumerate(opened):
-                runs[i].append(measure_speed(session, vocab, config))
-    results = []
-    for (info, _, _), measured in zip(opened, runs, strict=True):
-        merged = dict(measured[-1])
-        for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_batch", "decode_tok_s_batch"):
-            if key in merged:
-                merged[key] = statistics.median(m[key] for m in measured)
-                merged[f"{key}_rounds"] = [m[key] for m in measured]
-        merged["peak_rss_bytes"] = max(m["peak_rss_bytes"] for m in measured)
-        results.append({**info, **merged})
-    first = results[0]["decode_tok_s"]
-    return {"results": results, "rounds": rounds,
-            "ratio_vs_first": [r["decode_tok_s"] / first if first else None for r in results],
-            "speed_config": config.as_dict(),
-            "machine": {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads", "memory_bandwidth_bytes_per_s")}}
-
-
-def _bench_target(model: str | Path | Graph, backend: str | None, load_options: dict[str, Any] | None,
-                  machine: dict[str, Any], stack: Any) -> tuple[dict[str, Any], Any, int]:
-    """(what it is, a session to time, its vocabulary size); temporary lowerings live as long as ``stack``."""
-    from tokopt.backends.artifact import is_artifact, read_manifest
-
-    info: dict[str, Any] = {"model": str(model) if not isinstance(model, Graph) else model.meta.source}
-    if not isinstance(model, Graph) and is_artifact(model):
-        manifest = read_manifest(model)
-        if backend and backend != manifest["backend"]:
-            raise UsageError(f"{model} is a {manifest['backend']!r} artifact; it cannot be benchmarked with "
-                             f"--backend {backend}")
-        target = _open(model, load_options)
-        return {**info, "backend": manifest["backend"]}, target.session, target.vocab_size
-    if not isinstance(model, Graph) and backend in (None, "onnxruntime") and _genai_directory(model) is not None:
-        target = _open(model, load_options)
-        return {**info, "backend": "onnxruntime (as is)"}, target.session, target.vocab_size
-    graph = model if isinstance(model, Graph) else _load(model)
-    static = static_metrics(graph).as_dict()
-    info.update({k: static[k] for k in ("params", "weight_bytes", "bits_per_param", "kv_bytes_per_token",
-                                        "bytes_per_token")})
-    info["decode_tok_s_bound"] = machine["memory_bandwidth_bytes_per_s"] / static["bytes_per_token"]
-    if backend in (None, "reference"):
-        from tokopt.optimizer.interpret import ReferenceExecutor
-
-        return {**info, "backend": "reference"}, ReferenceExecutor(graph), graph.meta.vocab_size
-    from tokopt.backends.registry import get_backend
-
-    backend_obj = get_backend(backend)
-    ok, why = backend_obj.availability()
-    if not ok:
-        raise BackendUnavailableError(f"backend {backend!r} cannot run here: {why}")
-    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tokopt-bench-"))) / "artifact"
-    backend_obj.lower(graph, path)
-    return {**info, "backend": backend}, backend_obj.load(path, **(load_options or {})), graph.meta.vocab_size
-
-
-__all__ = ["optimize", "evaluate", "bench", "compare", "OptimizeResult", "UsageError", "make_progress", "SPEED_MODES"]
+__all__ = ["optimize", "OptimizeResult", "SPEED_MODES", "check_moves"]

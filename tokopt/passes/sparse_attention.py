@@ -37,6 +37,7 @@ class SparseAttention(Pass):
         Option("layers", "int_list", None, "Layer indices to change, e.g. 0;2;4-7 (default: all layers)."),
     )
     requires = frozenset({"attention"})
+    ensures = frozenset({"window"})
     moves = ("kv_bytes_at", "flops_per_token", "long_ppl", "ppl")
     changes_numerics = True
 

@@ -2,14 +2,20 @@
 
 Built-in backends are listed by import path and imported only when used (the
 onnxruntime and tensorrt modules are heavy); plugins add theirs through ``tokopt.plugins``.
+A plugin backend is checked here and its methods are guarded so that a crash in any of
+them names the plugin, wherever the backend is called from.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Callable
+from typing import Any
 
 from tokopt.backends.base import Backend
-from tokopt.errors import BackendUnavailableError
+from tokopt.errors import BackendUnavailableError, PluginError
+from tokopt.plugins import plugin_guard, plugin_names, reserve_builtin_names, resolve_plugin, unknown_name_error
 
 BUILTIN_BACKENDS: dict[str, str] = {
     # name: "module:Class" — each built-in backend package adds its line here
@@ -17,6 +23,9 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "onnxruntime": "tokopt.backends.onnxruntime.backend:OnnxRuntimeBackend",
     "tensorrt": "tokopt.backends.tensorrt.backend:TensorRTBackend",
 }
+reserve_builtin_names("backend", BUILTIN_BACKENDS)
+
+GUARDED_METHODS = ("availability", "capabilities", "check", "lower", "load")  # the Backend API a plugin implements
 
 
 def builtin_backend(name: str) -> Backend:
@@ -26,8 +35,6 @@ def builtin_backend(name: str) -> Backend:
 
 def known_backend_names() -> list[str]:
     """Built-in and plugin backend names (plugin manifests are read; no backend code is imported)."""
-    from tokopt.plugins import plugin_names
-
     return sorted(set(BUILTIN_BACKENDS) | set(plugin_names("backend")))
 
 
@@ -46,13 +53,31 @@ def get_backend(name: str) -> Backend:
     """A backend instance; a plugin's has ``plugin`` set and its methods name the plugin when they crash."""
     if name in BUILTIN_BACKENDS:
         return builtin_backend(name)
-    from tokopt.plugins import plugin_backend, unknown_name_error
-
-    backend = plugin_backend(name)
-    if backend is not None:
-        return backend
+    resolved = resolve_plugin("backend", name)
+    if resolved is not None:
+        return _plugin_backend(name, *resolved)
     broken = unknown_name_error("backend", name)
     if broken is not None:
         raise broken
     raise BackendUnavailableError(
         f"unknown backend {name!r}; available backends: {', '.join(known_backend_names()) or 'none'}")
+
+
+def _plugin_backend(name: str, cls: Any, plugin: str) -> Backend:
+    """A new instance of what plugin ``plugin`` registered as backend ``name``, its methods guarded."""
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise PluginError(f"plugin {plugin!r}: backend {name!r} resolves to {cls!r}, not a tokopt Backend subclass")
+    with plugin_guard(plugin, f"creating backend {name!r}"):
+        backend = cls()
+    backend.plugin = plugin
+    for method in GUARDED_METHODS:
+        setattr(backend, method, _guarded(getattr(backend, method), plugin, f"backend {name!r} {method}()"))
+    return backend
+
+
+def _guarded(fn: Callable[..., Any], plugin: str, what: str) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with plugin_guard(plugin, what):
+            return fn(*args, **kwargs)
+    return call

@@ -1,15 +1,18 @@
 """Where pass names resolve to pass classes.
 
 Built-in passes are listed by import path and imported only when used, so listing
-passes stays cheap.  Plugins add theirs through ``tokopt.plugins``.
+passes stays cheap.  Plugins add theirs through ``tokopt.plugins``; this registry checks
+that what a plugin names is a pass, since the plugin layer below cannot know.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
-from tokopt.errors import PassOptionError
+from tokopt.errors import PassOptionError, PluginError
 from tokopt.optimizer.pass_api import Pass
+from tokopt.plugins import plugin_names, reserve_builtin_names, resolve_plugin, unknown_name_error
 
 BUILTIN_PASSES: dict[str, str] = {
     # name: "module:Class" — each built-in pass module adds its line here
@@ -19,6 +22,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "kv-layout": "tokopt.passes.kv_layout:KVLayout",
     "quantize": "tokopt.passes.quantize:QuantizePass",
 }
+reserve_builtin_names("pass", BUILTIN_PASSES)
 
 
 def builtin_pass(name: str) -> type[Pass]:
@@ -28,8 +32,6 @@ def builtin_pass(name: str) -> type[Pass]:
 
 def known_pass_names() -> list[str]:
     """Built-in and plugin pass names (plugin manifests are read; no plugin pass code is imported)."""
-    from tokopt.plugins import plugin_names
-
     return sorted(set(BUILTIN_PASSES) | set(plugin_names("pass")))
 
 
@@ -37,12 +39,20 @@ def get_pass_class(name: str) -> type[Pass]:
     """The class of pass ``name``; a plugin's class has ``plugin`` set to its distribution name."""
     if name in BUILTIN_PASSES:
         return builtin_pass(name)
-    from tokopt.plugins import plugin_pass_class, unknown_name_error
-
-    cls = plugin_pass_class(name)
-    if cls is not None:
-        return cls
+    resolved = resolve_plugin("pass", name)
+    if resolved is not None:
+        return _plugin_pass_class(name, *resolved)
     broken = unknown_name_error("pass", name)
     if broken is not None:
         raise broken
     raise PassOptionError(f"unknown pass {name!r}; available passes: {', '.join(known_pass_names()) or 'none'}")
+
+
+def _plugin_pass_class(name: str, cls: Any, plugin: str) -> type[Pass]:
+    """Check what plugin ``plugin`` registered as pass ``name``, and mark it as the plugin's."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise PluginError(f"plugin {plugin!r}: pass {name!r} resolves to {cls!r}, not a tokopt Pass subclass")
+    if cls.name != name:
+        raise PluginError(f"plugin {plugin!r} registers pass {name!r} but its class says name = {cls.name!r}")
+    cls.plugin = plugin
+    return cls

@@ -8,18 +8,17 @@ the ``notify_*`` functions, running plugin code inside :func:`plugin_guard`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokopt.errors import PluginError
 from tokopt.optimizer.ir.ops import add_op_resolver
 from tokopt.plugins.hookspecs import PLUGIN_API_VERSION, SUPPORTED_PLUGIN_API_VERSIONS, hookimpl, hookspec
-from tokopt.plugins.manager import ENTRY_POINT_GROUP, PluginManager, plugin_guard
+from tokopt.plugins.manager import BUILTIN_NAMES, ENTRY_POINT_GROUP, PluginManager, plugin_guard
 
 if TYPE_CHECKING:
-    from tokopt.backends.base import Backend
     from tokopt.optimizer.ir.graph import Graph
-    from tokopt.optimizer.pass_api import Pass
 
 _MANAGER: PluginManager | None = None
 
@@ -49,56 +48,30 @@ def unregister_plugin(name: str) -> None:
 
 
 # -- what the registries call ------------------------------------------------------------
+def reserve_builtin_names(kind: str, names: Iterable[str]) -> None:
+    """Keep plugins off the built-in ``names`` of ``kind`` ("pass", "backend", "frontend").
+
+    The plugin layer sits below the registries and cannot import them, so each registry
+    reserves its built-in names when it is imported; a plugin claiming one is set aside
+    with a ``PluginError`` naming it.
+    """
+    BUILTIN_NAMES[kind].update(names)
+    if _MANAGER is not None:
+        _MANAGER.forget_provided()
+
+
 def plugin_names(kind: str) -> list[str]:
     """Names of ``kind`` ("pass", "backend", "frontend") that plugins provide (nothing imported)."""
     return sorted(get_plugin_manager().provided(kind))
 
 
-def plugin_pass_class(name: str) -> type[Pass] | None:
-    """The plugin pass class called ``name`` (imported now), or None if no plugin provides it."""
-    from tokopt.optimizer.pass_api import Pass
+def resolve_plugin(kind: str, name: str) -> tuple[Any, str] | None:
+    """``(object, plugin)`` behind the plugin-provided ``name``, imported now; None if no plugin has it.
 
-    resolved = get_plugin_manager().resolve("pass", name)
-    if resolved is None:
-        return None
-    cls, plugin = resolved
-    if not (isinstance(cls, type) and issubclass(cls, Pass)):
-        raise PluginError(f"plugin {plugin!r}: pass {name!r} resolves to {cls!r}, not a tokopt Pass subclass")
-    if cls.name != name:
-        raise PluginError(f"plugin {plugin!r} registers pass {name!r} but its class says name = {cls.name!r}")
-    cls.plugin = plugin
-    return cls
-
-
-def plugin_backend(name: str) -> Backend | None:
-    """A new instance of the plugin backend ``name``, or None if no plugin provides it.
-
-    Its methods are wrapped in :func:`plugin_guard`, so a crash in ``lower``/``load``
-    names the plugin wherever it is called from.
+    The registry that asked checks the object's type: only it knows what a pass or a
+    backend is.  The providing plugin's ops are installed, so its graphs can be verified.
     """
-    from tokopt.backends.base import Backend
-
-    resolved = get_plugin_manager().resolve("backend", name)
-    if resolved is None:
-        return None
-    cls, plugin = resolved
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise PluginError(f"plugin {plugin!r}: backend {name!r} resolves to {cls!r}, not a tokopt Backend subclass")
-    with plugin_guard(plugin, f"creating backend {name!r}"):
-        backend = cls()
-    backend.plugin = plugin
-    for method in ("availability", "capabilities", "check", "lower", "load"):
-        setattr(backend, method, _guarded(getattr(backend, method), plugin, f"backend {name!r} {method}()"))
-    return backend
-
-
-def _guarded(fn: Any, plugin: str, what: str) -> Any:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        with plugin_guard(plugin, what):
-            return fn(*args, **kwargs)
-    call.__doc__ = fn.__doc__
-    call.__wrapped__ = fn  # type: ignore[attr-defined]
-    return call
+    return get_plugin_manager().resolve(kind, name)
 
 
 def unknown_name_error(kind: str, name: str) -> PluginError | None:
@@ -114,11 +87,6 @@ def plugin_failures() -> dict[str, str]:
 def describe_plugins() -> list[dict[str, Any]]:
     """Installed plugins, what each provides, and why a broken one was set aside."""
     return get_plugin_manager().describe()
-
-
-def install_plugin_frontends() -> None:
-    """Make plugin architectures loadable by the HF frontend (builders import lazily)."""
-    get_plugin_manager().install_frontends()
 
 
 def install_plugin_ops() -> None:
@@ -169,7 +137,7 @@ def notify_pipeline_end(report: dict[str, Any] | None, out_dir: Path | None, err
 __all__ = [
     "ENTRY_POINT_GROUP", "PLUGIN_API_VERSION", "SUPPORTED_PLUGIN_API_VERSIONS", "PluginError", "PluginManager",
     "hookimpl", "hookspec", "get_plugin_manager", "reset_plugin_manager", "register_plugin", "unregister_plugin",
-    "plugin_names", "plugin_pass_class", "plugin_backend", "unknown_name_error", "plugin_failures",
-    "describe_plugins", "install_plugin_frontends", "install_plugin_ops", "op_lowering", "plugin_guard",
+    "reserve_builtin_names", "plugin_names", "resolve_plugin", "unknown_name_error", "plugin_failures",
+    "describe_plugins", "install_plugin_ops", "op_lowering", "plugin_guard",
     "notify_pipeline_start", "notify_stage_start", "notify_stage_end", "notify_pipeline_end", "StageNotifier",
 ]

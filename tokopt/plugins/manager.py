@@ -47,6 +47,11 @@ KINDS = {  # kind -> registration hook
     "frontend": "tokopt_register_frontends",
 }
 
+#: Names built into tokopt, per kind.  The registries above this layer reserve theirs with
+#: :func:`tokopt.plugins.reserve_builtin_names` when they are imported: plugins may add
+#: names, not replace built-ins.
+BUILTIN_NAMES: dict[str, set[str]] = {kind: set() for kind in KINDS}
+
 
 @dataclass
 class PluginInfo:
@@ -128,7 +133,6 @@ class PluginManager:
         self._failures: dict[str, str] = {}
         self._provided: dict[str, dict[str, Provided]] | None = None
         self._ops_installed: set[str] = set()
-        self._frontends_installed = False
 
     # -- discovery ----------------------------------------------------------------------
     def discover(self) -> None:
@@ -195,7 +199,6 @@ class PluginManager:
             del self.plugins[name]
             raise
         self._provided = None
-        self._frontends_installed = False
 
     def unregister(self, name: str) -> None:
         if self._pm.has_plugin(name):
@@ -248,7 +251,7 @@ class PluginManager:
 
     def _collect(self) -> dict[str, dict[str, Provided]]:
         self.discover()
-        builtin = _builtin_names()
+        builtin = BUILTIN_NAMES
         out: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
         for plugin in list(self.plugins):
             mine: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
@@ -276,6 +279,10 @@ class PluginManager:
                 out[kind].update(mine[kind])
         return out
 
+    def forget_provided(self) -> None:
+        """Collect the plugins' names again on next use (the reserved built-in names changed)."""
+        self._provided = None
+
     def failures(self) -> dict[str, str]:
         """Plugins that were set aside: distribution name -> why."""
         self.discover()
@@ -300,7 +307,7 @@ class PluginManager:
         self.install_ops(entry.plugin)
         return obj, entry.plugin
 
-    # -- ops and frontends -------------------------------------------------------------------
+    # -- ops ----------------------------------------------------------------------------
     def install_ops(self, plugin: str | None = None) -> None:
         """Install the ops of ``plugin`` (or of every plugin) into the IR and the torch kernels."""
         from tokopt.plugins.ops import OpDefinition, install_op
@@ -319,17 +326,6 @@ class PluginManager:
                                           "expected tokopt.plugins.ops.OpDefinition")
                     install_op(definition, name)
 
-    def install_frontends(self) -> None:
-        """Register plugin architectures with the HF frontend (builders import on first use)."""
-        if self._frontends_installed and self._provided is not None:
-            return
-        from tokopt.frontends.hf import ARCHITECTURES, register_architecture
-
-        for model_type, entry in self.provided("frontend").items():
-            if model_type not in ARCHITECTURES:
-                register_architecture(model_type, _LazyBuilder(self, entry))
-        self._frontends_installed = True
-
     def describe(self) -> list[dict[str, Any]]:
         """Every plugin with what it provides, and every failed one with why (for ``tokopt plugins``/doctor)."""
         failures = self.failures()
@@ -345,31 +341,3 @@ class PluginManager:
             rows.append({"name": name, "version": None, "entry_point": None, "ok": False, "error": why,
                          "api_versions": [], "provides": {kind: [] for kind in KINDS}})
         return rows
-
-
-class _LazyBuilder:
-    """A frontend builder that imports the plugin's real builder on first call."""
-
-    def __init__(self, manager: PluginManager, entry: Provided) -> None:
-        self.manager, self.entry = manager, entry
-
-    def __call__(self, src: Any) -> Any:
-        resolved = self.manager.resolve("frontend", self.entry.name)
-        builder = resolved[0] if resolved else import_reference(self.entry.ref, self.entry.plugin, "frontend")
-        with plugin_guard(self.entry.plugin, f"frontend for model_type {self.entry.name!r}"):
-            graph = builder(src)
-        graph.history[-1:] = [f"{graph.history[-1]} (plugin {self.entry.plugin})"] if graph.history else []
-        return graph
-
-
-def _builtin_names() -> dict[str, set[str]]:
-    from tokopt.backends.registry import BUILTIN_BACKENDS
-    from tokopt.passes.registry import BUILTIN_PASSES
-
-    try:
-        from tokopt.frontends.hf import ARCHITECTURES
-
-        frontends = {k for k, v in ARCHITECTURES.items() if not isinstance(v, _LazyBuilder)}
-    except ImportError:  # pragma: no cover - frontends always import
-        frontends = set()
-    return {"pass": set(BUILTIN_PASSES), "backend": set(BUILTIN_BACKENDS), "frontend": frontends}

@@ -15,7 +15,9 @@ from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
 from tokopt.frontends.checkpoint import read_checkpoint
 from tokopt.frontends.hf import gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3
 from tokopt.frontends.hf.builder import HFSource
+from tokopt.frontends.hf.plugin_builder import PluginBuilder
 from tokopt.optimizer.ir.graph import Graph
+from tokopt.plugins import plugin_names, reserve_builtin_names
 
 Builder = Callable[[HFSource], Graph]
 
@@ -28,16 +30,21 @@ ARCHITECTURES: dict[str, Builder] = {
     "mixtral": mixtral.build,
     "qwen2_moe": qwen2_moe.build,
 }
+reserve_builtin_names("frontend", ARCHITECTURES)
 
 
 def register_architecture(model_type: str, builder: Builder) -> None:
     ARCHITECTURES[model_type] = builder
 
 
-def supported_architectures() -> list[str]:
-    from tokopt.plugins import install_plugin_frontends
+def install_plugin_architectures() -> None:
+    """Plugin architectures join the table; each builder is imported when its checkpoint is loaded."""
+    for model_type in plugin_names("frontend"):
+        ARCHITECTURES.setdefault(model_type, PluginBuilder(model_type))
 
-    install_plugin_frontends()  # plugin architectures join the table (their builders import on first use)
+
+def supported_architectures() -> list[str]:
+    install_plugin_architectures()
     return sorted(ARCHITECTURES)
 
 
@@ -56,9 +63,7 @@ def load_hf_directory(model_dir: Path) -> Graph:
     config_dict = read_config(model_dir)
     model_type = config_dict.get("model_type")
     if model_type not in ARCHITECTURES:
-        from tokopt.plugins import install_plugin_frontends
-
-        install_plugin_frontends()
+        install_plugin_architectures()
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported; supported: {', '.join(supported_architectures())}")

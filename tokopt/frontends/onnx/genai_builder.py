@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
-from tokopt.frontends.onnx import InitializerStore, restore_nbits
+from tokopt.frontends.onnx.store import InitializerStore, restore_nbits
 from tokopt.optimizer.corpus import has_tokenizer
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, Weight

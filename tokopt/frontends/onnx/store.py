@@ -1,0 +1,63 @@
+"""An ONNX model's initializers as lazy tensors, and MatMulNBits storage read back as exact QuantizedWeights.
+
+Shared by every ONNX source (tokopt's own artifacts, HF exports, the genai model builder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, pack_codes
+
+
+class InitializerStore:
+    """A model's initializers, read on demand (external data included); each wrapped once as a LazyTensor."""
+
+    def __init__(self, model, model_path: Path) -> None:
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self._base = str(model_path.parent)
+        self._lazy: dict[str, LazyTensor] = {}
+
+    def load(self, name: str) -> torch.Tensor:
+        from onnx import numpy_helper
+
+        return torch.from_numpy(numpy_helper.to_array(self.inits[name], base_dir=self._base).copy())
+
+    def lazy(self, name: str) -> LazyTensor:
+        if name not in self._lazy:
+            from onnx import helper
+
+            tensor = self.inits[name]
+            dtype = str(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            self._lazy[name] = LazyTensor(shape_of(tensor), dtype, lambda: self.load(name))
+        return self._lazy[name]
+
+
+def shape_of(tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in tensor.dims)
+
+
+def restore_nbits(entry: dict[str, Any], stored) -> QuantizedWeight:
+    n, k = entry["shape"]
+    bits, group = entry["bits"], entry["group_size"]
+    rows = entry.get("rows") or [0, n]
+    sl = slice(rows[0], rows[1])
+    blob = stored(entry["B"]).materialize()[sl]  # (N, k_blocks, blob)
+    k_blocks = blob.shape[1]
+    if bits == 4:
+        codes = torch.stack([blob & 0x0F, blob >> 4], dim=-1).reshape(n, k_blocks * group)
+    else:
+        codes = blob.reshape(n, k_blocks * group)
+    codes = codes[:, :k]
+    scale_dtype = getattr(torch, entry.get("scale_dtype", "float32"))
+    scales = stored(entry["scales"]).materialize()[sl].reshape(n, k_blocks).to(scale_dtype)
+    zeros = None
+    if entry.get("zero_points"):
+        z = stored(entry["zero_points"]).materialize()[sl]
+        zeros = torch.stack([z & 0x0F, z >> 4], dim=-1).reshape(n, -1)[:, :k_blocks] if bits == 4 else z
+        zeros = zeros.reshape(n, k_blocks).to(torch.uint8).contiguous()
+    return QuantizedWeight(pack_codes(codes, bits), scales.contiguous(), zeros, bits, group, (n, k),
+                           entry.get("method", "rtn"), dict(entry.get("extra") or {}))

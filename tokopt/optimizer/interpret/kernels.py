@@ -25,13 +25,27 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepContext:
-    """What a kernel may need beyond its inputs: weights, positions and the cache."""
+    """What a kernel may need beyond its inputs: weights, positions and the cache.
+
+    ``rope_tables`` holds cos/sin for positions ``0..n`` per RoPE (keyed by :func:`rope_key`),
+    precomputed by a session that runs many steps; without it each step computes its own.
+    """
 
     weights: Callable[[str], torch.Tensor]
     positions: torch.Tensor  # (seq,) absolute positions of this step's tokens
     input_ids: torch.Tensor
     cache: KVCache | None
     memo: dict = field(default_factory=dict)  # per-step values shared by layers (RoPE tables)
+    rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def rope(self, rope: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for this step's positions, once per step (not once per layer)."""
+        key = ("rope", rope_key(rope), dtype)
+        if key not in self.memo:
+            table = (self.rope_tables or {}).get(rope_key(rope))
+            self.memo[key] = ((table[0][self.positions].to(dtype), table[1][self.positions].to(dtype))
+                              if table is not None else rope_tables(rope, self.positions, dtype))
+        return self.memo[key]
 
 
 Kernel = Callable[[Node, list[torch.Tensor], StepContext], torch.Tensor]
@@ -178,7 +192,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, attrs: dict) -> torch.Tensor:
-    """Boolean (q, k) mask: causal, then sliding window keeping the first ``sinks`` positions."""
+    """Boolean (q, k) mask: causal, then sliding window keeping the first ``sinks`` positions.
+
+    A key position of ``-1`` marks a cache slot not written yet: it is never attended to.
+    """
     diff = q_pos[:, None] - k_pos[None, :]
     allowed = diff >= 0 if attrs.get("causal", True) else torch.ones_like(diff, dtype=torch.bool)
     window = attrs.get("window")
@@ -188,7 +205,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, attrs: dict) -> tor
         if sinks:
             in_window = in_window | (k_pos[None, :] < sinks)
         allowed = allowed & in_window
-    return allowed
+    return allowed & (k_pos >= 0)[None, :]
 
 
 @kernel("Attention")
@@ -204,14 +221,11 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
         q = rms_norm(q, _w(node, ctx, "q_norm"), a["qk_norm"]["eps"])
         k = rms_norm(k, _w(node, ctx, "k_norm"), a["qk_norm"]["eps"])
     if a.get("rope"):
-        key = ("rope", rope_key(a["rope"]), q.dtype)
-        if key not in ctx.memo:  # once per step, not once per layer
-            ctx.memo[key] = rope_tables(a["rope"], ctx.positions, q.dtype)
-        cos, sin = ctx.memo[key]
+        cos, sin = ctx.rope(a["rope"], q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = quantize_kv(k, v, a["kv_cache"])  # an int8/int4 cache stores (and attention reads) quantized K/V
     k_pos = ctx.positions
-    if ctx.cache is not None:
+    if ctx.cache is not None:  # the one cache interface: layer(name, attrs).append(k, v, positions) -> k, v, positions
         layer = ctx.cache.layer(node.name, a)  # the node's window/sinks/kv_cache shape the store
         layer.append(k, v, ctx.positions)
         k, v, k_pos = layer.k, layer.v, layer.positions

@@ -24,6 +24,7 @@ window) exactly, with no re-rotation per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,23 +146,31 @@ class StaticLayerCache(_Store):
 
     Unbounded: slot = position; writing past ``max_len`` raises :class:`KVCacheFullError`.
     Bounded: slots ``[0, sinks)`` hold the sink tokens, the next ``window`` slots are a ring
-    indexed by position.  Slots fill in order, so the occupied slots are always a prefix.
+    indexed by position.  Slots fill in order, so the occupied slots are always a prefix, and
+    a slot's position is ``-1`` until it is written.
+
+    ``fixed_shape=True`` is the compiled session's variant of the same store: a step that
+    evicts nothing the step itself needs (every decode step) attends to the whole buffer
+    (unwritten slots masked by their ``-1`` position), and nothing reads a device value on
+    the host, so the step has one shape and one graph at every position.  The caller checks
+    the capacity of an unbounded store before it appends (it knows how many tokens it has run).
     """
 
-    def __init__(self, policy: CachePolicy) -> None:
+    def __init__(self, policy: CachePolicy, fixed_shape: bool = False) -> None:
         super().__init__(policy)
         self.capacity = int(policy.capacity)
+        self.fixed_shape = fixed_shape
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
-        self._filled = 0
 
-    def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        bsz, heads, _, dim = k.shape
-        shape = (bsz, heads, self.capacity, dim) if self.policy.layout == "BNSH" else (bsz, self.capacity, heads, dim)
-        self._k = k.new_zeros(shape)
-        self._v = v.new_zeros((*shape[:-1], v.shape[-1]))
-        self._pos = torch.full((self.capacity,), -1, dtype=torch.long)
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Reserve the buffers now (a compiled step must not allocate them inside the graph)."""
+        cap = self.capacity
+        shape = (batch, heads, cap, head_dim) if self.policy.layout == "BNSH" else (batch, cap, heads, head_dim)
+        self._k = torch.zeros(shape, dtype=dtype)
+        self._v = torch.zeros(shape, dtype=dtype)
+        self._pos = torch.full((cap,), -1, dtype=torch.long)
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
         window, sinks = self.policy.window, self.policy.sinks
@@ -169,13 +178,16 @@ class StaticLayerCache(_Store):
             return positions.clone()
         return torch.where(positions < sinks, positions, sinks + (positions - sinks) % window)
 
+    def _filled(self) -> int:
+        return 0 if self._pos is None else int((self._pos >= 0).sum())
+
     def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         if self._k is None:
-            self._allocate(k, v)
+            self.allocate(k.shape[0], k.shape[1], k.shape[-1], k.dtype)
         elif k.shape[0] != self._k.shape[0]:
             raise UnsupportedOpError(
                 f"this static KV cache was allocated for batch {self._k.shape[0]}, got batch {k.shape[0]}")
-        if self.policy.window is None and int(positions.max()) >= self.capacity:
+        if self.policy.window is None and not self.fixed_shape and int(positions.max()) >= self.capacity:
             raise KVCacheFullError(
                 f"the static KV cache holds max_len={self.capacity} tokens and position {int(positions.max())} "
                 "does not fit; raise kv-layout:max_len or use kv-layout:storage=dynamic")
@@ -187,8 +199,7 @@ class StaticLayerCache(_Store):
         sd = self._seq_dim
         self._k.index_copy_(sd, slots, self._store(k))
         self._v.index_copy_(sd, slots, self._store(v))
-        self._pos[slots] = positions
-        self._filled = max(self._filled, int(slots.max()) + 1)
+        self._pos.index_copy_(0, slots, positions)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         # A token that lands in the ring evicts a key the chunk's earlier queries may need,
@@ -196,7 +207,7 @@ class StaticLayerCache(_Store):
         window = self.policy.window
         evicts = window is not None and len(positions) > 1 and int(positions.max()) >= self.policy.sinks + window
         if evicts and self._k is not None:
-            n = self._filled
+            n = self._filled()
             old_k = self._load(self._k.narrow(self._seq_dim, 0, n))
             old_v = self._load(self._v.narrow(self._seq_dim, 0, n))
             view = (torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2),
@@ -209,7 +220,7 @@ class StaticLayerCache(_Store):
             self._view = (k, v, positions)
             return
         self._write(k, v, positions)
-        n = self._filled
+        n = self.capacity if self.fixed_shape else self._filled()
         self._view = (self._load(self._k.narrow(self._seq_dim, 0, n)),
                       self._load(self._v.narrow(self._seq_dim, 0, n)), self._pos[:n])
 
@@ -219,7 +230,7 @@ class StaticLayerCache(_Store):
 
     @property
     def tokens(self) -> int:
-        return self._filled
+        return self._filled()
 
 
 class PagedLayerCache(_Store):
@@ -302,11 +313,13 @@ class KVCache:
 
     layers: dict[str, LayerStore] = field(default_factory=dict)
     seen: int = 0
+    #: how a layer's policy becomes a store (the compiled session pre-allocates fixed-shape static ones)
+    make_store: Callable[[CachePolicy], LayerStore] = make_layer_cache
 
     def layer(self, name: str, attrs: dict[str, Any] | None = None) -> LayerStore:
         store = self.layers.get(name)
         if store is None:
-            store = self.layers[name] = make_layer_cache(CachePolicy.from_attrs(attrs))
+            store = self.layers[name] = self.make_store(CachePolicy.from_attrs(attrs))
         return store
 
     def nbytes(self) -> int:

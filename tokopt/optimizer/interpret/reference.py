@@ -1,9 +1,9 @@
-"""The reference executor: runs the IR node by node in eager torch.
+"""The reference executor: the interpreter's eager, inference-mode policy.
 
 It is the oracle: frontends prove themselves against transformers through it, and
 every backend and pass is checked against it.  Quantized weights are dequantized
 exactly once and then used as dense tensors, so quantization error is the format's,
-never the executor's.
+never the executor's.  The walk itself is :class:`~tokopt.optimizer.interpret.interpreter.Interpreter`'s.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from tokopt.optimizer.interpret.decode import greedy_decode
-from tokopt.optimizer.interpret.kernels import StepContext, get_kernel
+from tokopt.optimizer.interpret.interpreter import Interpreter
 from tokopt.optimizer.interpret.kv_cache import KVCache
-from tokopt.optimizer.ir.graph import Graph, Value
+from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import DenseWeights
 
 
@@ -21,10 +21,8 @@ class ReferenceExecutor:
     def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32) -> None:
         self.graph = graph
         self.dtype = dtype
-        self._order = graph.nodes()
-        self._inputs = {n.name: graph.inputs_of(n.name) for n in self._order}
-        self._kernels = {n.name: get_kernel(n.op) for n in self._order}
         self.weight = DenseWeights(graph.params, dtype)
+        self.interpreter = Interpreter(graph, self.weight)
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -36,21 +34,7 @@ class ReferenceExecutor:
 
         With ``capture``, also returns the inputs of the named nodes (for calibration).
         """
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        start = cache.seen if cache is not None else 0
-        positions = torch.arange(start, start + input_ids.shape[1])
-        ctx = StepContext(self.weight, positions, input_ids, cache)
-        values: dict[Value, torch.Tensor] = {}
-        captured: dict[str, torch.Tensor] = {}
-        for node in self._order:
-            ins = [values[v] for v in self._inputs[node.name]]
-            if capture and node.name in capture:
-                captured[node.name] = ins[0]
-            values[Value(node.name, 0)] = self._kernels[node.name](node, ins, ctx)
-        if cache is not None:
-            cache.seen += input_ids.shape[1]
-        logits = values[self.graph.outputs["logits"]]
+        logits, captured = self.interpreter.run(input_ids, cache, capture or ())
         return (logits, captured) if capture is not None else logits
 
     @torch.inference_mode()

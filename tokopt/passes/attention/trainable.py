@@ -1,9 +1,9 @@
 """A differentiable forward of a graph, and the bounded distillation ("healing") loop.
 
 The reference executor runs under ``torch.inference_mode``; healing needs gradients.
-:class:`TrainableGraph` walks the same node order and calls the same registered kernels
-(so the math is the executor's, not a re-implementation), with chosen parameters turned
-into ``nn.Parameter``s.  :func:`heal` distils a student graph towards a teacher graph on
+:class:`TrainableGraph` is the interpreter's gradient policy (the executor's walk and
+kernels, so the math is the executor's, not a re-implementation), with chosen parameters
+turned into ``nn.Parameter``s.  :func:`heal` distils a student graph towards a teacher graph on
 calibration tokens (KL of next-token distributions) and returns the trained tensors,
 which the caller writes back into the graph as new parameters.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tokopt.optimizer.interpret.kernels import StepContext, get_kernel
-from tokopt.optimizer.ir.graph import Graph, Value
+from tokopt.optimizer.interpret.interpreter import Interpreter
+from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import materialize
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,7 @@ class TrainableGraph(torch.nn.Module):
     def __init__(self, graph: Graph, trainable: set[str]) -> None:
         super().__init__()
         self.graph = graph
-        self._order = graph.nodes()
-        self._inputs = {n.name: graph.inputs_of(n.name) for n in self._order}
-        self._kernels = {n.name: get_kernel(n.op) for n in self._order}
+        self._interpreter = Interpreter(graph, self.weight, grad=True)
         self._keys = {name: f"p{i}" for i, name in enumerate(sorted(trainable))}
         self.trained = torch.nn.ParameterDict({
             key: torch.nn.Parameter(materialize(graph.params[name], torch.float32).detach().clone())
@@ -57,12 +55,7 @@ class TrainableGraph(torch.nn.Module):
         return w
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ctx = StepContext(self.weight, torch.arange(input_ids.shape[1]), input_ids, None)
-        values: dict[Value, torch.Tensor] = {}
-        for node in self._order:
-            ins = [values[v] for v in self._inputs[node.name]]
-            values[Value(node.name, 0)] = self._kernels[node.name](node, ins, ctx)
-        return values[self.graph.outputs["logits"]]
+        return self._interpreter.run(input_ids)[0]
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.trained[key].detach().clone() for name, key in self._keys.items()}

@@ -1,10 +1,8 @@
-"""The ``quantize`` pass: int8/int4 weights (RTN or GPTQ) and an int8/int4 KV cache.
+"""The ``quantize`` pass: int8/int4 weights (RTN or GPTQ), int8 activations, an int8/int4 KV cache.
 
-Weights become :class:`~tokopt.optimizer.ir.weights.QuantizedWeight` values (packed codes,
-scales, zero points) that every executor dequantizes exactly; the KV cache becomes an
-integer ``kv_cache.dtype`` with per-token scales that the reference attention honours
-in prefill and decode.  Calibrated quantization (GPTQ) runs the model block by block on
-calibration text, so memory stays one block deep and results are reproducible per seed.
+This page holds the options, the checks and the plan (which tensors, at which bits); the work
+is in :mod:`tokopt.passes.quant`: ``weights`` (RTN/GPTQ), ``activations`` (``act_quant``) and
+``kv`` (the cache format), each checked against its definition in the tests.
 """
 
 from __future__ import annotations
@@ -13,19 +11,14 @@ import fnmatch
 import logging
 import math
 import time
-from dataclasses import dataclass
-
-import torch
 
 from tokopt.errors import PassOptionError, PreconditionError
-from tokopt.optimizer.ir.attrs import act_quant_attr, kv_cache_quant_attrs
-from tokopt.optimizer.ir.graph import Graph, Node, Value
-from tokopt.optimizer.ir.ops import kv_bytes_per_token
-from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, weight_nbytes, weight_shape
+from tokopt.optimizer.ir.graph import Graph, Value
+from tokopt.optimizer.ir.weights import QuantizedWeight, weight_nbytes, weight_shape
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
-from tokopt.passes.quant.calibration import BlockwiseRunner
-from tokopt.passes.quant.gptq import gptq_quantize, search_grid
-from tokopt.passes.quant.rtn import SCALE_DTYPES, quantize_rtn
+from tokopt.passes.quant.activations import quantize_activations
+from tokopt.passes.quant.kv import quantize_kv_cache
+from tokopt.passes.quant.weights import Target, quantize_weights, untie
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +28,6 @@ _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
 
 def _damp(value: float) -> str | None:
     return None if 0.0 < value < 1.0 else "must be in (0, 1), e.g. 0.01"
-
-
-@dataclass(frozen=True)
-class _Target:
-    """One parameter to quantize and the nodes that read it."""
-
-    param: str
-    nodes: tuple[str, ...]
-    bits: int
-    calibrate: bool  # GPTQ through a Linear's inputs (False: grid fitted on the weight alone)
 
 
 class QuantizePass(Pass):
@@ -140,7 +123,7 @@ class QuantizePass(Pass):
             chosen[node.name] = role
         return chosen
 
-    def _plan(self, graph: Graph) -> list[_Target]:
+    def _plan(self, graph: Graph) -> list[Target]:
         if not self.opts["weights"]:
             return []
         o = self.opts
@@ -155,7 +138,7 @@ class QuantizePass(Pass):
             roles = {chosen[n] for n in nodes}
             bits = (o["embedding_bits"] or o["bits"]) if roles & {"embedding", "lm_head"} else o["bits"]
             calibrate = calibrated and any(graph.node(n).op == "Linear" for n in nodes)
-            targets.append(_Target(pname, tuple(nodes), bits, calibrate))
+            targets.append(Target(pname, tuple(nodes), bits, calibrate))
         return targets
 
     def _check_group_size(self, graph: Graph, chosen: dict[str, str]) -> None:
@@ -209,18 +192,18 @@ class QuantizePass(Pass):
         g = graph.copy()
         notes: list[str] = []
         if o["kv_bits"] is not None:
-            notes.append(self._quantize_kv(g))
+            notes.append(quantize_kv_cache(g, o["kv_bits"], o["kv_symmetric"], o["kv_group_size"]))
         targets = self._plan(g)
         if not targets and o["kv_bits"] is None:
             return PassResult(g, False, ["no weight matched the include/exclude patterns; nothing changed"])
         if targets:
             before = sum(weight_nbytes(g.params[t.param]) for t in targets)
             started = time.perf_counter()
-            untied = self._untie(g, targets)
+            untied = untie(g, targets)
             if untied:
                 notes.append(f"untied {', '.join(untied)}: only some of its users were selected")
                 targets = self._plan(g)
-            quantized = self._quantize_weights(g, targets, ctx)
+            quantized = quantize_weights(g, targets, ctx, o, self.method)
             after = sum(weight_nbytes(g.params[t.param]) for t in targets)
             grid = f"int{o['bits']}" + (f" (embedding/lm_head int{o['embedding_bits']})" if o["embedding_bits"] else "")
             group = "per-channel" if o["group_size"] <= 0 else f"group {o['group_size']}"
@@ -232,119 +215,7 @@ class QuantizePass(Pass):
             if tied:
                 notes.append(f"shared tensors quantized once: {', '.join(tied)}")
             if o["act_bits"] is not None:
-                notes.append(self._quantize_activations(g, targets))
+                notes.append(quantize_activations(g, targets, o["act_bits"]))
         g.reinfer()
         return PassResult(g, True, notes)
 
-    def _untie(self, g: Graph, targets: list[_Target]) -> list[str]:
-        """Give selected readers of a tensor also read by unselected nodes their own copy."""
-        untied = []
-        for t in targets:
-            readers = [n.name for n in g.nodes() if t.param in n.params.values()]
-            if set(readers) <= set(t.nodes):
-                continue
-            copy_name = f"{t.param}.int{t.bits}"
-            g.params[copy_name] = g.params[t.param]
-            for name in t.nodes:
-                node = g.node(name)
-                node.params = {r: (copy_name if p == t.param else p) for r, p in node.params.items()}
-            untied.append(t.param)
-        return untied
-
-    def _quantize_weights(self, g: Graph, targets: list[_Target], ctx: PassContext) -> int:
-        o = self.opts
-        sdtype = SCALE_DTYPES[o["scale_dtype"]]
-        common = dict(group_size=o["group_size"], symmetric=o["symmetric"], scale_dtype=o["scale_dtype"])
-        calibrated = [t for t in targets if t.calibrate]
-        for t in targets:
-            if t in calibrated:
-                continue
-            w = materialize(g.params[t.param], torch.float32)
-            if self.method == "gptq":  # no Linear reads it (an embedding): fit the grid on the weight itself
-                gs = o["group_size"] if o["group_size"] > 0 else w.shape[1]
-                scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, o["symmetric"], sdtype)
-                g.params[t.param] = _from_grid(w, scale, zero, t.bits, gs, o["symmetric"], o["scale_dtype"])
-            else:
-                g.params[t.param] = quantize_rtn(w, t.bits, **common)
-        if calibrated:
-            self._gptq(g, calibrated, ctx)
-        return len(targets)
-
-    def _gptq(self, g: Graph, targets: list[_Target], ctx: PassContext) -> None:
-        o = self.opts
-        given = ctx.calibration_batches  # all of the pipeline's text, as cut; else the option's sizes
-        batches = ctx.calibration(g, len(given) or o["calibration_samples"],
-                                  given[0].shape[-1] if given else o["calibration_seq_len"], self.name)
-        runner = BlockwiseRunner(g, batches)
-        for name, w in g.params.items():  # tensors quantized without calibration: later blocks see their error
-            if isinstance(w, QuantizedWeight):
-                runner.set_weight(name, w)
-        owner = {n: t for t in targets for n in t.nodes if g.node(n).op == "Linear"}
-        pending = {t.param for t in targets}
-
-        def before(node: Node) -> bool:
-            """Quantize every pending weight reading this node's input, from the inputs as they are now."""
-            if not pending:
-                return True  # nothing left to calibrate: the rest of the model need not run
-            t = owner.get(node.name)
-            if t is None or t.param not in pending:
-                return False
-            value = runner.input_value(node.name)
-            hessian = runner.hessian(value)
-            for name in [n for n in owner if runner.input_value(n) == value]:  # q/k/v share one Hessian
-                t = owner[name]
-                if t.param not in pending:
-                    continue
-                w = materialize(g.params[t.param], torch.float32)
-                q = gptq_quantize(w, hessian, t.bits, o["group_size"], o["symmetric"], o["scale_dtype"],
-                                  damp=o["damp"], act_order=o["act_order"])
-                g.params[t.param] = q
-                runner.set_weight(t.param, q)
-                pending.discard(t.param)
-            return False
-
-        for idx in ctx.progress(range(len(runner.segments)), desc="gptq"):
-            if not pending:
-                break
-            started = time.perf_counter()
-            left = len(pending)
-            runner.run(idx, before)
-            log.info("gptq segment %d/%d (%s): %d tensor(s) in %.1f s", idx + 1, len(runner.segments),
-                     runner.segments[idx][0].name, left - len(pending), time.perf_counter() - started)
-
-    def _quantize_activations(self, g: Graph, targets: list[_Target]) -> str:
-        """Mark every quantized Linear to quantize its input per block of its weight's group."""
-        blocks = set()
-        linears = [g.node(n) for t in targets for n in t.nodes if g.node(n).op == "Linear"]
-        for node in linears:
-            block = g.params[node.params["weight"]].group_size
-            node.attrs["act_quant"] = act_quant_attr(self.opts["act_bits"], block)
-            blocks.add(block)
-        return (f"activations: int{self.opts['act_bits']} per block of {'/'.join(map(str, sorted(blocks)))} "
-                f"on {len(linears)} Linears")
-
-    def _quantize_kv(self, g: Graph) -> str:
-        o = self.opts
-        bits = o["kv_bits"]
-        sym = o["kv_symmetric"] if o["kv_symmetric"] is not None else bits == 8
-        before = after = 0.0
-        for node in g.nodes("Attention"):
-            a = node.attrs
-            before += kv_bytes_per_token(a)
-            a["kv_cache"] = {**a["kv_cache"], **kv_cache_quant_attrs(
-                bits, a["num_kv_heads"], a["head_dim"], o["kv_group_size"], sym, "float16")}
-            after += kv_bytes_per_token(a)
-        spec = g.nodes("Attention")[0].attrs["kv_cache"]["quant"]
-        return (f"KV cache: int{bits} {'sym' if sym else 'asym'}, {spec['granularity']} float16 scales, "
-                f"{before:,.0f} → {after:,.0f} bytes/token ({after / before:.3f}×)")
-
-
-def _from_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
-               symmetric: bool, scale_dtype: str) -> QuantizedWeight:
-    from tokopt.passes.quant.rtn import quantize_codes, quantized_weight
-
-    out_f, in_f = w.shape
-    grouped = w.reshape(out_f, in_f // group_size, group_size)
-    codes = quantize_codes(grouped, scale[..., None], zero[..., None], bits).reshape(out_f, in_f)
-    return quantized_weight(codes, scale, zero, bits, group_size, symmetric, SCALE_DTYPES[scale_dtype], "mse",
-                            {"scale_dtype": scale_dtype})

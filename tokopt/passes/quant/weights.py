@@ -1,0 +1,119 @@
+"""Weight quantization for the ``quantize`` pass: RTN, or GPTQ calibrated block by block.
+
+Weights become :class:`~tokopt.optimizer.ir.weights.QuantizedWeight` values (packed codes, scales,
+zero points) that every executor dequantizes exactly.  GPTQ runs the model one block at a time on
+calibration text (:class:`~tokopt.passes.quant.calibration.BlockwiseRunner`), so memory stays one
+block deep and later blocks are calibrated on the already quantized ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tokopt.optimizer.ir.graph import Graph, Node
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
+from tokopt.optimizer.pass_api import PassContext
+from tokopt.passes.quant.calibration import BlockwiseRunner
+from tokopt.passes.quant.gptq import gptq_quantize, search_grid
+from tokopt.passes.quant.rtn import SCALE_DTYPES, quantize_codes, quantize_rtn, quantized_weight
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parameter to quantize and the nodes that read it."""
+
+    param: str
+    nodes: tuple[str, ...]
+    bits: int
+    calibrate: bool  # GPTQ through a Linear's inputs (False: grid fitted on the weight alone)
+
+
+def untie(g: Graph, targets: list[Target]) -> list[str]:
+    """Give selected readers of a tensor also read by unselected nodes their own copy."""
+    untied = []
+    for t in targets:
+        readers = [n.name for n in g.nodes() if t.param in n.params.values()]
+        if set(readers) <= set(t.nodes):
+            continue
+        copy_name = f"{t.param}.int{t.bits}"
+        g.params[copy_name] = g.params[t.param]
+        for name in t.nodes:
+            node = g.node(name)
+            node.params = {r: (copy_name if p == t.param else p) for r, p in node.params.items()}
+        untied.append(t.param)
+    return untied
+
+def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any], method: str) -> int:
+    """Quantize every target in place in ``g`` (a copy the pass owns); returns how many."""
+    sdtype = SCALE_DTYPES[o["scale_dtype"]]
+    common = dict(group_size=o["group_size"], symmetric=o["symmetric"], scale_dtype=o["scale_dtype"])
+    calibrated = [t for t in targets if t.calibrate]
+    for t in targets:
+        if t in calibrated:
+            continue
+        w = materialize(g.params[t.param], torch.float32)
+        if method == "gptq":  # no Linear reads it (an embedding): fit the grid on the weight itself
+            gs = o["group_size"] if o["group_size"] > 0 else w.shape[1]
+            scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, o["symmetric"], sdtype)
+            g.params[t.param] = _from_grid(w, scale, zero, t.bits, gs, o["symmetric"], o["scale_dtype"])
+        else:
+            g.params[t.param] = quantize_rtn(w, t.bits, **common)
+    if calibrated:
+        _gptq(g, calibrated, ctx, o)
+    return len(targets)
+
+def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any]) -> None:
+    given = ctx.calibration_batches  # all of the pipeline's text, as cut; else the option's sizes
+    batches = ctx.calibration(g, len(given) or o["calibration_samples"],
+                              given[0].shape[-1] if given else o["calibration_seq_len"], "quantize")
+    runner = BlockwiseRunner(g, batches)
+    for name, w in g.params.items():  # tensors quantized without calibration: later blocks see their error
+        if isinstance(w, QuantizedWeight):
+            runner.set_weight(name, w)
+    owner = {n: t for t in targets for n in t.nodes if g.node(n).op == "Linear"}
+    pending = {t.param for t in targets}
+
+    def before(node: Node) -> bool:
+        """Quantize every pending weight reading this node's input, from the inputs as they are now."""
+        if not pending:
+            return True  # nothing left to calibrate: the rest of the model need not run
+        t = owner.get(node.name)
+        if t is None or t.param not in pending:
+            return False
+        value = runner.input_value(node.name)
+        hessian = runner.hessian(value)
+        for name in [n for n in owner if runner.input_value(n) == value]:  # q/k/v share one Hessian
+            t = owner[name]
+            if t.param not in pending:
+                continue
+            w = materialize(g.params[t.param], torch.float32)
+            q = gptq_quantize(w, hessian, t.bits, o["group_size"], o["symmetric"], o["scale_dtype"],
+                              damp=o["damp"], act_order=o["act_order"])
+            g.params[t.param] = q
+            runner.set_weight(t.param, q)
+            pending.discard(t.param)
+        return False
+
+    for idx in ctx.progress(range(len(runner.segments)), desc="gptq"):
+        if not pending:
+            break
+        started = time.perf_counter()
+        left = len(pending)
+        runner.run(idx, before)
+        log.info("gptq segment %d/%d (%s): %d tensor(s) in %.1f s", idx + 1, len(runner.segments),
+                 runner.segments[idx][0].name, left - len(pending), time.perf_counter() - started)
+
+def _from_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+               symmetric: bool, scale_dtype: str) -> QuantizedWeight:
+    out_f, in_f = w.shape
+    grouped = w.reshape(out_f, in_f // group_size, group_size)
+    codes = quantize_codes(grouped, scale[..., None], zero[..., None], bits).reshape(out_f, in_f)
+    return quantized_weight(codes, scale, zero, bits, group_size, symmetric, SCALE_DTYPES[scale_dtype], "mse",
+                            {"scale_dtype": scale_dtype})

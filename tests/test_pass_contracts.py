@@ -76,6 +76,16 @@ class BadMoves(Pass):
         return PassResult(graph, modified=False)
 
 
+class FakeLayout(Pass):
+    """Says it only changes layout (changes_numerics=False) but scales the norms."""
+
+    name = "fake-layout"
+    changes_numerics = False
+
+    def run(self, graph, ctx):
+        return PassResult(_scaled_norms(graph), modified=True)
+
+
 class HonestNoOp(Pass):
     name = "honest-noop"
 
@@ -90,7 +100,7 @@ class Breakers:
 
     @hookimpl
     def tokopt_register_passes(self):
-        return {p.name: p for p in (SilentChange, InPlace, BrokenPromise, Densify, BadMoves, HonestNoOp)}
+        return {p.name: p for p in (SilentChange, InPlace, BrokenPromise, Densify, BadMoves, FakeLayout, HonestNoOp)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -134,6 +144,15 @@ def test_a_pass_that_edits_its_input_is_caught_and_the_input_reported(llama):
 def test_broken_ensures_names_the_pass_and_plugin(llama):
     with pytest.raises(PassContractError, match=rf"'broken-promise' \(plugin '{PLUGIN}'\).*sliding-window"):
         _run("broken-promise", llama)
+
+
+def test_changes_numerics_false_is_checked_on_the_logits(llama):
+    with pytest.raises(PassContractError, match=rf"'fake-layout' \(plugin '{PLUGIN}'\).*changes_numerics=False"):
+        _run("fake-layout", llama)
+    # a real layout pass passes the same check (paged storage decodes to the same logits)
+    from tokopt.passes.kv_layout import KVLayout
+
+    assert run_pass(KVLayout(storage="paged", block_size=4), llama, PassContext(), 1).changed
 
 
 def test_an_honest_noop_is_recorded_as_unchanged(llama):

@@ -10,7 +10,8 @@ either declaration, nor the ``modified`` flag a pass reports:
   it), so a pass needing what an earlier pass removes fails in ``--dry-run``;
 - :func:`run_pass` checks ``requires`` on the real input, runs the pass, verifies the graph,
   checks ``ensures`` on the real output, and compares fingerprints of input and output: a
-  pass that reports ``modified=False`` but changed the graph, or that mutated its input,
+  pass that reports ``modified=False`` but changed the graph, that mutated its input, or that
+  declares ``changes_numerics=False`` and moves the logits (on a cached prefill + decode),
   fails with a :class:`~tokopt.errors.PassContractError` naming the pass and its plugin.
 
 A crash inside pass code names the pass and the plugin that provides it.
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from tokopt.errors import PassContractError, PluginError, PreconditionError, TokoptError
+from tokopt.optimizer.interpret import ReferenceExecutor
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.verify import verify
 from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight
@@ -120,6 +122,26 @@ def fingerprint(graph: Graph) -> str:
     return h.hexdigest()
 
 
+# -- numerics: does a "layout only" pass keep the logits? ------------------------------------------
+NUMERICS_TOLERANCE = 1e-4
+
+
+def numerics_difference(a: Graph, b: Graph, prefill: int = 6, decode: int = 6) -> float:
+    """Max |logit difference| of two graphs on the same seeded tokens: a cached prefill, then decode steps.
+
+    Decoding through each graph's own cache exercises what layout passes change (cache layout and
+    storage), not only the full-sequence forward.
+    """
+    ids = torch.randint(0, a.meta.vocab_size, (1, prefill + decode), generator=torch.Generator().manual_seed(0))
+    worst = 0.0
+    executors = [ReferenceExecutor(g) for g in (a, b)]
+    caches = [ex.new_cache() for ex in executors]
+    for step in [ids[:, :prefill], *ids[:, prefill:].split(1, dim=1)]:
+        la, lb = (ex.forward(step, cache) for ex, cache in zip(executors, caches, strict=True))
+        worst = max(worst, float((la - lb).abs().max()))
+    return worst
+
+
 # -- running ------------------------------------------------------------------------------------
 @dataclass
 class StageResult:
@@ -165,6 +187,11 @@ def run_pass(p: Pass, graph: Graph, ctx: PassContext, index: int) -> StageResult
             raise _contract_error(p, f"it declares that its output has {describe_condition(name, want)}, "
                                      "but the graph it returned does not")
     changed = fingerprint(new) != before
+    if changed and not p.changes_numerics:
+        diff = numerics_difference(graph, new)
+        if diff > NUMERICS_TOLERANCE:
+            raise _contract_error(p, f"it declares changes_numerics=False, but its logits moved by up to {diff:.3g} "
+                                     f"on a cached prefill + decode (tolerance {NUMERICS_TOLERANCE:g})")
     notes = list(result.notes)
     if bool(result.modified) != changed:
         if not result.modified:

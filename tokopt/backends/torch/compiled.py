@@ -1,85 +1,55 @@
-"""The fast torch session: a static KV cache and a ``torch.compile``'d decode step.
+"""The fast torch session: the interpreter's kernels on pre-allocated KV buffers, a ``torch.compile``'d decode step.
 
-The reference executor is written to be read; this session is written to be fast while
-computing the same thing.  Three changes do the work:
+The numbers are the interpreter's (:mod:`tokopt.optimizer.interpret`): this session runs the
+same walk and the same kernels as the reference executor, so every attribute the reference
+honours — window and sinks, int8/int4 KV, act_quant, quantized weights — is honoured here by
+construction.  What it adds is speed:
 
-- **static KV cache** — one pre-allocated ``(batch, kv_heads, max_len, head_dim)`` buffer
-  per layer, written in place at each token's position (slot == position), instead of a
-  concatenation per step.  Masks are built from positions exactly as in the reference
-  (causal, window, sinks), so unwritten and out-of-window slots never contribute;
-- **fixed shapes for decode** — one token per sequence, positions passed as a tensor, so
-  the decode step compiles once (``torch.compile``, inductor) and is reused every step;
-  prefill runs the same code eagerly, since prompt lengths vary.  When the decoder blocks
-  are identical (:func:`find_regions`), only one block is compiled and it is called for
-  every layer with that layer's weights and cache ("regional compilation": SmolLM2's 30
-  layers compile in about a minute instead of several);
-- **precomputed everything** — weights materialized once, RoPE tables for all ``max_len``
-  positions, grouped-query attention as a batched matmul over the kv heads (no repeat of
-  K/V).
+- **pre-allocated KV buffers** — every attention layer gets the reference's ``static`` store
+  (:class:`~tokopt.optimizer.interpret.kv_cache.StaticLayerCache`) in its fixed-shape mode:
+  one buffer written in place, a ring of ``sinks + window`` slots on windowed layers, the
+  layer's ``kv_cache.max_len`` slots when it sets one, else the session's ``max_len``.  Slot
+  positions live in a tensor, so masks come from positions as in the reference;
+- **fixed shapes for decode** — one token per sequence, positions passed as a tensor and every
+  decode step attending to the whole buffer, so the step compiles once (``torch.compile``,
+  inductor) and is reused at every position, the ring's wrap-around included.  Prefill runs
+  the same walk eagerly, since prompt lengths vary.  When the decoder blocks are identical
+  (:func:`~tokopt.backends.torch.regions.find_regions`), one block is compiled and called for
+  every layer with that layer's weights and cache ("regional compilation");
+- **precomputed everything** — weights materialized once, RoPE tables for all ``max_len`` positions.
 
-Ops without a specialised kernel here (MoE, plugin ops) fall back to the reference
-kernels, so any graph the reference can run, this session runs too.  Its logits are
-checked against the reference in ``tests/test_torch_backend.py``.
+Its logits are checked against the reference in ``tests/test_torch_backend.py`` and
+``tests/test_interpreter.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
-from tokopt.errors import KVCacheFullError, UnsupportedOpError
+from tokopt.backends.torch.regions import find_regions, region_weights
+from tokopt.errors import KVCacheFullError
 from tokopt.optimizer.interpret.decode import greedy_decode
-from tokopt.optimizer.interpret.kernels import (
-    StepContext,
-    attention_mask,
-    get_kernel,
-    linear,
-    rms_norm,
-    rope_key,
-    rope_tables,
-)
-from tokopt.optimizer.interpret.kv_quant import quantize_kv
-from tokopt.optimizer.ir.graph import Graph, Node
+from tokopt.optimizer.interpret.interpreter import Interpreter, Lane
+from tokopt.optimizer.interpret.kernels import StepContext, rope_key, rope_tables
+from tokopt.optimizer.interpret.kv_cache import CachePolicy, KVCache, StaticLayerCache
+from tokopt.optimizer.ir.graph import Graph, Value
 from tokopt.optimizer.ir.weights import DenseWeights
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 1024
-
-
-@dataclass
-class StaticKVCache:
-    """Per-attention-layer K/V buffers of ``max_len`` slots; ``seen`` tokens written so far."""
-
-    max_len: int
-    k: list[torch.Tensor] = field(default_factory=list)
-    v: list[torch.Tensor] = field(default_factory=list)
-    seen: int = 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
-
-
-@dataclass
-class _Step:
-    """One node of the straight-line program: how to compute it and where its inputs are."""
-
-    fn: Callable[..., torch.Tensor]
-    node: Node
-    inputs: list[int]
-    weights: dict[str, torch.Tensor]
-    layer: int = -1  # index into the cache lists for Attention nodes
+#: Inductor skips a cast that is undone right after (fp32 -> fp16 -> fp32) unless told to emulate it;
+#: the KV cache's float16 scales are exactly such a cast, and skipping it changes the quantized codes.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
 class CompiledSession:
     """Same interface as the reference executor (``new_cache``/``forward``/``generate``).
 
-    ``compile=False`` runs the static-cache program eagerly (useful to separate the
+    ``compile=False`` runs the pre-allocated-cache walk eagerly (useful to separate the
     effect of the cache from the effect of the compiler); ``max_len`` bounds the tokens one
     sequence can hold (prompt + generated).
     """
@@ -90,125 +60,95 @@ class CompiledSession:
         self.dtype = dtype
         cap = graph.meta.max_positions or DEFAULT_MAX_LEN
         self.max_len = int(max_len or min(cap, DEFAULT_MAX_LEN))
-        self._attention: list[Node] = []
-        self._program = self._build(graph)
-        self._logits_index = self._index[graph.outputs["logits"].node]
-        self._slots = torch.arange(self.max_len)
+        self._weights = DenseWeights(graph.params, dtype)
+        self.interpreter = Interpreter(graph, self._weights)
+        self._attention = [n for n in self.interpreter.order if n.op == "Attention"]
+        policies = [CachePolicy.from_attrs(n.attrs) for n in self._attention]
+        # unbounded layers with their own static max_len hold no more than that
+        self._limit = min([self.max_len, *(p.max_len for p in policies if not p.bounded and p.max_len)])
+        self._rope = {rope_key(n.attrs["rope"]): rope_tables(n.attrs["rope"], torch.arange(self.max_len), dtype)
+                      for n in self._attention if n.attrs.get("rope")}
+        self._regions = find_regions(self.interpreter, self._weights)
         self.compiled = compile
-        self._regions = find_regions(self._program, self._logits_index)
         self._decode = self._run
         if compile and self._regions:
-            # regional compilation: the decoder block is compiled once and reused for every layer
-            self._region_weights = [[step.weights for step in self._program[s:e]] for s, e in self._regions]
-            self._block_fn = torch.compile(self._block, dynamic=False)
+            first = self._regions[0]
+            self._entry = self.interpreter.inputs[self.interpreter.order[first[0]].name][0]
+            self._region_weights = [region_weights(self.interpreter, self._weights, first, r) for r in self._regions]
+            self._block_fn = torch.compile(self._block, dynamic=False, options=COMPILE_OPTIONS)
             self._decode = self._run_regional
         elif compile:
-            self._decode = torch.compile(self._run, dynamic=False)
+            self._decode = torch.compile(self._run, dynamic=False, options=COMPILE_OPTIONS)
         log.info("compiled session: %s", "per-block (regional) torch.compile" if compile and self._regions
                  else "whole-graph torch.compile" if compile else "eager")
 
-    # -- building the program --------------------------------------------------------------
-    def _build(self, graph: Graph) -> list[_Step]:
-        self._weight = DenseWeights(graph.params, self.dtype)
-        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        order = graph.nodes()
-        self._index = {n.name: i for i, n in enumerate(order)}
-        program = []
-        for node in order:
-            ins = [self._index[v.node] for v in graph.inputs_of(node.name)]
-            if any(v.slot for v in graph.inputs_of(node.name)):
-                raise UnsupportedOpError(
-                    f"{node.name}: multi-output producers are not supported by the compiled session")
-            weights = {role: self._weight(p) for role, p in node.params.items()}
-            fn = _FAST.get(node.op)
-            step = _Step(fn or _fallback(get_kernel(node.op)), node, ins, weights)
-            if node.op == "Attention":
-                step.layer = len(self._attention)
-                self._attention.append(node)
-                step.weights["__rope__"] = self._rope_tables(node)
-            program.append(step)
-        return program
+    # -- the cache ------------------------------------------------------------------------------
+    def _store(self, policy: CachePolicy) -> StaticLayerCache:
+        """A layer's pre-allocated store: its ring when windowed, its static max_len when set, else the session's."""
+        return StaticLayerCache(replace(policy, storage="static", max_len=policy.max_len or self.max_len),
+                                fixed_shape=True)
 
-    def _rope_tables(self, node: Node) -> Any:
-        rope = node.attrs.get("rope")
-        if not rope:
-            return None
-        key = rope_key(rope)
-        if key not in self._rope:  # layers with the same RoPE share one max_len table
-            self._rope[key] = rope_tables(rope, torch.arange(self.max_len), self.dtype)
-        return self._rope[key]
-
-    # -- running ------------------------------------------------------------------------------
-    def new_cache(self, batch: int | None = None) -> StaticKVCache:
+    def new_cache(self, batch: int | None = None) -> KVCache:
         """An empty cache; its buffers are allocated for ``batch`` now, or on the first forward."""
-        cache = StaticKVCache(self.max_len)
+        cache = KVCache(make_store=self._store)
         if batch is not None:
-            with torch.inference_mode():
-                self._allocate(cache, batch)
+            self._allocate(cache, batch)
         return cache
 
-    def _allocate(self, cache: StaticKVCache, batch: int) -> None:
-        for node in self._attention:
-            shape = (batch, node.attrs["num_kv_heads"], self.max_len, node.attrs["head_dim"])
-            cache.k.append(torch.zeros(shape, dtype=self.dtype))
-            cache.v.append(torch.zeros(shape, dtype=self.dtype))
+    def _allocate(self, cache: KVCache, batch: int) -> None:
+        with torch.inference_mode():
+            for node in self._attention:
+                a = node.attrs
+                cache.layer(node.name, a).allocate(batch, a["num_kv_heads"], a["head_dim"], self.dtype)
 
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-             cache_k: list[torch.Tensor], cache_v: list[torch.Tensor]) -> torch.Tensor:
-        env = _Env(input_ids, positions, self._slots, cache_k, cache_v)
-        values: list[torch.Tensor | None] = [None] * len(self._program)
-        for i, step in enumerate(self._program):
-            values[i] = step.fn(step, [values[j] for j in step.inputs], env, step.weights)
-        return values[self._logits_index]
+    # -- running ------------------------------------------------------------------------------
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        lane = self.interpreter.lane(input_ids, cache, positions, self._rope)
+        self.interpreter.walk([lane])
+        return lane.values[self.interpreter.logits]
 
-    def _block(self, x: torch.Tensor, weights: list[dict[str, Any]], cache_k: torch.Tensor, cache_v: torch.Tensor,
+    def _block(self, x: torch.Tensor, weights: dict[str, torch.Tensor], store: StaticLayerCache,
                positions: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """One decoder block, run with the first block's steps and the given block's weights and cache."""
+        """The first decoder block's nodes, run with another block's weights and cache store."""
         start, end = self._regions[0]
-        entry = self._program[start].inputs[0]
-        env = _Env(input_ids, positions, self._slots, [cache_k], [cache_v])
-        vals: dict[int, torch.Tensor] = {}
-        for j in range(start, end):
-            step = self._program[j]
-            vals[j] = step.fn(step, [x if src == entry else vals[src] for src in step.inputs], env, weights[j - start])
-        return vals[end - 1]
+        nodes = self.interpreter.order[start:end]
+        cache = KVCache({self._attention[0].name: store})
+        lane = Lane(StepContext(weights.__getitem__, positions, input_ids, cache, rope_tables=self._rope))
+        lane.values[self._entry] = x
+        self.interpreter.walk([lane], nodes)
+        return lane.values[Value(nodes[-1].name)]
 
-    def _run_regional(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      cache_k: list[torch.Tensor], cache_v: list[torch.Tensor]) -> torch.Tensor:
-        env = _Env(input_ids, positions, self._slots, cache_k, cache_v)
-        prog = self._program
-        values: list[torch.Tensor | None] = [None] * len(prog)
+    def _run_regional(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        interp = self.interpreter
+        lane = interp.lane(input_ids, cache, positions, self._rope)
         first, last = self._regions[0][0], self._regions[-1][1]
-        for i in range(first):
-            values[i] = prog[i].fn(prog[i], [values[j] for j in prog[i].inputs], env, prog[i].weights)
-        x = values[prog[first].inputs[0]]
+        interp.walk([lane], interp.order[:first])
+        x = lane.values[self._entry]
         for r, (_, end) in enumerate(self._regions):
-            x = self._block_fn(x, self._region_weights[r], cache_k[r], cache_v[r], positions, input_ids)
-            values[end - 1] = x
-        for i in range(last, len(prog)):
-            values[i] = prog[i].fn(prog[i], [values[j] for j in prog[i].inputs], env, prog[i].weights)
-        return values[self._logits_index]
+            store = cache.layers[self._attention[r].name]
+            x = self._block_fn(x, self._region_weights[r], store, positions, input_ids)
+            lane.values[Value(interp.order[end - 1].name)] = x
+        interp.walk([lane], interp.order[last:])
+        return lane.values[interp.logits]
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: StaticKVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for ``input_ids`` continuing ``cache`` (a fresh one if None)."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         cache = cache if cache is not None else self.new_cache()
         bsz, seq = input_ids.shape
-        if not cache.k:
+        if not cache.layers:
             self._allocate(cache, bsz)
-        elif cache.k[0].shape[0] != bsz:
-            raise ValueError(f"this cache holds batch {cache.k[0].shape[0]}, got input batch {bsz}")
-        if cache.seen + seq > self.max_len:
-            raise KVCacheFullError(f"the compiled session's static KV cache holds {self.max_len} tokens; "
-                                   f"{cache.seen + seq} needed — load the artifact with a larger max_len")
+        if cache.seen + seq > self._limit:
+            raise KVCacheFullError(f"the compiled session's KV cache holds {self._limit} tokens; {cache.seen + seq} "
+                                   "needed — load the artifact with a larger max_len (or raise kv-layout:max_len)")
         positions = torch.arange(cache.seen, cache.seen + seq)
         # a fresh contiguous inference tensor: a strided slice, or a tensor made outside inference
         # mode, fails the compiled step's guards and would trigger a recompilation
         input_ids = input_ids.clone(memory_format=torch.contiguous_format)
         run = self._decode if seq == 1 else self._run
-        logits = run(input_ids, positions, cache.k, cache.v)
+        logits = run(input_ids, positions, cache)
         cache.seen += seq
         return logits
 
@@ -221,162 +161,4 @@ class CompiledSession:
         return greedy_decode(self.forward, self.new_cache(), input_ids, max_new_tokens, eos_token_id)
 
 
-NORMS = ("RMSNorm", "LayerNorm")
-
-
-def find_regions(program: list[_Step], logits_index: int) -> list[tuple[int, int]] | None:
-    """Program ranges ``[start, end)`` of the decoder blocks, if they are identical and self-contained.
-
-    A block starts at the norm feeding an attention's query projection and ends before the
-    next block's (or the final) norm.  It qualifies for regional compilation when it reads
-    nothing from outside but its entry value, nothing outside reads its insides, and every
-    block has the same ops, attributes (but ``layer_index``) and weight shapes as the first.
-    ``None`` means "compile the whole graph instead".
-    """
-    starts = []
-    for step in program:
-        if step.node.op != "Attention":
-            continue
-        q = program[step.inputs[0]]
-        if not q.inputs or program[q.inputs[0]].node.op not in NORMS:
-            return None
-        starts.append(q.inputs[0])
-    head = program[logits_index]
-    if len(starts) < 2 or head.node.op != "Linear" or not head.inputs or program[head.inputs[0]].node.op not in NORMS:
-        return None
-    bounds = [*starts, head.inputs[0]]
-    if bounds != sorted(bounds) or len(set(bounds)) != len(bounds):
-        return None
-    regions = list(zip(bounds[:-1], bounds[1:], strict=True))
-    inside: dict[int, int] = {}
-    for r, (start, end) in enumerate(regions):
-        entry = program[start].inputs[0]
-        if entry >= start or program[end].inputs[0] != end - 1:
-            return None
-        for j in range(start, end):
-            inside[j] = r
-            if any(not (start <= src < j or src == entry) for src in program[j].inputs):
-                return None
-    for j, step in enumerate(program):
-        for src in step.inputs:
-            r = inside.get(src)
-            if r is not None and inside.get(j) != r and src != regions[r][1] - 1:
-                return None
-    first = _signature(program, *regions[0])
-    if any(_signature(program, s, e) != first for s, e in regions[1:]):
-        return None
-    return regions
-
-
-def _signature(program: list[_Step], start: int, end: int) -> list[Any]:
-    entry = program[start].inputs[0]
-    sig = []
-    for j in range(start, end):
-        step = program[j]
-        attrs = {k: v for k, v in step.node.attrs.items() if k != "layer_index"}
-        weights = sorted((role, tuple(t.shape), t.dtype) for role, t in step.weights.items()
-                         if isinstance(t, torch.Tensor))
-        sig.append((step.node.op, repr(attrs), tuple(-1 if s == entry else s - start for s in step.inputs), weights))
-    return sig
-
-
-@dataclass
-class _Env:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-    cache_k: list[torch.Tensor]
-    cache_v: list[torch.Tensor]
-
-
-# -- kernels of the static program (same numerics as tokopt/backends/torch/kernels.py) ------------
-def _input(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    kind = step.node.attrs["kind"]
-    if kind == "input_ids":
-        return env.input_ids
-    if kind == "position_ids":
-        return env.positions.unsqueeze(0).expand(env.input_ids.shape[0], -1)
-    raise UnsupportedOpError(f"unknown graph input kind {kind!r}")
-
-
-def _embedding(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    return F.embedding(ins[0], w["weight"])
-
-
-def _rms(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    return rms_norm(ins[0], w["weight"], step.node.attrs["eps"])
-
-
-def _layer_norm(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    return F.layer_norm(ins[0], w["weight"].shape, w["weight"], w.get("bias"), step.node.attrs["eps"])
-
-
-def _linear(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    return linear(ins[0], w["weight"], w.get("bias"), step.node.attrs.get("act_quant"))
-
-
-def _add(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    return ins[0] + ins[1]
-
-
-def _mul(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    return ins[0] * ins[1]
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    rd = cos.shape[-1]
-    xr, rest = x[..., :rd], x[..., rd:]
-    half = rd // 2
-    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    return torch.cat([xr * cos + rotated * sin, rest], dim=-1)
-
-
-def _attention(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-    a = step.node.attrs
-    q, k, v = ins
-    bsz, seq, _ = q.shape
-    h, kvh, d = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-    group = h // kvh
-    q = q.view(bsz, seq, h, d).transpose(1, 2)
-    k = k.view(bsz, seq, kvh, d).transpose(1, 2)
-    v = v.view(bsz, seq, kvh, d).transpose(1, 2)
-    if a.get("qk_norm"):
-        q = rms_norm(q, w["q_norm"], a["qk_norm"]["eps"])
-        k = rms_norm(k, w["k_norm"], a["qk_norm"]["eps"])
-    rope = w["__rope__"]
-    if rope is not None:
-        cos, sin = rope[0][env.positions], rope[1][env.positions]
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    k, v = quantize_kv(k, v, a["kv_cache"])
-    cache_k, cache_v = env.cache_k[step.layer], env.cache_v[step.layer]
-    cache_k.index_copy_(2, env.positions, k)
-    cache_v.index_copy_(2, env.positions, v)
-    # grouped-query attention without repeating K/V: fold each kv head's query group into rows
-    qg = q.reshape(bsz, kvh, group * seq, d)
-    scores = (qg @ cache_k.transpose(-1, -2)) * a["scale"]
-    if a.get("softcap"):
-        scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
-    mask = attention_mask(env.positions, env.slots, a).repeat(group, 1)  # (group*seq, max_len)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = (probs @ cache_v).view(bsz, h, seq, d)
-    return out.transpose(1, 2).reshape(bsz, seq, h * d)
-
-
-def _fallback(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Run a reference kernel (MoE, activations, plugin ops) inside the static program."""
-
-    def run(step: _Step, ins: list[torch.Tensor], env: _Env, w: dict) -> torch.Tensor:
-        by_name = {pname: w[role] for role, pname in step.node.params.items()}
-        ctx = StepContext(by_name.__getitem__, env.positions, env.input_ids, None)
-        return kernel(step.node, ins, ctx)
-
-    return run
-
-
-_FAST: dict[str, Callable[..., torch.Tensor]] = {
-    "Input": _input, "Embedding": _embedding, "RMSNorm": _rms, "LayerNorm": _layer_norm, "Linear": _linear,
-    "Add": _add, "Mul": _mul, "Attention": _attention,
-}
-
-__all__ = ["CompiledSession", "StaticKVCache", "DEFAULT_MAX_LEN"]
+__all__ = ["CompiledSession", "DEFAULT_MAX_LEN"]

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from tokopt.errors import PluginError
 from tokopt.optimizer.ir.ops import add_op_resolver
+from tokopt.plugins.guard import plugin_guard
 from tokopt.plugins.hookspecs import PLUGIN_API_VERSION, SUPPORTED_PLUGIN_API_VERSIONS, hookimpl, hookspec
-from tokopt.plugins.manager import BUILTIN_NAMES, ENTRY_POINT_GROUP, PluginManager, plugin_guard
+from tokopt.plugins.manager import BUILTIN_NAMES, ENTRY_POINT_GROUP, PluginManager
 
 if TYPE_CHECKING:
     from tokopt.optimizer.ir.graph import Graph

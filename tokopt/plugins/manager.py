@@ -1,45 +1,57 @@
-"""Finding, loading and calling plugins — lazily, and naming the culprit when one fails.
+"""The plugin manager: pluggy loads and calls each plugin; tokopt adds names, blame and laziness.
 
-Loading happens in three steps, each as late as possible:
+pluggy does the mechanics: :meth:`pluggy.PluginManager.load_setuptools_entrypoints` imports
+an entry point's manifest and registers it, pluggy validates its hook implementations
+against :mod:`tokopt.plugins.hookspecs`, and every hook is called through pluggy's hook
+relay (``pm.hook.tokopt_…(**kwargs)``).  What this module adds is what pluggy leaves to
+its host:
 
-1. **Discovery** (first time anything asks what plugins provide): every entry point of the
-   ``tokopt`` group is loaded, which imports the plugin's *manifest* module — required to
-   be light (see :mod:`tokopt.plugins.hookspecs`).  Its API version is checked.
-2. **Registration** (same moment): the ``tokopt_register_*`` hooks answer with names and
-   ``"module:Attribute"`` references.  Nothing heavy is imported; listing passes costs the
-   manifests only.
-3. **Resolution** (when one name is used): that one reference is imported and checked,
-   and the plugin's ops are installed so graphs using them can be verified and run.
+- **blame**: every plugin lives in a pluggy manager of its own (:attr:`PluginInfo.pm`), so
+  whatever a hook call returns or raises is that one plugin's.  pluggy's shared relay
+  cannot say whose answer is whose, and its per-plugin view
+  (:meth:`~pluggy.PluginManager.subset_hook_caller`) needs hashable plugin objects, which
+  a ``SimpleNamespace`` of hook functions is not.  A broken plugin is set aside at load
+  time; a crash later raises a ``PluginError`` naming it;
+- **names**: pluggy knows a plugin by its entry-point name; users know the distribution
+  they installed, so errors, reports and the ``plugin`` attribute of passes and backends
+  say the distribution name;
+- **laziness**, in three steps, each as late as possible:
+
+  1. *Discovery* (first time anything asks what plugins provide): every entry point of the
+     ``tokopt`` group is loaded — only the plugin's light *manifest* module (see
+     :mod:`tokopt.plugins.hookspecs`) — and its API version is checked.
+  2. *Registration* (same moment): the ``tokopt_register_*`` hooks answer with names and
+     ``"module:Attribute"`` references.  Nothing heavy is imported.
+  3. *Resolution* (when one name is used): that one reference is imported, and the
+     plugin's ops are installed so graphs using them can be verified and run.
 
 A plugin that fails in step 1 or 2 is set aside (logged, and listed by
 :meth:`PluginManager.failures`) so one broken package does not take the tool down; asking
-for a name nobody provides then raises a ``PluginError`` that names the broken plugins.
-Failures in step 3, in observer hooks, or inside a plugin's pass or backend (see
-:func:`plugin_guard`) raise ``PluginError`` naming the plugin at once.
+for a name nobody provides then raises a ``PluginError`` naming the broken plugins.
+Failures in step 3, in observer hooks, or inside a plugin's pass, backend or op lowering
+(see :func:`~tokopt.plugins.guard.plugin_guard`) raise ``PluginError`` naming the plugin.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pluggy
 
-from tokopt.errors import PluginError, TokoptError
+from tokopt.errors import PluginError
 from tokopt.plugins import hookspecs
+from tokopt.plugins.guard import BUILTIN, import_reference, plugin_guard
 from tokopt.plugins.hookspecs import PLUGIN_API_VERSION, PROJECT_NAME, SUPPORTED_PLUGIN_API_VERSIONS
+from tokopt.plugins.ops import OpDefinition, install_op
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "tokopt"
 DISABLE_ENV = "TOKOPT_DISABLE_PLUGINS"
-BUILTIN = "tokopt"  # the value of ``plugin`` on built-in passes and backends
 
 KINDS = {  # kind -> registration hook
     "pass": "tokopt_register_passes",
@@ -55,10 +67,10 @@ BUILTIN_NAMES: dict[str, set[str]] = {kind: set() for kind in KINDS}
 
 @dataclass
 class PluginInfo:
-    """One loaded plugin.  ``name`` is its distribution name (what errors and reports show)."""
+    """One loaded plugin: its distribution name and the pluggy manager holding it alone."""
 
     name: str
-    module: Any
+    pm: pluggy.PluginManager
     entry_point: str | None = None  # "ep_name = module" for discovered plugins
     version: str | None = None
     api_versions: list[int] = field(default_factory=list)
@@ -74,40 +86,10 @@ class Provided:
     plugin: str
 
 
-def import_reference(ref: Any, plugin: str, what: str) -> Any:
-    """``"pkg.mod:Attr"`` → the object (objects pass through); errors name ``plugin``."""
-    if not isinstance(ref, str):
-        return ref
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise PluginError(f"plugin {plugin!r}: {what} reference {ref!r} is not of the form 'module:Attribute'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except Exception as exc:  # noqa: BLE001 - any failure importing plugin code is the plugin's
-        raise PluginError(f"plugin {plugin!r}: cannot import {what} {ref!r}: {type(exc).__name__}: {exc}") from exc
-    return obj
-
-
-@contextlib.contextmanager
-def plugin_guard(plugin: str, what: str) -> Iterator[None]:
-    """Turn a crash inside plugin code into a ``PluginError`` naming the plugin.
-
-    ``TokoptError`` subclasses raised by the plugin (a bad option, an unmet precondition)
-    pass through unchanged: they are deliberate messages for the user.  For built-in code
-    (``plugin == "tokopt"``) nothing is wrapped, so tokopt's own bugs keep their traceback.
-    """
-    try:
-        yield
-    except TokoptError:
-        raise
-    except Exception as exc:
-        if plugin == BUILTIN:
-            raise
-        err = PluginError(f"plugin {plugin!r} crashed in {what}: {type(exc).__name__}: {exc}")
-        err.plugin = plugin  # type: ignore[attr-defined]
-        raise err from exc
+def _pluggy_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    return pm
 
 
 def _disabled() -> set[str]:
@@ -116,95 +98,90 @@ def _disabled() -> set[str]:
 
 
 def _dist_name(ep: EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
+    dist = ep.dist
     return (dist.name if dist is not None and dist.name else ep.name) or ep.value
 
 
 class PluginManager:
-    """Discovers plugins through entry points and answers what they provide."""
+    """Which plugins are loaded (each in its own pluggy manager), which were set aside, what they provide."""
 
     def __init__(self, group: str = ENTRY_POINT_GROUP, discover: bool = True) -> None:
         self.group = group
         self._discover = discover
-        self._pm = pluggy.PluginManager(PROJECT_NAME)
-        self._pm.add_hookspecs(hookspecs)
         self._discovered = False
-        self.plugins: dict[str, PluginInfo] = {}
+        self.plugins: dict[str, PluginInfo] = {}  # by distribution name, in registration order
         self._failures: dict[str, str] = {}
         self._provided: dict[str, dict[str, Provided]] | None = None
         self._ops_installed: set[str] = set()
 
-    # -- discovery ----------------------------------------------------------------------
+    # -- loading ----------------------------------------------------------------------------
     def discover(self) -> None:
-        """Import every entry point's manifest once (cheap by contract)."""
+        """Load every entry point of the group once, through pluggy (manifests are cheap by contract)."""
         if self._discovered:
             return
         self._discovered = True
         if not self._discover:
             return
         disabled = _disabled()
-        seen: set[tuple[str, str, str]] = set()
-        for ep in sorted(entry_points(group=self.group), key=lambda e: (_dist_name(e), e.name)):
+        found = list(entry_points(group=self.group))  # in sys.path order, one copy per distribution
+        first: dict[str, EntryPoint] = {}  # pluggy loads the first entry point of each name
+        for ep in found:
+            first.setdefault(ep.name, ep)
+        for ep in sorted(found, key=lambda e: (_dist_name(e), e.name)):
             dist = _dist_name(ep)
-            key = (dist, ep.name, ep.value)
-            if key in seen:  # the same distribution found twice on sys.path
-                continue
-            seen.add(key)
-            if "all" in disabled or dist.lower() in disabled or ep.name.lower() in disabled:
+            if disabled & {"all", dist.lower(), ep.name.lower()}:
                 log.info("plugin %s disabled by %s", dist, DISABLE_ENV)
-                continue
-            label = f"{ep.name} = {ep.value}"
-            try:
-                module = ep.load()
-            except Exception as exc:  # noqa: BLE001 - a broken plugin must not take tokopt down
-                self._fail(dist, f"cannot import its entry point ({label}): {type(exc).__name__}: {exc}")
-                continue
-            version = getattr(getattr(ep, "dist", None), "version", None)
-            name = dist if dist not in self.plugins else f"{dist}:{ep.name}"  # a second entry point of one dist
-            try:
-                self.register(module, name, entry_point=label, version=version)
-            except PluginError as exc:
-                self._fail(name, str(exc))
+            elif first[ep.name] is not ep:
+                self._fail(dist, f"its entry point {ep.name!r} has the name of {_dist_name(first[ep.name])!r}'s "
+                                 "entry point, so pluggy cannot load both; rename one")
+            else:
+                taken = dist in self.plugins or dist in self._failures
+                self._load(ep, f"{dist}:{ep.name}" if taken else dist)  # a distribution's second entry point
 
-    def _fail(self, plugin: str, message: str) -> None:
-        log.warning("plugin %r is disabled: %s", plugin, message)
-        self._failures[plugin] = message
-        if self._pm.has_plugin(plugin):
-            self._pm.unregister(name=plugin)
-        self.plugins.pop(plugin, None)
-        self._provided = None
+    def _load(self, ep: EntryPoint, name: str) -> None:
+        label = f"{ep.name} = {ep.value}"
+        pm = _pluggy_manager()
+        try:
+            pm.load_setuptools_entrypoints(self.group, name=ep.name)
+        except pluggy.PluginValidationError as exc:
+            self._fail(name, f"plugin {name!r} does not fit the tokopt hook API ({label}): {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take tokopt down
+            self._fail(name, f"cannot import its entry point ({label}): {type(exc).__name__}: {exc}")
+            return
+        try:
+            self._admit(PluginInfo(name, pm, label, ep.dist.version if ep.dist else None))
+        except PluginError as exc:
+            self._fail(name, str(exc))
 
-    def register(self, module: Any, name: str, entry_point: str | None = None, version: str | None = None) -> None:
-        """Register a plugin object (a manifest module, or any object with hook functions).
+    def register(self, plugin: Any, name: str) -> None:
+        """Register a plugin object (a module, or any object with ``@hookimpl`` functions) in-process.
 
-        Entry points call this through :meth:`discover`; tests and applications may call it
-        directly to add a plugin in-process.  Raises ``PluginError`` naming ``name``.
+        Entry points are discovered first, so in-process plugins come after them.  Raises
+        ``PluginError`` naming ``name`` if the object does not fit the hook API.
         """
         self.discover()
         if name in self.plugins or name == BUILTIN:
             raise PluginError(f"a plugin named {name!r} is already registered")
+        pm = _pluggy_manager()
         try:
-            self._pm.register(module, name=name)
-            self._pm.check_pending()
-        except Exception as exc:  # noqa: BLE001 - pluggy's validation errors and ValueError
-            if self._pm.has_plugin(name):
-                self._pm.unregister(name=name)
+            pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {name!r} does not fit the tokopt hook API: {exc}") from exc
-        info = PluginInfo(name, module, entry_point, version)
-        self.plugins[name] = info
-        try:
-            info.api_versions = self._api_versions(name)
-        except PluginError:
-            self._pm.unregister(name=name)
-            del self.plugins[name]
-            raise
-        self._provided = None
+        self._admit(PluginInfo(name, pm))
 
-    def unregister(self, name: str) -> None:
-        if self._pm.has_plugin(name):
-            self._pm.unregister(name=name)
-        self.plugins.pop(name, None)
-        self._failures.pop(name, None)
+    def _admit(self, info: PluginInfo) -> None:
+        """Accept a plugin pluggy just registered if it names only known hooks and speaks our API version."""
+        try:
+            info.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {info.name!r} does not fit the tokopt hook API: {exc}") from exc
+        self.plugins[info.name] = info
+        try:
+            info.api_versions = self._api_versions(info.name)
+        except PluginError:
+            del self.plugins[info.name]
+            raise
         self._provided = None
 
     def _api_versions(self, name: str) -> list[int]:
@@ -223,69 +200,86 @@ class PluginManager:
                 f"speaks version {supported}; upgrade the plugin or tokopt (or set {DISABLE_ENV}={name})")
         return versions
 
-    # -- calling hooks --------------------------------------------------------------------
-    def call(self, hook: str, plugin: str | None = None, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call ``hook`` on each plugin separately; returns ``[(plugin, result), …]`` (non-None).
+    def unregister(self, name: str) -> None:
+        """Forget plugin ``name``, loaded or set aside."""
+        self.plugins.pop(name, None)
+        self._failures.pop(name, None)
+        self._provided = None
 
-        Plugins are called in registration order.  A crash becomes a ``PluginError`` naming
-        the plugin and the hook; a ``TokoptError`` raised on purpose passes through.
+    def _fail(self, name: str, message: str) -> None:
+        """Set plugin ``name`` aside: no longer called, listed with why in :meth:`failures`."""
+        log.warning("plugin %r is disabled: %s", name, message)
+        self._failures[name] = message
+        self.plugins.pop(name, None)
+        self._provided = None
+
+    # -- calling hooks ------------------------------------------------------------------------
+    def call(self, hook: str, plugin: str | None = None, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call ``hook`` through pluggy, one plugin at a time: ``[(plugin, result), …]`` (non-None results).
+
+        Plugins are called in registration order, each through its own pluggy manager, so
+        a crash becomes a ``PluginError`` naming the plugin and the hook; a
+        ``TokoptError`` raised on purpose passes through.
         """
         self.discover()
         results: list[tuple[str, Any]] = []
-        impls = getattr(self._pm.hook, hook).get_hookimpls()
-        for impl in impls:
-            if plugin is not None and impl.plugin_name != plugin:
-                continue
-            with plugin_guard(impl.plugin_name, f"hook {hook}"):
-                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-            if result is not None:
-                results.append((impl.plugin_name, result))
+        for name in list(self.plugins) if plugin is None else [plugin]:
+            with plugin_guard(name, f"hook {hook}"):
+                answers = getattr(self.plugins[name].pm.hook, hook)(**kwargs)
+            results += [(name, answer) for answer in answers]
         return results
 
-    # -- what plugins provide ----------------------------------------------------------------
+    # -- what plugins provide -------------------------------------------------------------------
     def provided(self, kind: str) -> dict[str, Provided]:
         """Names of ``kind`` ("pass", "backend", "frontend") provided by plugins, not imported."""
         if self._provided is None:
             self._provided = self._collect()
         return self._provided[kind]
 
-    def _collect(self) -> dict[str, dict[str, Provided]]:
-        self.discover()
-        builtin = BUILTIN_NAMES
-        out: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
-        for plugin in list(self.plugins):
-            mine: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
-            try:
-                for kind, hook in KINDS.items():
-                    for _, answer in self.call(hook, plugin=plugin):
-                        if not isinstance(answer, dict):
-                            raise PluginError(f"plugin {plugin!r}: {hook} returned {type(answer).__name__}, "
-                                              "expected a dict of name -> 'module:Attribute'")
-                        for name, ref in answer.items():
-                            if not isinstance(name, str) or not name:
-                                raise PluginError(f"plugin {plugin!r}: {hook} returned a non-string name {name!r}")
-                            if name in builtin[kind]:
-                                raise PluginError(f"plugin {plugin!r} provides {kind} {name!r}, which is built into "
-                                                  "tokopt; plugins may add names, not replace built-ins")
-                            other = out[kind].get(name)
-                            if other is not None:
-                                raise PluginError(f"plugin {plugin!r} provides {kind} {name!r}, which plugin "
-                                                  f"{other.plugin!r} already provides")
-                            mine[kind][name] = Provided(kind, name, ref, plugin)
-            except PluginError as exc:
-                self._fail(plugin, str(exc))
-                continue
-            for kind in KINDS:
-                out[kind].update(mine[kind])
-        return out
-
     def forget_provided(self) -> None:
         """Collect the plugins' names again on next use (the reserved built-in names changed)."""
         self._provided = None
 
+    def _collect(self) -> dict[str, dict[str, Provided]]:
+        self.discover()
+        out: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
+        for plugin in list(self.plugins):
+            try:
+                mine = [self._checked(entry, out) for kind in KINDS for entry in self._answers(plugin, kind)]
+            except PluginError as exc:
+                self._fail(plugin, str(exc))
+                continue
+            for entry in mine:
+                out[entry.kind][entry.name] = entry
+        return out
+
+    def _answers(self, plugin: str, kind: str) -> list[Provided]:
+        hook = KINDS[kind]
+        entries = []
+        for _, answer in self.call(hook, plugin=plugin):
+            if not isinstance(answer, dict):
+                raise PluginError(f"plugin {plugin!r}: {hook} returned {type(answer).__name__}, "
+                                  "expected a dict of name -> 'module:Attribute'")
+            entries += [Provided(kind, name, ref, plugin) for name, ref in answer.items()]
+        return entries
+
+    @staticmethod
+    def _checked(entry: Provided, taken: dict[str, dict[str, Provided]]) -> Provided:
+        """``entry`` if its name is a string nobody else has: not built in, not another plugin's."""
+        plugin, kind, name = entry.plugin, entry.kind, entry.name
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin!r}: {KINDS[kind]} returned a non-string name {name!r}")
+        if name in BUILTIN_NAMES[kind]:
+            raise PluginError(f"plugin {plugin!r} provides {kind} {name!r}, which is built into tokopt; "
+                              "plugins may add names, not replace built-ins")
+        other = taken[kind].get(name)
+        if other is not None:
+            raise PluginError(f"plugin {plugin!r} provides {kind} {name!r}, which plugin {other.plugin!r} "
+                              "already provides")
+        return entry
+
     def failures(self) -> dict[str, str]:
         """Plugins that were set aside: distribution name -> why."""
-        self.discover()
         if self._provided is None:
             self._provided = self._collect()
         return dict(self._failures)
@@ -307,14 +301,10 @@ class PluginManager:
         self.install_ops(entry.plugin)
         return obj, entry.plugin
 
-    # -- ops ----------------------------------------------------------------------------
     def install_ops(self, plugin: str | None = None) -> None:
-        """Install the ops of ``plugin`` (or of every plugin) into the IR and the torch kernels."""
-        from tokopt.plugins.ops import OpDefinition, install_op
-
+        """Install the ops of ``plugin`` (or of every plugin) into the IR, the kernels and the lowerings."""
         self.discover()
-        names = [plugin] if plugin is not None else list(self.plugins)
-        for name in names:
+        for name in [plugin] if plugin is not None else list(self.plugins):
             if name in self._ops_installed or name not in self.plugins:
                 continue
             self._ops_installed.add(name)

@@ -22,7 +22,8 @@ import torch
 
 import tokopt
 from tokopt import plugins
-from tokopt.errors import PassOptionError, PluginError, PreconditionError
+from tokopt.errors import BackendRefusalError, PassOptionError, PluginError, PreconditionError
+from tokopt.optimizer.interpret import ReferenceExecutor
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult
 from tokopt.plugins import hookimpl, hookspecs
@@ -324,6 +325,70 @@ def test_plugin_op_is_installed_with_kernel_lowering_and_survives_serialization(
     save_graph(g, tmp_path / "g")
     torch.testing.assert_close(ReferenceExecutor(load_graph(tmp_path / "g")).forward(ids),
                                ReferenceExecutor(g).forward(ids), rtol=0, atol=0)
+
+
+def _install_doubling_op(op: str, plugin: str, lowerings: dict) -> None:
+    """Plugin ``plugin`` declares ``op`` (x * 2) with ``lowerings``.
+
+    Ops are declared process-wide, once, so every test declares its own op name.
+    """
+    from tokopt.optimizer.ir.ops import OpSpec
+    from tokopt.plugins.ops import OpDefinition
+
+    spec = OpSpec(op, ("x",), ("out",), {}, (), lambda n, ins, g: [ins[0]], lambda n, g, c=0: 0, "x * 2 (a test op)")
+    definition = OpDefinition(spec, lambda node, ins, ctx: ins[0] * 2, lowerings)
+    plugins.register_plugin(_plugin(tokopt_register_ops=lambda: [definition]), plugin)
+    plugins.install_plugin_ops()
+
+
+def _with_op_on_logits(graph: Graph, op: str) -> Graph:
+    g = graph.copy()
+    g.outputs["logits"] = g.add_node(op, "plugin_op", [g.outputs["logits"]])
+    return g
+
+
+def test_onnxruntime_lowers_a_plugin_op_with_the_plugins_lowering(manager, tiny_graph, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from tokopt.backends.onnxruntime.backend import OnnxRuntimeBackend
+
+    def lower_double(ctx, node, inputs):
+        return ctx.b.op("Add", [inputs[0], inputs[0]], name=node.name)
+
+    _install_doubling_op("PluginDouble", "doubling-plugin", {"onnxruntime": lower_double})
+    graph = _with_op_on_logits(tiny_graph, "PluginDouble")
+    backend = OnnxRuntimeBackend()
+    artifact = backend.lower(graph, tmp_path / "ort", parity_tokens=sample_ids(1, 6))  # refused unless in parity
+    assert artifact.extra["parity"]["passed"]
+    ids = sample_ids(1, 6)
+    torch.testing.assert_close(backend.load(tmp_path / "ort").forward(ids),
+                               ReferenceExecutor(tiny_graph).forward(ids) * 2, rtol=1e-4, atol=1e-4)
+
+
+def test_backends_refuse_a_plugin_op_without_an_onnx_lowering_by_name(manager, tiny_graph):
+    pytest.importorskip("onnxruntime")
+    from tokopt.backends.onnxruntime.backend import OnnxRuntimeBackend
+    from tokopt.backends.tensorrt.backend import TensorRTBackend
+
+    _install_doubling_op("PluginUnlowered", "kernel-only-plugin", {})
+    graph = _with_op_on_logits(tiny_graph, "PluginUnlowered")
+    for backend in (OnnxRuntimeBackend(), TensorRTBackend()):
+        with pytest.raises(BackendRefusalError, match="'PluginUnlowered' of plugin 'kernel-only-plugin'"):
+            backend.check(graph)
+
+
+@pytest.mark.parametrize("index, lowering, why", [
+    (0, lambda ctx, node, inputs: {}["a bug in the lowering"], "KeyError"),
+    (1, lambda ctx, node, inputs: [], r"returned \[\], not 1 ONNX tensor name"),
+], ids=["crashes", "misanswers"])
+def test_a_broken_plugin_lowering_names_the_plugin(manager, tiny_graph, index, lowering, why):
+    pytest.importorskip("onnxruntime")
+    from tokopt.backends.onnxruntime.lower import lower_graph
+
+    _install_doubling_op(f"PluginBroken{index}", "broken-lowering", {"onnxruntime": lowering})
+    with pytest.raises(PluginError, match=f"'broken-lowering'.*onnxruntime lowering of op 'PluginBroken{index}'.*{why}"
+                       ) as err:
+        lower_graph(_with_op_on_logits(tiny_graph, f"PluginBroken{index}"))
+    assert err.value.plugin == "broken-lowering" and err.value.exit_code == 5
 
 
 # -- frontends -------------------------------------------------------------------------------------------

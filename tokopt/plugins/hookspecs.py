@@ -24,9 +24,55 @@ used.  Returning the object itself also works; it just makes the import eager::
     def tokopt_register_passes() -> dict[str, str]:
         return {"prune-layers": "my_package.prune:PruneLayers"}
 
+What a plugin contributes, and the contract each piece is held to:
+
+**Passes** subclass :class:`tokopt.optimizer.pass_api.Pass`.  Class attributes declare
+``name`` (the key you register it under), ``summary``, typed ``options``
+(:class:`~tokopt.optimizer.pass_api.Option`; validated when the pass is constructed), the
+conditions it ``requires`` of its input and ``ensures`` of its output, the report metrics
+it ``moves`` and whether it ``changes_numerics``.  ``check(graph, ctx)`` raises
+``PreconditionError`` for models it cannot handle; ``run(graph, ctx)`` returns a
+:class:`~tokopt.optimizer.pass_api.PassResult` ``(graph, modified, notes)`` and must not
+change its input (``graph.copy()`` is cheap).  The pass manager trusts none of this: it
+verifies the returned graph and checks every declaration (``tokopt.optimizer.manager``),
+raising ``PassContractError`` naming your plugin when one is false.
+
+**Backends** subclass :class:`tokopt.backends.base.Backend` and are constructed with no
+arguments.  ``availability()`` says whether the runtime is usable here (cheap, never
+raises), ``capabilities()`` what it can express, ``check(graph)`` raises
+``BackendRefusalError`` for anything it cannot express — before any work, never silently
+dropping an attribute — ``lower(graph, out_dir)`` writes a self-contained artifact
+directory and returns an :class:`~tokopt.backends.base.Artifact`, and ``load(path)``
+returns a :class:`~tokopt.backends.base.Session` (``new_cache``/``forward``/``generate``,
+the reference executor's interface, so parity checks and benchmarks treat every backend
+alike).
+
+**Ops** are :class:`tokopt.plugins.ops.OpDefinition` objects (see
+:func:`tokopt_register_ops`): an :class:`~tokopt.optimizer.ir.ops.OpSpec` (inputs,
+outputs, attributes with defaults, parameters, shape inference, FLOPs per token), a torch
+kernel ``(node, inputs, step_context) -> tensor`` that *is* the op's numerical definition
+(the reference executor runs it, and every backend is checked against it), and per-backend
+``lowerings``.  The **onnxruntime** lowering (also used by the tensorrt backend, which
+builds its engine from the same ONNX) is a callable::
+
+    def lower(ctx: LowerContext, node: Node, inputs: list[str]) -> str | list[str]: ...
+
+``inputs`` are the ONNX tensor names of the node's inputs, in order; ``node.attrs`` and
+``node.params`` are the IR node's.  Emit ONNX nodes through ``ctx.b``
+(:class:`~tokopt.backends.onnxruntime.onnx_builder.OnnxGraphBuilder`):
+``ctx.b.op(op_type, inputs, name=…, **attributes)`` appends a default-domain node (opset
+21) and returns its output name, ``ctx.b.ms(…)`` a ``com.microsoft`` contrib op,
+``ctx.b.const(value, dtype)`` a small constant, and ``ctx.weight_init(node.params[role])``
+the initializer of one of the node's parameters.  Return one tensor name per IR output (a
+``str`` for a single output).  The artifact is refused unless its logits match the
+reference executor's, so the lowering must compute what the torch kernel computes.  A
+backend meeting an op without a lowering refuses the graph in ``check``, naming the op;
+a lowering that crashes or returns anything else raises ``PluginError`` naming you.
+``examples/tokopt-plugin-example`` (``softcap.py``) is a complete op with both.
+
 Error handling: a manifest that fails to import, a hook that raises, an API version tokopt
-does not speak, a reference that does not resolve, or a pass/backend that crashes with an
-exception that is not a :class:`~tokopt.errors.TokoptError` all become a
+does not speak, a reference that does not resolve, or a pass, backend or op lowering that
+crashes with an exception that is not a :class:`~tokopt.errors.TokoptError` all become a
 :class:`~tokopt.errors.PluginError` (CLI exit code 5) whose message names the
 distribution.  Raise a ``TokoptError`` subclass (``PassOptionError``, ``PreconditionError``…)
 yourself for problems the user can fix; those pass through unchanged.
@@ -34,8 +80,10 @@ yourself for problems the user can fix; those pass through unchanged.
 Set ``TOKOPT_DISABLE_PLUGINS`` to a comma-separated list of distribution or entry-point
 names (or ``all``) to skip plugins, e.g. to get a broken one out of the way.
 
-None of the hooks below is ``firstresult``: tokopt calls each plugin's implementation
-separately (so it can name the plugin when one fails) and merges the answers.
+tokopt loads each plugin with pluggy (``load_setuptools_entrypoints``) into a pluggy
+manager of its own and calls its hooks through that manager's hook relay, so every
+answer and every crash is attributed to one plugin; the answers of all plugins are then
+merged (none of the hooks below is ``firstresult``).
 """
 
 from __future__ import annotations
@@ -140,9 +188,10 @@ def tokopt_register_ops() -> list[str | OpDefinition]:
         :class:`~tokopt.optimizer.ir.ops.OpSpec` (schema, shape inference, cost model), the
         torch reference kernel (the op's numerical definition; installed in
         ``tokopt.optimizer.interpret.kernels.KERNELS``) and optional ``lowerings``:
-        ``{backend name: object}`` whose meaning each backend documents (backends look
-        them up with :func:`tokopt.plugins.op_lowering`).  A backend meeting an op with
-        no lowering for it refuses the graph, naming the op.
+        ``{backend name: object}`` whose meaning each backend documents (the onnxruntime
+        one is the callable described at the top of this module; backends look them up
+        with :func:`tokopt.plugins.op_lowering`).  A backend meeting an op with no
+        lowering for it refuses the graph in ``check``, naming the op.
     """
 
 

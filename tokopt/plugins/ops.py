@@ -22,10 +22,10 @@ class OpDefinition:
     """One op kind contributed by a plugin.
 
     ``torch_kernel`` has the signature of the kernels in
-    ``tokopt/backends/torch/kernels.py``: ``(node, inputs, step_context) -> tensor``.
+    :mod:`tokopt.optimizer.interpret.kernels`: ``(node, inputs, step_context) -> tensor``.
     ``lowerings`` maps a backend name to whatever that backend documents as an op lowering
-    (for example a function emitting ONNX nodes); backends fetch it with
-    :func:`tokopt.plugins.op_lowering`.
+    (the ``"onnxruntime"`` one — a function emitting ONNX nodes — is specified in
+    :mod:`tokopt.plugins.hookspecs`); backends fetch it with :func:`tokopt.plugins.op_lowering`.
     """
 
     spec: OpSpec

@@ -49,19 +49,16 @@ class OnnxRuntimeBackend(Backend):
         }
 
     def check(self, graph: Graph) -> None:
-        from tokopt.backends.onnxruntime.ops import supported_ops
+        from tokopt.backends.onnxruntime.ops import no_lowering_reason
         from tokopt.backends.onnxruntime.ops.attention import KV_DTYPES
 
         ok, why = self.availability()
         if not ok:
             raise BackendUnavailableError(why)
         problems = []
-        ops = set(supported_ops())
         for node in graph.nodes():
-            if node.op not in ops:
-                problems.append(f"{node.name}: op {node.op!r} has no ONNX lowering "
-                                f"(supported: {', '.join(sorted(ops))})")
-
+            if (unsupported := no_lowering_reason(node.op)) is not None:
+                problems.append(f"{node.name}: {unsupported}")
             if node.op != "Attention":
                 continue
             cache = node.attrs["kv_cache"]

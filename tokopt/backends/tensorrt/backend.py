@@ -90,12 +90,11 @@ class TensorRTBackend(Backend):
                 problems.append(f"{node.name}: KV cache layout {layout!r} (engine caches are BNSH)")
         if importlib.util.find_spec("onnxruntime") is not None or importlib.util.find_spec("onnx") is not None:
             try:
-                from tokopt.backends.onnxruntime.ops import supported_ops
+                from tokopt.backends.onnxruntime.ops import no_lowering_reason
             except ImportError:  # the onnxruntime backend is not importable: export will say so
-                supported_ops = None
-            if supported_ops is not None:
-                ops = set(supported_ops())
-                problems += [f"{n.name}: op {n.op!r} has no ONNX lowering" for n in graph.nodes() if n.op not in ops]
+                no_lowering_reason = None
+            if no_lowering_reason is not None:
+                problems += [f"{n.name}: {why}" for n in graph.nodes() if (why := no_lowering_reason(n.op))]
         if problems:
             shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
             raise BackendRefusalError(f"the tensorrt backend cannot express this graph: {shown}")

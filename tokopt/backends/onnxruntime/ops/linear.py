@@ -66,7 +66,10 @@ def native_act_quant(act_quant: dict | None, w) -> bool:
 
 
 def quantize_activations(ctx: LowerContext, x: str, act_quant: dict, name: str) -> str:
-    """Standard-op form of :func:`tokopt.optimizer.interpret.activations.quantize_activations` (Round is half-to-even)."""
+    """Standard-op form of :func:`tokopt.optimizer.interpret.activations.quantize_activations`.
+
+    ONNX ``Round`` is half-to-even, like ``torch.round``.
+    """
     b = ctx.b
     block = act_quant["block"]
     shape = b.op("Shape", [x], name=f"{name}/act_shape")

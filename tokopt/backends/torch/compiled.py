@@ -29,7 +29,7 @@ from dataclasses import replace
 
 import torch
 
-from tokopt.backends.torch.regions import find_regions, region_weights
+from tokopt.backends.torch.regions import RegionWeights, find_regions, region_weights
 from tokopt.errors import KVCacheFullError
 from tokopt.optimizer.interpret.decode import greedy_decode
 from tokopt.optimizer.interpret.interpreter import Interpreter, Lane
@@ -107,13 +107,13 @@ class CompiledSession:
         self.interpreter.walk([lane])
         return lane.values[self.interpreter.logits]
 
-    def _block(self, x: torch.Tensor, weights: dict[str, torch.Tensor], store: StaticLayerCache,
+    def _block(self, x: torch.Tensor, weights: RegionWeights, store: StaticLayerCache,
                positions: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The first decoder block's nodes, run with another block's weights and cache store."""
         start, end = self._regions[0]
         nodes = self.interpreter.order[start:end]
         cache = KVCache({self._attention[0].name: store})
-        lane = Lane(StepContext(weights.__getitem__, positions, input_ids, cache, rope_tables=self._rope))
+        lane = Lane(StepContext(weights, positions, input_ids, cache, rope_tables=self._rope))
         lane.values[self._entry] = x
         self.interpreter.walk([lane], nodes)
         return lane.values[Value(nodes[-1].name)]

@@ -77,8 +77,21 @@ def _signature(interp: Interpreter, inputs: list[list[int]], weights: Callable[[
     return sig
 
 
+class RegionWeights(dict):
+    """One block's weights under the first block's parameter names: the weight provider its walk reads.
+
+    Kept for the session's lifetime and called directly (not through a fresh bound method),
+    so a compiled frame that guards on the provider — one resumed after a graph break, in an
+    MoE kernel — finds the same object at every step.
+    """
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self[name]
+
+
 def region_weights(interp: Interpreter, weights: Callable[[str], torch.Tensor], first: tuple[int, int],
-                   region: tuple[int, int]) -> dict[str, torch.Tensor]:
+                   region: tuple[int, int]) -> RegionWeights:
     """``region``'s weights under the first region's parameter names, so the first block's nodes run it."""
     pairs = zip(interp.order[first[0]:first[1]], interp.order[region[0]:region[1]], strict=True)
-    return {ours.params[role]: weights(theirs.params[role]) for ours, theirs in pairs for role in ours.params}
+    return RegionWeights({ours.params[role]: weights(theirs.params[role]) for ours, theirs in pairs
+                          for role in ours.params})

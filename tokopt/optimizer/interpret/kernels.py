@@ -229,14 +229,13 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
         layer = ctx.cache.layer(node.name, a)  # the node's window/sinks/kv_cache shape the store
         layer.append(k, v, ctx.positions)
         k, v, k_pos = layer.k, layer.v, layer.positions
-    if kvh != h:
-        k = k.repeat_interleave(h // kvh, dim=1)
-        v = v.repeat_interleave(h // kvh, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * a["scale"]
+    # grouped-query attention without repeating K/V: each kv head's query group becomes rows
+    group = h // kvh
+    scores = (q.reshape(bsz, kvh, group * seq, d) @ k.transpose(-1, -2)) * a["scale"]
     if a.get("softcap"):
         scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
-    mask = attention_mask(ctx.positions, k_pos, a)
+    mask = attention_mask(ctx.positions, k_pos, a).repeat(group, 1)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = probs @ v
+    out = (probs @ v).view(bsz, h, seq, d)
     return out.transpose(1, 2).reshape(bsz, seq, h * d)

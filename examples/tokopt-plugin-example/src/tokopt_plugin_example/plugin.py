@@ -1,7 +1,7 @@
 """The plugin's manifest: what tokopt imports when it discovers the ``tokopt`` entry point.
 
-It must stay light — tokopt imports it just to *list* passes — so it names the pass by
-reference and never imports the pass module itself.
+It must stay light — tokopt imports it just to *list* passes — so it names the passes and
+the op by reference and never imports the modules behind them.
 """
 
 from __future__ import annotations
@@ -16,4 +16,12 @@ def tokopt_plugin_api_version() -> int:
 
 @hookimpl
 def tokopt_register_passes() -> dict[str, str]:
-    return {"prune-layers": "tokopt_plugin_example.prune_layers:PruneLayers"}
+    return {
+        "prune-layers": "tokopt_plugin_example.prune_layers:PruneLayers",
+        "logit-softcap": "tokopt_plugin_example.softcap:SoftcapLogits",
+    }
+
+
+@hookimpl
+def tokopt_register_ops() -> list[str]:
+    return ["tokopt_plugin_example.softcap:LOGIT_SOFTCAP"]

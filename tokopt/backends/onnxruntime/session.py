@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokopt.optimizer.interpret.decode import greedy_decode
+from tokopt.optimizer.interpret.decode import GreedyGeneration
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _genai_config(model_path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-class OnnxRuntimeSession:
+class OnnxRuntimeSession(GreedyGeneration):
     """Same interface as the reference executor: ``new_cache``, ``forward``, ``generate``."""
 
     def __init__(self, model_path: Path, threads: int | None = None, max_length: int | None = None,
@@ -120,9 +120,3 @@ class OnnxRuntimeSession:
         cache.seen = total
         return torch.from_numpy(outputs[0].numpy())
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Greedy decoding with the KV cache; returns (batch, new_tokens) ids."""
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        return greedy_decode(self.forward, self.new_cache(input_ids.shape[0]), input_ids, max_new_tokens, eos_token_id)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tokopt.errors import BackendRefusalError
-from tokopt.optimizer.interpret.decode import greedy_decode
+from tokopt.optimizer.interpret.decode import GreedyGeneration
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.i
                  "INT8": torch.int8, "BOOL": torch.bool, "BF16": torch.bfloat16}
 
 
-class TensorRTSession:
+class TensorRTSession(GreedyGeneration):
     """Same interface as the reference executor: ``new_cache``, ``forward``, ``generate``."""
 
     def __init__(self, plan_path: Path) -> None:
@@ -175,9 +175,3 @@ class TensorRTSession:
         cache.seen = total
         return outs["logits"].float().cpu()
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Greedy decoding; returns (batch, new_tokens) ids."""
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        return greedy_decode(self.forward, self.new_cache(input_ids.shape[0]), input_ids, max_new_tokens, eos_token_id)

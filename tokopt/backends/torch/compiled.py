@@ -31,7 +31,7 @@ import torch
 
 from tokopt.backends.torch.regions import RegionWeights, find_regions, region_weights
 from tokopt.errors import KVCacheFullError
-from tokopt.optimizer.interpret.decode import greedy_decode
+from tokopt.optimizer.interpret.decode import GreedyGeneration
 from tokopt.optimizer.interpret.interpreter import Interpreter, Lane
 from tokopt.optimizer.interpret.kernels import StepContext, rope_key, rope_tables
 from tokopt.optimizer.interpret.kv_cache import CachePolicy, KVCache, StaticLayerCache
@@ -46,7 +46,7 @@ DEFAULT_MAX_LEN = 1024
 COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
-class CompiledSession:
+class CompiledSession(GreedyGeneration):
     """Same interface as the reference executor (``new_cache``/``forward``/``generate``).
 
     ``compile=False`` runs the pre-allocated-cache walk eagerly (useful to separate the
@@ -152,13 +152,6 @@ class CompiledSession:
         cache.seen += seq
         return logits
 
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Greedy decoding; returns (batch, new_tokens) ids (stops when every row hit EOS)."""
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        return greedy_decode(self.forward, self.new_cache(), input_ids, max_new_tokens, eos_token_id)
 
 
 __all__ = ["CompiledSession", "DEFAULT_MAX_LEN"]

@@ -32,3 +32,16 @@ def greedy_decode(forward: Callable[[torch.Tensor, Any], torch.Tensor], cache: A
             break
         logits = forward(nxt[:, None], cache)
     return torch.stack(out, dim=1) if out else input_ids.new_zeros((input_ids.shape[0], 0))
+
+
+class GreedyGeneration:
+    """``generate`` for any session with ``forward(ids, cache)`` and ``new_cache(batch)``: one loop for all."""
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
+        """Greedy decoding with the session's KV cache; returns (batch, new_tokens) ids."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        with torch.inference_mode():
+            return greedy_decode(self.forward, self.new_cache(input_ids.shape[0]),  # type: ignore[attr-defined]
+                                 input_ids, max_new_tokens, eos_token_id)

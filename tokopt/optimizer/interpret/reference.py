@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from tokopt.optimizer.interpret.decode import greedy_decode
+from tokopt.optimizer.interpret.decode import GreedyGeneration
 from tokopt.optimizer.interpret.interpreter import Interpreter
 from tokopt.optimizer.interpret.kv_cache import KVCache
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import DenseWeights
 
 
-class ReferenceExecutor:
+class ReferenceExecutor(GreedyGeneration):
     def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32) -> None:
         self.graph = graph
         self.dtype = dtype
         self.weight = DenseWeights(graph.params, dtype)
         self.interpreter = Interpreter(graph, self.weight)
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self, batch: int | None = None) -> KVCache:
+        """A growing cache (its stores take whatever batch the first forward brings)."""
         return KVCache()
 
     @torch.inference_mode()
@@ -37,10 +38,3 @@ class ReferenceExecutor:
         logits, captured = self.interpreter.run(input_ids, cache, capture or ())
         return (logits, captured) if capture is not None else logits
 
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Greedy decoding with the KV cache; returns (batch, new_tokens) ids."""
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
-        return greedy_decode(self.forward, self.new_cache(), input_ids, max_new_tokens, eos_token_id)

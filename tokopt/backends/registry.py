@@ -9,13 +9,13 @@ them names the plugin, wherever the backend is called from.
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 from tokopt.backends.base import Backend
 from tokopt.errors import BackendUnavailableError, PluginError
-from tokopt.plugins import plugin_guard, plugin_names, reserve_builtin_names, resolve_plugin, unknown_name_error
+from tokopt.plugins import plugin_guard
+from tokopt.plugins.registry import Registry
 
 BUILTIN_BACKENDS: dict[str, str] = {
     # name: "module:Class" — each built-in backend package adds its line here
@@ -23,19 +23,8 @@ BUILTIN_BACKENDS: dict[str, str] = {
     "onnxruntime": "tokopt.backends.onnxruntime.backend:OnnxRuntimeBackend",
     "tensorrt": "tokopt.backends.tensorrt.backend:TensorRTBackend",
 }
-reserve_builtin_names("backend", BUILTIN_BACKENDS)
 
 GUARDED_METHODS = ("availability", "capabilities", "check", "lower", "load")  # the Backend API a plugin implements
-
-
-def builtin_backend(name: str) -> Backend:
-    module, _, cls = BUILTIN_BACKENDS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
-
-
-def known_backend_names() -> list[str]:
-    """Built-in and plugin backend names (plugin manifests are read; no backend code is imported)."""
-    return sorted(set(BUILTIN_BACKENDS) | set(plugin_names("backend")))
 
 
 def backend_capabilities() -> dict[str, dict]:
@@ -47,20 +36,6 @@ def backend_capabilities() -> dict[str, dict]:
         except Exception:  # noqa: BLE001 - an unusable backend simply cannot do it
             out[name] = {}
     return out
-
-
-def get_backend(name: str) -> Backend:
-    """A backend instance; a plugin's has ``plugin`` set and its methods name the plugin when they crash."""
-    if name in BUILTIN_BACKENDS:
-        return builtin_backend(name)
-    resolved = resolve_plugin("backend", name)
-    if resolved is not None:
-        return _plugin_backend(name, *resolved)
-    broken = unknown_name_error("backend", name)
-    if broken is not None:
-        raise broken
-    raise BackendUnavailableError(
-        f"unknown backend {name!r}; available backends: {', '.join(known_backend_names()) or 'none'}")
 
 
 def _plugin_backend(name: str, cls: Any, plugin: str) -> Backend:
@@ -81,3 +56,10 @@ def _guarded(fn: Callable[..., Any], plugin: str, what: str) -> Callable[..., An
         with plugin_guard(plugin, what):
             return fn(*args, **kwargs)
     return call
+
+
+BACKENDS: Registry[Backend] = Registry("backend", BUILTIN_BACKENDS, adopt=_plugin_backend,
+                                       unknown=BackendUnavailableError, make=lambda cls: cls())
+builtin_backend = BACKENDS.get_builtin
+known_backend_names = BACKENDS.names
+get_backend = BACKENDS.get  # a plugin's has ``plugin`` set and its methods name the plugin when they crash

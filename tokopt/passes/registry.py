@@ -7,12 +7,11 @@ that what a plugin names is a pass, since the plugin layer below cannot know.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from tokopt.errors import PassOptionError, PluginError
 from tokopt.optimizer.pass_api import Pass
-from tokopt.plugins import plugin_names, reserve_builtin_names, resolve_plugin, unknown_name_error
+from tokopt.plugins.registry import Registry
 
 BUILTIN_PASSES: dict[str, str] = {
     # name: "module:Class" — each built-in pass module adds its line here
@@ -22,32 +21,6 @@ BUILTIN_PASSES: dict[str, str] = {
     "kv-layout": "tokopt.passes.kv_layout:KVLayout",
     "quantize": "tokopt.passes.quantize:QuantizePass",
 }
-reserve_builtin_names("pass", BUILTIN_PASSES)
-
-
-def builtin_pass(name: str) -> type[Pass]:
-    module, _, cls = BUILTIN_PASSES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def known_pass_names() -> list[str]:
-    """Built-in and plugin pass names (plugin manifests are read; no plugin pass code is imported)."""
-    return sorted(set(BUILTIN_PASSES) | set(plugin_names("pass")))
-
-
-def get_pass_class(name: str) -> type[Pass]:
-    """The class of pass ``name``; a plugin's class has ``plugin`` set to its distribution name."""
-    if name in BUILTIN_PASSES:
-        return builtin_pass(name)
-    resolved = resolve_plugin("pass", name)
-    if resolved is not None:
-        return _plugin_pass_class(name, *resolved)
-    broken = unknown_name_error("pass", name)
-    if broken is not None:
-        raise broken
-    raise PassOptionError(f"unknown pass {name!r}; available passes: {', '.join(known_pass_names()) or 'none'}")
-
-
 def _plugin_pass_class(name: str, cls: Any, plugin: str) -> type[Pass]:
     """Check what plugin ``plugin`` registered as pass ``name``, and mark it as the plugin's."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
@@ -56,3 +29,9 @@ def _plugin_pass_class(name: str, cls: Any, plugin: str) -> type[Pass]:
         raise PluginError(f"plugin {plugin!r} registers pass {name!r} but its class says name = {cls.name!r}")
     cls.plugin = plugin
     return cls
+
+
+PASSES: Registry[type[Pass]] = Registry("pass", BUILTIN_PASSES, adopt=_plugin_pass_class, unknown=PassOptionError)
+builtin_pass = PASSES.get_builtin
+known_pass_names = PASSES.names
+get_pass_class = PASSES.get  # a plugin's class has ``plugin`` set to its distribution name

@@ -122,7 +122,7 @@ def test_softcap(tiny_graph, tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"dtype": "int8"}, "KV cache dtype"),
+    ({"dtype": "int8"}, "kv_cache.dtype"),
     ({"storage": "paged", "block_size": 16}, "paged"),
     ({"layout": "BSNH"}, "layout"),
 ])
@@ -135,7 +135,7 @@ def test_check_refuses_what_it_cannot_express(change, match, tiny_graph):
 
 
 def test_capabilities():
-    caps = OnnxRuntimeBackend().capabilities()
+    caps = OnnxRuntimeBackend().capabilities().as_dict()
     assert caps["kv_dtypes"] == ["float32"]
     assert caps["window"] and caps["sinks"]
     assert caps["weight_bits"] == [4, 8]

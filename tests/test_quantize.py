@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from tiny_models import sample_ids, save_tiny_llama
 
 import tokopt
-from tokopt.backends.registry import backend_capabilities
 from tokopt.cli import cli
-from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.errors import PassOptionError
 from tokopt.optimizer.interpret import ReferenceExecutor
 from tokopt.optimizer.interpret.kv_quant import fake_quantize, quantize_kv
 from tokopt.optimizer.ir.attrs import kv_cache_quant_attrs
@@ -242,10 +241,14 @@ def test_kv_group_size_must_divide_head_dim(tiny):
         QuantizePass(weights=False, kv_bits=4, kv_group_size=12).check(tiny, PassContext())
 
 
-def test_kv_bits_on_a_backend_without_quantized_kv_names_one_that_has_it(tiny):
-    with pytest.raises(PreconditionError, match=r"'onnxruntime' cannot store an int8 KV cache.*can: .*torch"):
-        QuantizePass(weights=False, kv_bits=8).check(
-            tiny, PassContext(backend="onnxruntime", backend_capabilities=backend_capabilities()))
+def test_kv_bits_on_a_backend_without_quantized_kv_names_one_that_has_it(tiny, tmp_path):
+    """Refused up front (a dry run), from the pass's preview, naming the node and a backend that can."""
+    from tokopt.errors import BackendRefusalError
+    from tokopt.jobs.optimize import optimize
+
+    with pytest.raises(BackendRefusalError, match=r"after 'quantize:.*kv_bits=8'.*onnxruntime.*"
+                                                  r"kv_cache\.dtype='int8'.*can: .*torch"):
+        optimize(tiny, "quantize:weights=false,kv_bits=8", backend="onnxruntime", out=tmp_path / "o", dry_run=True)
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -61,7 +61,7 @@ def test_registered_and_available():
     backend = get_backend("torch")
     ok, why = backend.availability()
     assert ok and "torch" in why
-    caps = backend.capabilities()
+    caps = backend.capabilities().as_dict()
     assert caps["window"] and caps["sinks"] and "float32" in caps["kv_dtypes"] and caps["weight_bits"] == [4, 8]
 
 

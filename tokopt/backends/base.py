@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from tokopt.backends.capabilities import Capabilities, check_capabilities
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,12 +48,16 @@ class Backend:
         """(usable here?, why not / what it runs on)."""
         return True, "available"
 
-    def capabilities(self) -> dict[str, Any]:
-        """What the backend can express, e.g. {"window": True, "sinks": False, "kv_dtypes": [...]}."""
-        return {}
+    def capabilities(self) -> Capabilities:
+        """What the backend honours, attribute by attribute (the default: float models, nothing more)."""
+        return Capabilities()
 
     def check(self, graph: Graph) -> None:
-        """Raise :class:`~tokopt.errors.BackendRefusalError` for what it cannot express."""
+        """Raise :class:`~tokopt.errors.BackendRefusalError` naming every node and attribute it cannot honour.
+
+        The default holds ``graph`` against :meth:`capabilities`; a backend adds what only it knows.
+        """
+        check_capabilities(graph, self.capabilities(), self.name)
 
     def lower(self, graph: Graph, out_dir: Path) -> Artifact:
         raise NotImplementedError
@@ -62,4 +68,4 @@ class Backend:
     def describe(self) -> dict[str, Any]:
         ok, why = self.availability()
         return {"name": self.name, "summary": self.summary, "available": ok, "reason": why,
-                "capabilities": self.capabilities(), "plugin": self.plugin}
+                "capabilities": self.capabilities().as_dict(), "plugin": self.plugin}

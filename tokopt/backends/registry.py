@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from tokopt.backends.base import Backend
+from tokopt.backends.capabilities import refusals
 from tokopt.errors import BackendUnavailableError, PluginError
+from tokopt.optimizer.ir.graph import Graph
 from tokopt.plugins import plugin_guard
 from tokopt.plugins.registry import Registry
 
@@ -27,15 +29,16 @@ BUILTIN_BACKENDS: dict[str, str] = {
 GUARDED_METHODS = ("availability", "capabilities", "check", "lower", "load")  # the Backend API a plugin implements
 
 
-def backend_capabilities() -> dict[str, dict]:
-    """What every known backend can express (a backend that cannot even be created expresses nothing)."""
-    out: dict[str, dict] = {}
+def backends_that_honour(graph: Graph) -> list[str]:
+    """Every known backend whose capabilities hold ``graph`` (one that cannot even be created holds nothing)."""
+    able = []
     for name in known_backend_names():
         try:
-            out[name] = get_backend(name).capabilities()
-        except Exception:  # noqa: BLE001 - an unusable backend simply cannot do it
-            out[name] = {}
-    return out
+            if not refusals(graph, get_backend(name).capabilities()):
+                able.append(name)
+        except Exception:  # noqa: BLE001 - an unusable backend simply cannot
+            continue
+    return able
 
 
 def _plugin_backend(name: str, cls: Any, plugin: str) -> Backend:

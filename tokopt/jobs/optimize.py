@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from tokopt.backends.artifact import atomic_directory, check_output
-from tokopt.backends.registry import backend_capabilities
-from tokopt.errors import BackendUnavailableError, GateError, PassContractError, UsageError
+from tokopt.backends.base import Backend
+from tokopt.backends.registry import backends_that_honour
+from tokopt.errors import BackendRefusalError, BackendUnavailableError, GateError, PassContractError, UsageError
 from tokopt.jobs.common import config_of, load_model, make_progress
 from tokopt.measure.gates import GateResult, Gates, check_gates
 from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
@@ -33,7 +34,7 @@ from tokopt.optimizer.corpus import resolve_texts, tokenizer_for
 from tokopt.optimizer.ir.cost import static_metrics
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.manager import StageResult, check_pipeline, run_pipeline
-from tokopt.optimizer.pass_api import Pass
+from tokopt.optimizer.pass_api import Pass, PassContext
 from tokopt.optimizer.recipe import load_recipe, resolved_recipe
 from tokopt.passes.pipeline import parse_passes, recipe_passes, resolve
 from tokopt.report.document import LONG_METRIC_KEYS, STAGE_METRIC_KEYS, new_report, stage_metrics, write_reports
@@ -131,11 +132,10 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     eval_src, calib_src = resolve_texts(eval_text, calib_text)
     calibration, calib_info = build_calibration(calib_src, eval_config, tokenizer, graph.meta.vocab_size)
     show = make_progress(progress)
-    from tokopt.optimizer.pass_api import PassContext
-
-    ctx = PassContext(calibration, seed=seed, backend=backend_name, progress=show, reference_graph=graph,
-                      backend_capabilities=backend_capabilities() if backend_name else None)
+    ctx = PassContext(calibration, seed=seed, backend=backend_name, progress=show, reference_graph=graph)
     check_pipeline(pass_objs, graph, ctx)
+    if backend_obj is not None:
+        check_stages(backend_obj, pass_objs, graph, ctx)
     with_long = any("long_ppl" in p.moves for p in pass_objs)
     data = build_eval_data(eval_src, eval_config, tokenizer, graph.meta.vocab_size, with_long=with_long)
     recipe_out = resolved_recipe(pass_objs, model=source, backend=backend_name or "none",
@@ -167,6 +167,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 seconds: dict[str, float] = {"pass": round(stage.seconds, 3)}
                 values: dict[str, Any] = static_metrics(stage.graph).as_dict()
                 values["decode_tok_s_bound"] = bandwidth / values["bytes_per_token"]
+                if backend_obj is not None and stage.index:  # checked before it is measured
+                    check_stage(backend_obj, stage.graph, f"the graph after {stage.name!r}")
                 reuse = prev is not None and stage.changed is False
                 t0 = time.perf_counter()
                 if reuse:
@@ -237,6 +239,31 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         raise
     plugins.notify_pipeline_end(report, out_path, None)
     return OptimizeResult(report, out_path, gate_results, plan)
+
+
+def check_stages(backend: Backend, passes: list[Pass], graph: Graph, ctx: PassContext) -> None:
+    """The backend's capabilities against every stage it can foresee: the model, then each pass's preview.
+
+    A pass that cannot preview ends the foresight; its stage and the ones after it are checked as
+    soon as they exist, before they are measured (:func:`check_stage`).
+    """
+    check_stage(backend, graph, "the model")
+    for p in passes:
+        previewed = p.preview(graph, ctx)
+        if previewed is None:
+            log.info("%s cannot be previewed: its stage is checked against %s once it exists", p.spec(), backend.name)
+            return
+        check_stage(backend, previewed, f"the graph after {p.spec()!r}")
+        graph = previewed
+
+
+def check_stage(backend: Backend, graph: Graph, what: str) -> None:
+    """``backend.check(graph)``; a refusal also says which backends could honour the graph."""
+    try:
+        backend.check(graph)
+    except BackendRefusalError as exc:
+        able = [b for b in backends_that_honour(graph) if b != backend.name]
+        raise BackendRefusalError(f"{what}: {exc}; backends that can: {', '.join(able) or 'none installed'}") from None
 
 
 def check_moves(passes: list[Pass]) -> None:

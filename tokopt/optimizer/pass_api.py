@@ -180,16 +180,13 @@ class PassContext:
 
     def __init__(self, calibration_batches: list[torch.Tensor] | None = None, seed: int = 0,
                  backend: str | None = None, progress: Callable[..., Any] | None = None,
-                 reference_graph: Graph | None = None,
-                 backend_capabilities: dict[str, dict[str, Any]] | None = None) -> None:
+                 reference_graph: Graph | None = None) -> None:
         import torch
 
         self.calibration_batches = calibration_batches or []
         self.seed = seed
         self.rng = torch.Generator().manual_seed(seed)
         self.backend = backend
-        #: what each known backend can express (name -> capabilities), for passes that refuse up front
-        self.backend_capabilities = backend_capabilities or {}
         self.reference_graph = reference_graph  # the graph before the pipeline (for distillation)
         self.progress = progress or (lambda iterable, **_: iterable)
         self.log = logging.getLogger("tokopt.pass")
@@ -276,6 +273,15 @@ class Pass:
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def preview(self, graph: Graph, ctx: PassContext) -> Graph | None:
+        """The graph as :meth:`run` will leave it, as far as backends care (attributes, weight formats), cheaply.
+
+        Lets a backend refuse a stage in ``--dry-run``, before any pass runs.  Weight *values* may
+        be placeholders (meta tensors); ``None`` (the default) means "cannot tell before running":
+        the stage is then checked as soon as it exists, still before it is measured.
+        """
+        return None
 
     def spec(self) -> str:
         """The canonical ``name:key=val,…`` form of this configured pass."""

@@ -65,6 +65,9 @@ class KVLayout(Pass):
                     f"{self.name}: max_len={max_len} cannot hold {node.name}'s {sinks} sinks + {window}-token window; "
                     f"use max_len >= {window + sinks} or leave it unset (windowed layers need sinks + window slots)")
 
+    def preview(self, graph: Graph, ctx: PassContext) -> Graph:
+        return self.run(graph, ctx).graph  # attributes only: running it is the cheapest exact preview
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check(graph, ctx)
         o = self.opts

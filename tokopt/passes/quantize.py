@@ -18,7 +18,7 @@ from tokopt.optimizer.ir.weights import QuantizedWeight, weight_nbytes, weight_s
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
 from tokopt.passes.quant.activations import quantize_activations
 from tokopt.passes.quant.kv import quantize_kv_cache
-from tokopt.passes.quant.weights import Target, quantize_weights, untie
+from tokopt.passes.quant.weights import Target, planned_weight, quantize_weights, untie
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +170,22 @@ class QuantizePass(Pass):
             if bad:
                 raise PassOptionError(f"quantize: kv_group_size={gs} does not divide head_dim {bad[0]}; use a divisor "
                                       f"of {bad[0]} (e.g. {bad[0] // 2}) or leave it unset for per-head scales")
-        if ctx.backend and ctx.backend_capabilities:
-            self._check_backend(ctx.backend, ctx.backend_capabilities)
 
-    def _check_backend(self, backend: str, capabilities: dict[str, dict]) -> None:
-        """Refuse a KV dtype the backend cannot store (``capabilities()["kv_dtypes"]``), naming those that can."""
+    def preview(self, graph: Graph, ctx: PassContext) -> Graph:
+        """The formats this pass will store — placeholder codes on the meta device, no quantization work."""
         o = self.opts
-        caps = capabilities.get(backend) or {}
+        g = graph.copy()
         if o["kv_bits"] is not None:
-            want = f"int{o['kv_bits']}"
-            if want not in (caps.get("kv_dtypes") or []):
-                able = [n for n, c in sorted(capabilities.items()) if want in (c.get("kv_dtypes") or [])]
-                raise PreconditionError(
-                    f"quantize: backend {backend!r} cannot store an {want} KV cache (supports "
-                    f"{', '.join(caps.get('kv_dtypes') or ['float only'])}); backends that can: "
-                    f"{', '.join(able) or 'none installed'}; or drop kv_bits")
+            quantize_kv_cache(g, o["kv_bits"], o["kv_symmetric"], o["kv_group_size"])
+        targets = self._plan(g)
+        if untie(g, targets):
+            targets = self._plan(g)
+        for t in targets:
+            g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, o["group_size"],
+                                               o["symmetric"])
+        if targets and o["act_bits"] is not None:
+            quantize_activations(g, targets, o["act_bits"])
+        return g
 
     # -- run ----------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:

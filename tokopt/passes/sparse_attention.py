@@ -44,6 +44,9 @@ class SparseAttention(Pass):
     def check(self, graph: Graph, ctx: PassContext) -> None:
         attention_nodes(graph, self.opts["layers"], self.name)
 
+    def preview(self, graph: Graph, ctx: PassContext) -> Graph:
+        return self.run(graph, ctx).graph  # attributes only: running it is the cheapest exact preview
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         window, sinks = self.opts["window"], self.opts["sinks"]
         out = graph.copy()

@@ -8,19 +8,21 @@ and ``tokopt_artifact.json``; ``load`` opens it as an :class:`OnnxRuntimeSession
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tokopt.backends.base import Artifact, Backend
-from tokopt.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
+from tokopt.backends.capabilities import Capabilities, check_capabilities
+from tokopt.errors import BackendUnavailableError, ModelSourceError
 from tokopt.optimizer.ir.graph import Graph
-from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 KV_LAYOUTS = ("BNSH",)
 KV_STORAGES = ("dynamic", "static")
 NATIVE_WEIGHT_BITS = (4, 8)
+NBITS_BLOCKS = tuple(2 ** i for i in range(4, 13))  # MatMulNBits' block sizes: powers of two from 16
 
 
 class OnnxRuntimeBackend(Backend):
@@ -36,48 +38,26 @@ class OnnxRuntimeBackend(Backend):
             return False, f"needs onnx and onnxruntime ({exc.name} is missing): pip install 'tokopt[onnx]'"
         return True, f"onnxruntime {ort.__version__} (CPU)"
 
-    def capabilities(self) -> dict[str, Any]:
+    def capabilities(self) -> Capabilities:
         from tokopt.backends.onnxruntime.ops import supported_ops
         from tokopt.backends.onnxruntime.ops.attention import KV_DTYPES
 
-        return {
-            "kv_dtypes": list(KV_DTYPES), "kv_layouts": list(KV_LAYOUTS), "kv_storage": list(KV_STORAGES),
-            "window": True, "sinks": True, "softcap": True, "qk_norm": True, "moe": True,
-            "weight_bits": list(NATIVE_WEIGHT_BITS), "ops": supported_ops(),
-            "fast_paths": ["GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization"],
-            "genai_compatible": True,
-        }
+        return Capabilities(
+            ops=tuple(supported_ops()), kv_dtypes=KV_DTYPES, kv_layouts=KV_LAYOUTS, kv_storages=KV_STORAGES,
+            window=True, sinks=True, softcap=True, qk_norm=True, partial_rotary=True, act_quant_bits=(8,),
+            weight_bits=NATIVE_WEIGHT_BITS, weight_group_sizes=NBITS_BLOCKS, weight_asymmetric=True,
+            notes=("fast paths: GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization",
+                   "the directory also runs under onnxruntime-genai"))
 
     def check(self, graph: Graph) -> None:
         from tokopt.backends.onnxruntime.ops import no_lowering_reason
-        from tokopt.backends.onnxruntime.ops.attention import KV_DTYPES
 
         ok, why = self.availability()
         if not ok:
             raise BackendUnavailableError(why)
-        problems = []
-        for node in graph.nodes():
-            if (unsupported := no_lowering_reason(node.op)) is not None:
-                problems.append(f"{node.name}: {unsupported}")
-            if node.op != "Attention":
-                continue
-            cache = node.attrs["kv_cache"]
-            if cache["dtype"] not in KV_DTYPES:
-                problems.append(f"{node.name}: KV cache dtype {cache['dtype']!r} (supported: {', '.join(KV_DTYPES)})")
-            if cache.get("layout", "BNSH") not in KV_LAYOUTS:
-                problems.append(f"{node.name}: KV cache layout {cache['layout']!r} (onnxruntime caches are BNSH)")
-            if cache.get("storage", "dynamic") not in KV_STORAGES:
-                problems.append(f"{node.name}: {cache['storage']!r} KV storage (supported: {', '.join(KV_STORAGES)})")
-        if problems:
-            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-            raise BackendRefusalError(f"the onnxruntime backend cannot express this graph: {shown}")
-        for name, w in graph.params.items():
-            if isinstance(w, QuantizedWeight):
-                from tokopt.backends.onnxruntime.ops.linear import nbits_supported
-
-                if not nbits_supported(w):
-                    log.warning("%s: %d-bit weights with group size %d have no MatMulNBits kernel; they are "
-                                "stored dequantized (same numerics, fp32 size)", name, w.bits, w.group_size)
+        # ops are judged by their lowering (a plugin op brings its own), the rest by the capabilities
+        no_lowering = [f"{n.name}: {why}" for n in graph.nodes() if (why := no_lowering_reason(n.op))]
+        check_capabilities(graph, replace(self.capabilities(), ops=None), self.name, no_lowering)
 
     def lower(self, graph: Graph, out_dir: Path, *, recipe: Any = None, attention: str = "auto",
               fused_norms: bool = True, fuse_qkv: bool = True, max_length: int | None = None,

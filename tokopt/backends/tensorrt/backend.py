@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tokopt.backends.artifact import TOKENIZER_DIR, atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
-from tokopt.errors import BackendRefusalError, BackendUnavailableError, ModelSourceError
+from tokopt.backends.capabilities import Capabilities, check_capabilities
+from tokopt.errors import BackendUnavailableError, ModelSourceError
 from tokopt.optimizer.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,15 @@ def tensorrt_unavailable_reason() -> str | None:
     return "; ".join(reasons) or None
 
 
+def _portable_ops() -> tuple[str, ...] | None:
+    """Ops the portable ONNX export lowers (None when onnx is missing: the export will say so)."""
+    if importlib.util.find_spec("onnx") is None:
+        return None
+    from tokopt.backends.onnxruntime.ops import supported_ops
+
+    return tuple(supported_ops())
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
     summary = "NVIDIA TensorRT engine built from tokopt's standard-op ONNX with TensorRT's ONNX parser (GPU)"
@@ -69,35 +80,22 @@ class TensorRTBackend(Backend):
 
         return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name(0)}"
 
-    def capabilities(self) -> dict[str, Any]:
-        return {
-            "window": True, "sinks": True, "softcap": True, "qk_norm": True,
-            "kv_dtypes": list(KV_DTYPES), "kv_layouts": ["BNSH"], "kv_storage": ["dynamic"],
-            "weight_bits": [], "quantized_weights": "stored dequantized (TensorRT's ONNX parser has no MatMulNBits)",
-            "precisions": ["fp32", "tf32", "fp16"], "onnx_source": "tokopt.backends.onnxruntime (decomposed attention)",
-            "requires": "NVIDIA GPU + tensorrt>=10",
-        }
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            ops=_portable_ops(), kv_dtypes=KV_DTYPES, kv_layouts=("BNSH",), kv_storages=("dynamic",),
+            window=True, sinks=True, softcap=True, qk_norm=True, partial_rotary=True, act_quant_bits=(8,),
+            notes=("engine built from tokopt's standard-op ONNX (decomposed attention) by TensorRT's ONNX parser",
+                   "precisions: fp32, tf32, fp16", "needs an NVIDIA GPU and tensorrt>=10",
+                   "no low-bit weights: TensorRT's ONNX parser has no MatMulNBits"))
 
     def check(self, graph: Graph) -> None:
         """Refuse what the portable ONNX (and so the engine) cannot express, before any GPU work."""
-        problems = []
-        for node in graph.nodes("Attention"):
-            dtype = node.attrs["kv_cache"].get("dtype", "float32")
-            if dtype not in KV_DTYPES:
-                problems.append(f"{node.name}: KV cache dtype {dtype!r} (supported: {', '.join(KV_DTYPES)})")
-            if node.attrs["kv_cache"].get("layout", "BNSH") != "BNSH":
-                layout = node.attrs["kv_cache"]["layout"]
-                problems.append(f"{node.name}: KV cache layout {layout!r} (engine caches are BNSH)")
-        if importlib.util.find_spec("onnxruntime") is not None or importlib.util.find_spec("onnx") is not None:
-            try:
-                from tokopt.backends.onnxruntime.ops import no_lowering_reason
-            except ImportError:  # the onnxruntime backend is not importable: export will say so
-                no_lowering_reason = None
-            if no_lowering_reason is not None:
-                problems += [f"{n.name}: {why}" for n in graph.nodes() if (why := no_lowering_reason(n.op))]
-        if problems:
-            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-            raise BackendRefusalError(f"the tensorrt backend cannot express this graph: {shown}")
+        caps, no_lowering = self.capabilities(), []
+        if caps.ops is not None:  # ops are judged by their ONNX lowering (a plugin op brings its own)
+            from tokopt.backends.onnxruntime.ops import no_lowering_reason
+
+            no_lowering = [f"{n.name}: {why}" for n in graph.nodes() if (why := no_lowering_reason(n.op))]
+        check_capabilities(graph, replace(caps, ops=None), self.name, no_lowering)
 
     def _require(self) -> None:
         why = tensorrt_unavailable_reason()

@@ -16,10 +16,10 @@ from typing import Any
 
 from tokopt.backends.artifact import TOKENIZER_DIR, atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
-from tokopt.errors import BackendRefusalError, ModelSourceError
-from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES, KV_STORAGES
+from tokopt.backends.capabilities import Capabilities
+from tokopt.errors import ModelSourceError
+from tokopt.optimizer.ir.attrs import ACT_BITS, KV_LAYOUTS, KV_QUANT_DTYPES, KV_STORAGES
 from tokopt.optimizer.ir.graph import Graph
-from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -38,35 +38,15 @@ class TorchBackend(Backend):
         device = "CUDA available but the sessions run on CPU" if torch.cuda.is_available() else "CPU"
         return True, f"torch {torch.__version__} ({device})"
 
-    def capabilities(self) -> dict[str, Any]:
+    def capabilities(self) -> Capabilities:
         from tokopt.optimizer.interpret.kernels import KERNELS
 
-        return {
-            "window": True, "sinks": True, "softcap": True, "qk_norm": True, "moe": True,
-            "kv_dtypes": ["float32", *sorted(KV_QUANT_DTYPES)], "kv_storage": list(KV_STORAGES),
-            "weight_bits": list(WEIGHT_BITS),
-            "quantized_weights": "dequantized once at load (exact); no low-bit matmul kernels yet",
-            "ops": sorted(KERNELS), "compile": True,
-        }
-
-    def check(self, graph: Graph) -> None:
-        from tokopt.optimizer.interpret.kernels import KERNELS
-
-        problems: list[str] = []
-        kv_dtypes = ["float32", *sorted(KV_QUANT_DTYPES)]
-        for node in graph.nodes():
-            if node.op not in KERNELS:
-                problems.append(f"{node.name}: no torch kernel for op {node.op!r}")
-            if node.op == "Attention":
-                dtype = node.attrs["kv_cache"].get("dtype", "float32")
-                if dtype not in kv_dtypes:
-                    problems.append(f"{node.name}: KV cache dtype {dtype!r} (supported: {', '.join(kv_dtypes)})")
-        for name, w in graph.params.items():
-            if isinstance(w, QuantizedWeight) and w.bits not in WEIGHT_BITS:
-                problems.append(f"{name}: {w.bits}-bit weights (supported: {', '.join(map(str, WEIGHT_BITS))})")
-        if problems:
-            shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-            raise BackendRefusalError(f"the torch backend cannot run this graph: {shown}")
+        return Capabilities(
+            ops=tuple(sorted(KERNELS)), kv_dtypes=("float32", *sorted(KV_QUANT_DTYPES)), kv_layouts=KV_LAYOUTS,
+            kv_storages=KV_STORAGES, window=True, sinks=True, softcap=True, qk_norm=True, partial_rotary=True,
+            act_quant_bits=ACT_BITS, weight_bits=WEIGHT_BITS, weight_per_channel=True, weight_asymmetric=True,
+            notes=("the serialized IR is the artifact: quantized weights are stored as their codes and "
+                   "dequantized once at load (exact, not faster)",))
 
     def lower(self, graph: Graph, out_dir: Path, *, parity: bool = True, parity_tokens: Any = None) -> Artifact:
         """Write the artifact directory atomically: graph, weights, tokenizer, manifest.

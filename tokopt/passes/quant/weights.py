@@ -20,7 +20,7 @@ from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
 from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quant.calibration import BlockwiseRunner
 from tokopt.passes.quant.gptq import gptq_quantize, search_grid
-from tokopt.passes.quant.rtn import SCALE_DTYPES, quantize_codes, quantize_rtn, quantized_weight
+from tokopt.passes.quant.rtn import SCALE_DTYPES, quantize_codes, quantize_rtn, quantized_weight, resolve_group_size
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,18 @@ class Target:
     nodes: tuple[str, ...]
     bits: int
     calibrate: bool  # GPTQ through a Linear's inputs (False: grid fitted on the weight alone)
+
+
+def planned_weight(shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
+    """A :class:`QuantizedWeight` with the format quantization will produce and placeholder (meta) tensors."""
+    out_f, in_f = shape
+    gs = resolve_group_size(group_size, in_f)
+    meta = {"device": "meta"}
+    groups = in_f // gs
+    return QuantizedWeight(torch.empty(out_f, in_f * bits // 8, dtype=torch.uint8, **meta),
+                           torch.empty(out_f, groups, **meta),
+                           None if symmetric else torch.empty(out_f, groups, dtype=torch.uint8, **meta),
+                           bits, gs, (out_f, in_f), method="planned")
 
 
 def untie(g: Graph, targets: list[Target]) -> list[str]:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 class Session(Protocol):
     def new_cache(self, batch: int | None = None) -> Any: ...
 
+    def kv_nbytes(self, cache: Any) -> int:
+        """Bytes of KV-cache memory ``cache`` holds allocated right now (measured, not computed from the IR)."""
+        ...
+
     def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor: ...
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int,

@@ -12,7 +12,7 @@ from tokopt.optimizer.interpret import ReferenceExecutor
 from tokopt.optimizer.interpret.kv_cache import CachePolicy, KVCache
 from tokopt.optimizer.ir.verify import verify
 from tokopt.optimizer.pass_api import PassContext
-from tokopt.passes.attention.kv_memory import reserved_kv_bytes
+from tokopt.optimizer.ir.kv_memory import reserved_kv_bytes
 from tokopt.passes.kv_layout import KVLayout
 from tokopt.passes.registry import get_pass_class
 

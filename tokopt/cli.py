@@ -174,11 +174,13 @@ _long_context_option = click.option(
               show_default=True, help="Where speed is measured: each stage's artifact, the reference executor, "
                                       "or not at all.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passes' RNG.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1, nothing written) when a figure measured on the artifact "
+                                             "(weight files, KV memory) differs from the IR's by more than 10 %.")
 def optimize(model: str, passes: str | None, recipe: str | None, backend: str | None, out: str | None,
              eval_text: str | None, calib_text: str | None, dry_run: bool, as_json: bool, force: bool,
              max_ppl_increase: float | None, max_kl: float | None, min_decode_speedup: float | None,
              eval_tokens: str | None, calib_tokens: str | None, long_context: int | None, speed_mode: str,
-             seed: int) -> None:
+             seed: int, strict: bool) -> None:
     """Run a pipeline of passes on MODEL, measure every stage, lower to a backend, write OUT.
 
     OUT receives the artifact, report.json, report.md, report.html and the resolved
@@ -194,7 +196,7 @@ def optimize(model: str, passes: str | None, recipe: str | None, backend: str | 
                     "long_context": long_context}
     result = run_optimize(
         model, passes, recipe=recipe, backend=backend, out=out, eval_text=eval_text, calib_text=calib_text,
-        dry_run=dry_run, force=force, gates=Gates(max_ppl_increase, max_kl, min_decode_speedup),
+        dry_run=dry_run, force=force, gates=Gates(max_ppl_increase, max_kl, min_decode_speedup, strict),
         eval_options=eval_options, speed=speed_mode, seed=seed)
     if dry_run:
         plan = result.plan or {}

@@ -147,6 +147,21 @@ def _commit(tmp: Path, out: Path, force: bool, empty_ok: bool) -> None:
     log.info("wrote %s", out)
 
 
+METADATA_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".html", ".txt")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The artifact's files that hold the model (weights, graph, engine): all it lists but tokenizer and metadata."""
+    manifest = read_manifest(path)
+    return [Path(path) / f for f in manifest["files"]
+            if not f.startswith(f"{TOKENIZER_DIR}/") and not f.endswith(METADATA_SUFFIXES)]
+
+
+def weight_file_bytes(path: str | Path) -> int:
+    """Bytes of :func:`weight_files` on disk (their sizes, what ``du --apparent-size --bytes`` adds up)."""
+    return sum(f.stat().st_size for f in weight_files(path))
+
+
 def copy_tokenizer(graph: Graph, dest: Path, skip: Collection[str] = ()) -> list[str]:
     """Copy the model's tokenizer files into ``dest``; returns the names copied (empty: it carries none).
 
@@ -169,4 +184,5 @@ def copy_tokenizer(graph: Graph, dest: Path, skip: Collection[str] = ()) -> list
 
 
 __all__ = ["MANIFEST_FILE", "ARTIFACT_FORMAT_VERSION", "TOKENIZER_DIR", "check_output", "write_manifest",
-           "read_manifest", "is_artifact", "load_artifact", "atomic_directory", "copy_tokenizer", "model_summary"]
+           "read_manifest", "is_artifact", "load_artifact", "atomic_directory", "copy_tokenizer", "model_summary",
+           "weight_files", "weight_file_bytes"]

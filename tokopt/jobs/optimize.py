@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokopt.backends.artifact import atomic_directory, check_output
+from tokopt.backends.artifact import atomic_directory, check_output, weight_file_bytes
 from tokopt.backends.base import Backend
 from tokopt.backends.registry import backends_that_honour
 from tokopt.errors import BackendRefusalError, BackendUnavailableError, GateError, PassContractError, UsageError
 from tokopt.jobs.common import config_of, load_model, make_progress
+from tokopt.measure.agreement import disagreements
 from tokopt.measure.gates import GateResult, Gates, check_gates
 from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
 from tokopt.measure.speed import SpeedConfig, measure_artifact_speed, measure_speed
@@ -186,12 +187,14 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                     artifact_dir = tmp if stage.index == last else Path(scratch) / f"stage{stage.index}"
                     lowered = backend_obj.lower(stage.graph, artifact_dir)
                     seconds["lower"] = round(time.perf_counter() - t0, 3)
+                    values["artifact_bytes"] = weight_file_bytes(artifact_dir)
                     if stage.index == last:
                         artifact_info = _parity(backend_obj, stage.graph, tmp, lowered)
                 speed_detail: dict[str, Any] = {}
                 t0 = time.perf_counter()
                 if reuse:
                     speed_detail = dict(prev.extra.get("speed", {}))
+                    values["artifact_bytes"] = prev.metrics.get("artifact_bytes")
                 elif mode == "artifact":
                     speed_detail = measure_artifact_speed(artifact_dir, speed_config)
                     speed_detail["measured_on"] = f"{backend_name} artifact, fresh process"
@@ -202,11 +205,13 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 if artifact_dir is not None and stage.index != last:
                     shutil.rmtree(artifact_dir, ignore_errors=True)
                 seconds["speed"] = round(time.perf_counter() - t0, 3)
-                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes"):
+                for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "kv_bytes_measured"):
                     values[key] = speed_detail.get(key)
                 stage.metrics = stage_metrics(values, with_long)
+                mismatches = disagreements(stage.metrics)
                 stage.extra = {"speed": speed_detail, "seconds": seconds,
-                               "bytes_per_token": values["bytes_per_token"]}
+                               "bytes_per_token": values["bytes_per_token"], "mismatches": mismatches}
+                warnings.extend(f"{stage.name}: measured and analytic disagree — {m['message']}" for m in mismatches)
                 if prev is not None and values.get("decode_tok_s") and prev.metrics.get("decode_tok_s") and \
                         values["decode_tok_s"] < SLOWER_WARNING * prev.metrics["decode_tok_s"]:
                     warnings.append(f"{stage.name} decodes slower than the stage before it: "
@@ -224,7 +229,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 speed_config=speed_config.as_dict(), stages=[_stage_record(s) for s in stages],
                 warnings=warnings, artifact=artifact_info,
             )
-            gate_results = check_gates(gates, stages[0].metrics, stages[-1].metrics)
+            mismatches = [{**m, "message": f"{s.name}: {m['message']}"} for s in stages for m in s.extra["mismatches"]]
+            gate_results = check_gates(gates, stages[0].metrics, stages[-1].metrics, mismatches)
             report["gates"] = [g.as_dict() for g in gate_results]
             report["passed"] = all(g.passed for g in gate_results)
             report["seconds"] = round(time.perf_counter() - t_start, 3)
@@ -302,8 +308,9 @@ def _stage_record(stage: StageResult) -> dict[str, Any]:
         "changed": stage.changed, "notes": list(stage.notes), "seconds": stage.extra.get("seconds", {}),
         "metrics": dict(stage.metrics),
         "speed": {k: v for k, v in stage.extra.get("speed", {}).items()
-                  if k not in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes")},
+                    if k not in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "kv_bytes_measured")},
         "bytes_per_token": stage.extra.get("bytes_per_token"),
+        "mismatches": stage.extra.get("mismatches", []),
     }
 
 

@@ -16,9 +16,10 @@ class Gates:
     max_ppl_increase: float | None = None  # percent
     max_kl: float | None = None
     min_decode_speedup: float | None = None  # final decode tok/s ÷ baseline decode tok/s
+    strict: bool = False  # fail when a measured figure of the artifact disagrees with the IR's by > 10 %
 
     def any(self) -> bool:
-        return any(v is not None for v in asdict(self).values())
+        return any(v is not None and v is not False for v in asdict(self).values())
 
     def merged(self, other: dict[str, Any] | None) -> Gates:
         """These gates, with unset ones taken from ``other`` (a recipe's ``gates:`` mapping)."""
@@ -30,8 +31,9 @@ class Gates:
 
             raise RecipeError(f"recipe gates: unknown key(s) {', '.join(unknown)}; valid: {', '.join(asdict(self))}")
         mine = asdict(self)
-        return Gates(**{k: mine[k] if mine[k] is not None else (float(other[k]) if other.get(k) is not None else None)
-                        for k in mine})
+        merged = {k: mine[k] if mine[k] is not None else (float(other[k]) if other.get(k) is not None else None)
+                  for k in mine if k != "strict"}
+        return Gates(**merged, strict=self.strict or bool(other.get("strict")))
 
     def as_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -49,8 +51,17 @@ class GateResult:
         return asdict(self)
 
 
-def check_gates(gates: Gates, baseline: dict[str, Any], final: dict[str, Any]) -> list[GateResult]:
+def check_gates(gates: Gates, baseline: dict[str, Any], final: dict[str, Any],
+                mismatches: list[dict[str, Any]] = ()) -> list[GateResult]:
+    """Each set gate's verdict; ``mismatches`` (``stage: message``) are what ``--strict`` fails on."""
     results: list[GateResult] = []
+    if gates.strict:
+        worst = max((abs(m["ratio"] - 1) * 100 for m in mismatches), default=0.0)
+        results.append(GateResult(
+            "--strict", 10.0, worst, not mismatches,
+            "every measured figure of the artifact is within 10 % of the IR's" if not mismatches else
+            f"{len(mismatches)} measured figure(s) differ from the IR's by more than 10 %: "
+            + "; ".join(m["message"] for m in mismatches[:3])))
     if gates.max_ppl_increase is not None:
         limit, value = gates.max_ppl_increase, final["ppl_delta_pct"]
         ok = value <= limit

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokopt.optimizer.ir.cost import DEFAULT_CONTEXTS
+
 log = logging.getLogger(__name__)
+
+KV_CHUNK = 256  # prefill chunk while measuring KV memory (bounded attention scratch, as a server would)
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SpeedConfig:
     batch_size: int = 4
     seed: int = 0
     threads: int = 0  # torch intra-op threads while measuring; 0 = torch's default (all cores)
+    kv_context: int = 2048  # the session's KV memory is measured at the report's contexts up to this (0: off)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -83,7 +88,11 @@ def measure_speed(session: Any, vocab_size: int, config: SpeedConfig = SpeedConf
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _measure(session, ids, config)
+        out = _measure(session, ids, config)  # peak RSS is taken before the KV measurement's long prompt
+        contexts = [c for c in DEFAULT_CONTEXTS if c <= config.kv_context]
+        if contexts:
+            out["kv_bytes_measured"] = measure_kv(session, vocab_size, contexts, config.seed)
+        return out
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -105,6 +114,36 @@ def _measure(session: Any, ids, config: SpeedConfig) -> dict[str, Any]:
     out["batch_size"] = config.batch_size
     out["threads"] = torch.get_num_threads()
     out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
+
+
+def measure_kv(session: Any, vocab_size: int, contexts: list[int], seed: int = 0) -> dict[str, int]:
+    """The KV memory ``session`` holds allocated after prefilling each of ``contexts`` tokens (batch 1).
+
+    Read from the session itself (``kv_nbytes``), so a cache that grows where the IR says it is
+    bounded, or stores fp32 where the IR says int8, shows.  The prompt is prefilled in chunks, as
+    a server would; a session whose cache is full stops the measurement there.  Empty when the
+    session cannot say (a plugin backend without ``kv_nbytes``).
+    """
+    import torch
+
+    from tokopt.errors import KVCacheFullError
+
+    if not callable(getattr(session, "kv_nbytes", None)):
+        return {}
+    prompt = torch.randint(0, vocab_size, (1, max(contexts)), generator=torch.Generator().manual_seed(seed))
+    cache, done, out = _new_cache(session, 1), 0, {}
+    with torch.inference_mode():
+        for context in sorted(contexts):
+            try:
+                while done < context:
+                    step = min(KV_CHUNK, context - done)
+                    session.forward(prompt[:, done:done + step], cache)
+                    done += step
+            except KVCacheFullError as exc:
+                log.info("KV memory measured up to %d tokens: %s", done, exc)
+                break
+            out[str(context)] = int(session.kv_nbytes(cache))
     return out
 
 

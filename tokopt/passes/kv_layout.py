@@ -6,15 +6,15 @@ refuses with a clear error.  What it buys is memory and allocation behaviour: ``
 pre-allocates ``max_len`` slots per sequence (no allocation while decoding, as CUDA-graph
 and TensorRT engines want), ``paged`` reserves whole pages on demand so a batch of mixed
 lengths wastes at most one page per sequence.  The notes report the reserved KV bytes for
-a batch of mixed lengths before and after (:func:`~tokopt.passes.attention.kv_memory.reserved_kv_bytes`).
+a batch of mixed lengths before and after (:func:`~tokopt.optimizer.ir.kv_memory.reserved_kv_bytes`).
 """
 
 from __future__ import annotations
 
 from tokopt.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.kv_memory import reserved_kv_bytes
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
-from tokopt.passes.attention.kv_memory import reserved_kv_bytes
 from tokopt.passes.attention.selection import attention_nodes
 
 # A batch of mixed lengths the notes quote reserved bytes for (chat-like: short and long).

@@ -7,16 +7,20 @@ can see).  Everything a reader needs to trust or reproduce the numbers sits besi
 tool and library versions, the machine and its measured bandwidth, the resolved recipe,
 and the evaluation and calibration text.
 
-Schema (``schema_version`` 1)::
+Schema (``schema_version`` 2: the measured ``artifact_bytes``/``kv_bytes_measured`` and ``mismatches``)::
 
     {schema, schema_version, created, tool: {name, version}, libraries: {...}, machine: {...},
      model: {source, architecture, ...}, backend, recipe: {version, passes: [{name, options, plugin, spec}], ...},
      eval: {corpus..., sequences, seq_len, [long_context]}, calibration: {...}, speed_config: {...},
      stages: [{index, name, pass, plugin, changed, notes, seconds: {...}, metrics: {STAGE_METRIC_KEYS},
-               speed: {batch_size, prefill_tok_s_batch, decode_tok_s_batch, measured_on}}],
+               speed: {batch_size, prefill_tok_s_batch, decode_tok_s_batch, measured_on},
+               mismatches: [{metric, context, measured, analytic, ratio, message}]}],
      gates: [{gate, limit, value, passed, message}], passed, warnings: [...], artifact: {...} | null}
 
 Units: bytes, tokens/s, FLOPs; ``ppl_delta_pct`` in percent of the baseline; ``kl`` in nats.
+Analytic figures come from the graph (``weight_bytes``, ``kv_bytes_at``); measured ones from the
+artifact that ships: ``artifact_bytes`` (its weight files on disk), ``kv_bytes_measured`` (context ->
+the session's allocated KV cache after prefilling that many tokens), the speeds and ``peak_rss_bytes``.
 """
 
 from __future__ import annotations
@@ -28,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "tokopt.report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STAGE_METRIC_KEYS: tuple[str, ...] = (
-    "params", "weight_bytes", "bits_per_param", "kv_bytes_per_token", "kv_bytes_at", "flops_per_token",
-    "decode_tok_s_bound", "ppl", "ppl_delta_pct", "kl", "top1_agreement", "prefill_tok_s", "decode_tok_s",
-    "peak_rss_bytes",
+    "params", "weight_bytes", "artifact_bytes", "bits_per_param", "kv_bytes_per_token", "kv_bytes_at",
+    "kv_bytes_measured", "flops_per_token", "decode_tok_s_bound", "ppl", "ppl_delta_pct", "kl", "top1_agreement",
+    "prefill_tok_s", "decode_tok_s", "peak_rss_bytes",
 )
 LONG_METRIC_KEYS: tuple[str, ...] = ("long_ppl", "long_ppl_delta_pct")
 
@@ -112,11 +116,21 @@ def _ratio(v: Any, base: Any) -> str:
 
 
 COLUMNS: tuple[tuple[str, str], ...] = (
-    ("stage", "stage"), ("weights", "weight_bytes"), ("bits/p", "bits_per_param"), ("KV B/tok", "kv_bytes_per_token"),
+    ("stage", "stage"), ("weights", "weight_bytes"), ("artifact", "artifact_bytes"), ("bits/p", "bits_per_param"),
+    ("KV B/tok", "kv_bytes_per_token"), ("KV measured", "kv_bytes_measured"),
     ("GFLOP/tok", "flops_per_token"), ("bound tok/s", "decode_tok_s_bound"), ("ppl", "ppl"), ("Δppl", "ppl_delta_pct"),
     ("KL", "kl"), ("top1", "top1_agreement"), ("prefill tok/s", "prefill_tok_s"), ("decode tok/s", "decode_tok_s"),
     ("peak RSS", "peak_rss_bytes"),
 )
+
+
+def _kv_measured(m: dict[str, Any]) -> str:
+    """The session's KV memory at the longest context measured, as ``bytes @context``."""
+    measured = m.get("kv_bytes_measured") or {}
+    if not measured:
+        return "-"
+    context = max(measured, key=int)
+    return f"{human_bytes(measured[context])} @{context}"
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -127,11 +141,14 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for s in stages:
         m = s["metrics"]
+        flagged = {f["metric"] for f in s.get("mismatches", [])}
         row = [
-            s["name"] + ("" if s.get("changed") is not False else " (no change)"),
+            s["name"] + ("" if s.get("changed") is not False else " (no change)") + (" [!]" if flagged else ""),
             human_bytes(m["weight_bytes"]) + _ratio(m["weight_bytes"], base.get("weight_bytes")),
+            human_bytes(m.get("artifact_bytes")) + (" !" if "artifact_bytes" in flagged else ""),
             _num(m["bits_per_param"], ".2f"),
             _num(m["kv_bytes_per_token"], ",.0f") + _ratio(m["kv_bytes_per_token"], base.get("kv_bytes_per_token")),
+            _kv_measured(m) + (" !" if "kv_bytes" in flagged else ""),
             _num(None if m["flops_per_token"] is None else m["flops_per_token"] / 1e9, ".3f"),
             _num(m["decode_tok_s_bound"], ".1f"),
             _num(m["ppl"], ".3f"),
@@ -159,6 +176,9 @@ def format_table(report: dict[str, Any]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
 
     lines = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    if any(s.get("mismatches") for s in report["stages"]):
+        lines.append("[!] / !: a measured figure of the artifact differs from the IR's by more than 10 % "
+                     "(see the warnings; --strict fails on it)")
     for g in report.get("gates", []):
         lines.append(f"{'PASS' if g['passed'] else 'FAIL'} {g['gate']}: {g['message']}")
     for w in report.get("warnings", []):

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from tokopt.optimizer.ir.graph import Graph
-from tokopt.optimizer.ir.ops import attended_span, get_op, kv_bytes_per_token, param_bytes
+from tokopt.optimizer.ir.kv_memory import reserved_kv_bytes
+from tokopt.optimizer.ir.ops import get_op, kv_bytes_per_token, param_bytes
 from tokopt.optimizer.ir.weights import weight_nbytes, weight_numel
 
 DEFAULT_CONTEXTS = (512, 2048, 8192, 32768)
@@ -39,10 +40,9 @@ def weight_bytes(graph: Graph) -> int:
 
 
 def kv_bytes_for_context(graph: Graph, context: int) -> float:
-    """KV-cache bytes held for one sequence of ``context`` tokens (windows cap it)."""
-    return sum(
-        kv_bytes_per_token(n.attrs) * attended_span(n.attrs, context) for n in graph.nodes("Attention")
-    )
+    """KV-cache bytes one sequence of ``context`` tokens holds: windows cap it, static storage reserves its
+    slots up front, pages round it up (:mod:`tokopt.optimizer.ir.kv_memory`) — what a session should measure."""
+    return float(reserved_kv_bytes(graph, [context]))
 
 
 def flops_per_token(graph: Graph, context: int = 1) -> int:
@@ -72,7 +72,7 @@ def static_metrics(graph: Graph, contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
         params=n,
         weight_bytes=wb,
         bits_per_param=8 * wb / n if n else 0.0,
-        kv_bytes_per_token=kv_bytes_for_context(graph, 1),
+        kv_bytes_per_token=sum(kv_bytes_per_token(n.attrs) for n in graph.nodes("Attention")),
         kv_bytes_at={str(c): kv_bytes_for_context(graph, c) for c in contexts},
         flops_per_token=flops_per_token(graph, flops_context),
         bytes_per_token=bytes_read_per_token(graph),

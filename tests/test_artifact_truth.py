@@ -1,0 +1,79 @@
+"""The report describes the artifact that ships: measured figures beside analytic ones, disagreement flagged.
+
+``artifact_bytes`` is the artifact's weight files on disk, ``kv_bytes_measured`` the session's
+allocated cache after prefilling a context; a stage whose measured and analytic figures differ by
+more than 10 % is flagged in every output, and ``--strict`` fails the run on it.  Backend refusals
+happen up front, in ``--dry-run``, naming the node and the attribute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from tokopt.backends.artifact import weight_files
+from tokopt.cli import cli
+from tokopt.measure.agreement import disagreements
+from tokopt.measure.gates import Gates, check_gates
+
+needs_onnxruntime = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+SMALL = ["--eval-tokens", "2x32", "--calib-tokens", "2x32"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir("llama")[0]
+
+
+def test_disagreements_flag_what_differs_by_more_than_ten_percent():
+    metrics = {"weight_bytes": 1000, "artifact_bytes": 1090, "kv_bytes_at": {"512": 100.0, "2048": 400.0},
+               "kv_bytes_measured": {"512": 100, "2048": 1600}}
+    flagged = disagreements(metrics)
+    assert [(f["metric"], f["context"]) for f in flagged] == [("kv_bytes", 2048)]
+    assert flagged[0]["ratio"] == 4.0 and "1,600 B" in flagged[0]["message"]
+    assert disagreements({**metrics, "artifact_bytes": 1200, "kv_bytes_measured": {}})[0]["metric"] == "artifact_bytes"
+
+
+def test_strict_gate_fails_on_a_mismatch_and_passes_without():
+    base = {"ppl": 10.0, "ppl_delta_pct": 0.0}
+    mismatch = {"metric": "kv_bytes", "ratio": 4.0, "message": "quantize: kv_bytes at 2048 tokens: …"}
+    (fail,) = check_gates(Gates(strict=True), base, base, [mismatch])
+    assert not fail.passed and fail.gate == "--strict" and fail.value == pytest.approx(300.0)
+    (ok,) = check_gates(Gates(strict=True), base, base, [])
+    assert ok.passed
+    assert check_gates(Gates(), base, base, [mismatch]) == []
+    assert Gates().merged({"strict": True}).strict
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=needs_onnxruntime)])
+def test_report_measures_the_artifact(tiny_dir, tmp_path, backend):
+    out = tmp_path / "out"
+    result = invoke("optimize", tiny_dir, "--passes", "", "--backend", backend, "-o", out, "--json", *SMALL)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    (stage,) = report["stages"]
+    on_disk = sum(f.stat().st_size for f in weight_files(out))
+    assert stage["metrics"]["artifact_bytes"] == on_disk > 0
+    assert report["schema_version"] == 2 and isinstance(stage["mismatches"], list)
+    table = (out / "report.md").read_text()
+    assert "| artifact |" in table and "KV measured" in table
+
+
+@needs_onnxruntime
+def test_a_refused_attribute_fails_the_dry_run_in_seconds_naming_the_node(tiny_dir, tmp_path):
+    started = time.perf_counter()
+    result = invoke("optimize", tiny_dir, "--passes", "kv-layout:storage=paged,block_size=16", "--backend",
+                    "onnxruntime", "-o", tmp_path / "o", "--dry-run")
+    assert result.exit_code == 2
+    assert "after 'kv-layout:" in result.stderr and "layers.0.attn: kv_cache.storage='paged'" in result.stderr
+    assert "backends that can: torch" in result.stderr
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "o").exists()

@@ -10,9 +10,10 @@ import tokopt
 from tokopt.errors import KVCacheFullError, PassOptionError, UnsupportedOpError
 from tokopt.optimizer.interpret import ReferenceExecutor
 from tokopt.optimizer.interpret.kv_cache import CachePolicy, KVCache
+from tokopt.optimizer.ir.attrs import kv_cache_quant_attrs
+from tokopt.optimizer.ir.kv_memory import reserved_kv_bytes
 from tokopt.optimizer.ir.verify import verify
 from tokopt.optimizer.pass_api import PassContext
-from tokopt.optimizer.ir.kv_memory import reserved_kv_bytes
 from tokopt.passes.kv_layout import KVLayout
 from tokopt.passes.registry import get_pass_class
 
@@ -58,10 +59,24 @@ def test_cache_matches_full_recompute(llama, storage, extra, layout, window, sin
         torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
 
 
+KV_DTYPES = {"float32": None, "int8": (8, None, True), "int4-asym-g8": (4, 8, False)}
+
+
+def kv_quant(graph, spec) -> dict:
+    """The ``kv_cache`` entries of a quantized cache (bits, group size, symmetric) for ``graph``'s attention."""
+    if spec is None:
+        return {}
+    a = graph.nodes("Attention")[0].attrs
+    bits, group, symmetric = spec
+    return kv_cache_quant_attrs(bits, a["num_kv_heads"], a["head_dim"], group, symmetric)
+
+
+@pytest.mark.parametrize("kv", KV_DTYPES)
 @pytest.mark.parametrize("storage,extra", STORES, ids=[s for s, _ in STORES])
-def test_reserved_bytes_model_matches_the_cache(llama, storage, extra):
+def test_reserved_bytes_model_matches_the_cache(llama, storage, extra, kv):
+    """The cache holds what the IR says: an int8/int4 cache's bytes are its codes and scales, nothing in fp32."""
     for window, sinks in ((None, 0), (8, 2)):
-        g = with_cache(llama, window, sinks, storage=storage, **extra)
+        g = with_cache(llama, window, sinks, storage=storage, **extra, **kv_quant(llama, KV_DTYPES[kv]))
         ex = ReferenceExecutor(g)
         ids = torch.randint(0, 256, (3, 30), generator=torch.Generator().manual_seed(2))
         for length in (1, 9, 30):

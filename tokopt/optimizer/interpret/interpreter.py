@@ -66,13 +66,13 @@ class Interpreter:
             for v in graph.outputs.values() if keep is None else keep:
                 self._last_read[v] = len(self.order)
 
-    def lane(self, input_ids: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None,
-             rope_tables: dict | None = None) -> Lane:
+    def lane(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+             positions: torch.Tensor | None = None) -> Lane:
         """A lane for ``input_ids`` (batch, seq); positions continue ``cache.seen`` unless given."""
         if positions is None:
             start = cache.seen if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1])
-        return Lane(StepContext(self.weights, positions, input_ids, cache, rope_tables=rope_tables))
+        return Lane(StepContext(self.weights, positions, input_ids, cache))
 
     def walk(self, lanes: Sequence[Lane], nodes: Sequence[Node] | None = None, before: Hook | None = None,
              capture: Collection[str] = ()) -> bool:

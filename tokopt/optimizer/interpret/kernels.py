@@ -25,26 +25,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class StepContext:
-    """What a kernel may need beyond its inputs: weights, positions and the cache.
-
-    ``rope_tables`` holds cos/sin for positions ``0..n`` per RoPE (keyed by :func:`rope_key`),
-    precomputed by a session that runs many steps; without it each step computes its own.
-    """
+    """What a kernel may need beyond its inputs: weights, positions and the cache."""
 
     weights: Callable[[str], torch.Tensor]
     positions: torch.Tensor  # (seq,) absolute positions of this step's tokens
     input_ids: torch.Tensor
     cache: KVCache | None
     memo: dict = field(default_factory=dict)  # per-step values shared by layers (RoPE tables)
-    rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def rope(self, rope: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for this step's positions, once per step (not once per layer)."""
         key = ("rope", rope_key(rope), dtype)
         if key not in self.memo:
-            table = (self.rope_tables or {}).get(rope_key(rope))
-            self.memo[key] = ((table[0][self.positions].to(dtype), table[1][self.positions].to(dtype))
-                              if table is not None else rope_tables(rope, self.positions, dtype))
+            self.memo[key] = rope_tables(rope, self.positions, dtype)
         return self.memo[key]
 
 
@@ -223,10 +216,11 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
     if a.get("rope"):
         cos, sin = ctx.rope(a["rope"], q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = quantize_kv(k, v, a["kv_cache"])  # an int8/int4 cache stores (and attention reads) quantized K/V
-    k_pos = ctx.positions
-    if ctx.cache is not None:  # the one cache interface: layer(name, attrs).append(k, v, positions) -> k, v, positions
-        layer = ctx.cache.layer(node.name, a)  # the node's window/sinks/kv_cache shape the store
+    if ctx.cache is None:  # no store: attention reads what a cache of this kv_cache dtype would hold
+        k, v = quantize_kv(k, v, a["kv_cache"])
+        k_pos = ctx.positions
+    else:  # the one cache interface: layer(name, attrs).append(k, v, positions) -> k, v, positions
+        layer = ctx.cache.layer(node.name, a)  # the node's window/sinks/kv_cache shape (and encode) the store
         layer.append(k, v, ctx.positions)
         k, v, k_pos = layer.k, layer.v, layer.positions
     # grouped-query attention without repeating K/V: each kv head's query group becomes rows

@@ -11,7 +11,11 @@ The Attention node's attributes choose the store (see :class:`CachePolicy`):
 - ``kv_cache.storage``: ``dynamic`` (tensors grow as tokens arrive), ``static`` (one buffer
   pre-allocated for ``max_len`` tokens — or ``sinks + window`` when bounded — written in
   place), or ``paged`` (fixed ``block_size`` pages allocated on demand, freed once evicted);
-- ``kv_cache.layout``: ``BNSH`` (batch, kv heads, seq, head dim) or ``BSNH`` storage order.
+- ``kv_cache.layout``: ``BNSH`` (batch, kv heads, seq, head dim) or ``BSNH`` storage order;
+- ``kv_cache.dtype``: float K/V stored as such, or int8/int4 stored as integer codes plus
+  scales (:class:`~tokopt.optimizer.interpret.kv_quant.IntKVCodec`) and dequantized on read.
+  A store keeps *planes* — K's encoded tensors, then V's — each (batch, heads, seq, width)
+  in the storage layout, so slicing, copying and eviction are the same for every dtype.
 
 Whatever the store, ``append(k, v, positions)`` takes this step's K/V in BNSH and the
 ``k``/``v``/``positions`` it leaves behind are what the step's queries may attend to:
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 
 from tokopt.errors import KVCacheFullError, UnsupportedOpError
+from tokopt.optimizer.interpret.kv_quant import FLOAT_KV, KVCodec, kv_codec
 from tokopt.optimizer.ir.attrs import check_kv_storage
 
 
@@ -44,6 +49,7 @@ class CachePolicy:
     storage: str = "dynamic"
     block_size: int | None = None
     max_len: int | None = None
+    codec: KVCodec = FLOAT_KV  # how K/V are stored: as floats, or as integer codes + scales
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any] | None) -> CachePolicy:
@@ -57,6 +63,7 @@ class CachePolicy:
             storage=kv.get("storage") or "dynamic",
             block_size=kv.get("block_size"),
             max_len=kv.get("max_len"),
+            codec=kv_codec(kv),
         )
         problems = check_kv_storage(attrs)
         if problems:
@@ -76,7 +83,7 @@ class CachePolicy:
 
 
 class _Store:
-    """Shared plumbing: layout conversion and the attendable views left by ``append``."""
+    """Shared plumbing: layout conversion, encoding K/V into planes, and the attendable views left by ``append``."""
 
     def __init__(self, policy: CachePolicy) -> None:
         self.policy = policy
@@ -89,6 +96,19 @@ class _Store:
 
     def _load(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.policy.layout == "BNSH" else x.transpose(1, 2)
+
+    def _encode(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """This step's K and V (BNSH) as the planes the store keeps: K's, then V's (still BNSH)."""
+        return [*self.policy.codec.encode(k), *self.policy.codec.encode(v)]
+
+    def _show(self, planes: list[torch.Tensor], positions: torch.Tensor, dtype: torch.dtype) -> None:
+        """Make BNSH ``planes`` at ``positions`` what this step attends to, decoded to ``dtype``."""
+        half, codec = len(planes) // 2, self.policy.codec
+        self._view = (codec.decode(planes[:half], dtype), codec.decode(planes[half:], dtype), positions)
+
+    @staticmethod
+    def _bytes(planes: list[torch.Tensor]) -> int:
+        return sum(p.numel() * p.element_size() for p in planes)
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -115,26 +135,25 @@ class LayerCache(_Store):
 
     def __init__(self, policy: CachePolicy | None = None) -> None:
         super().__init__(policy or CachePolicy())
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self._planes: list[torch.Tensor] = []
         self._pos: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        k, v = self._store(k), self._store(v)
-        if self._k is not None:
-            k = torch.cat([self._k, k], dim=self._seq_dim)
-            v = torch.cat([self._v, v], dim=self._seq_dim)
+        sd = self._seq_dim
+        planes = [self._store(p) for p in self._encode(k, v)]
+        if self._pos is not None:
+            planes = [torch.cat([old, new], dim=sd) for old, new in zip(self._planes, planes, strict=True)]
             positions = torch.cat([self._pos, positions])
-        self._view = (self._load(k), self._load(v), positions)
+        self._show([self._load(p) for p in planes], positions, k.dtype)
         keep = self._keep(positions, int(positions.max()))
         if not bool(keep.all()):
             idx = keep.nonzero().squeeze(1)
-            k, v, positions = k.index_select(self._seq_dim, idx), v.index_select(self._seq_dim, idx), positions[idx]
-        self._k, self._v, self._pos = k, v, positions
+            planes, positions = [p.index_select(sd, idx) for p in planes], positions[idx]
+        self._planes, self._pos = planes, positions
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v) if t is not None)
+        return self._bytes(self._planes)
 
     @property
     def tokens(self) -> int:
@@ -154,23 +173,45 @@ class StaticLayerCache(_Store):
     (unwritten slots masked by their ``-1`` position), and nothing reads a device value on
     the host, so the step has one shape and one graph at every position.  The caller checks
     the capacity of an unbounded store before it appends (it knows how many tokens it has run).
+    With ``growth``, the buffer starts at ``growth`` slots and the caller grows it by whole
+    blocks (:meth:`reserve`) up to ``capacity``: a cache that grows with the context, as
+    ``dynamic`` storage does, whose shape changes once per block instead of once per token.
     """
 
-    def __init__(self, policy: CachePolicy, fixed_shape: bool = False) -> None:
+    def __init__(self, policy: CachePolicy, fixed_shape: bool = False, growth: int | None = None) -> None:
         super().__init__(policy)
         self.capacity = int(policy.capacity)
         self.fixed_shape = fixed_shape
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self.growth = growth
+        self._planes: list[torch.Tensor] = []
         self._pos: torch.Tensor | None = None
 
     def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> None:
         """Reserve the buffers now (a compiled step must not allocate them inside the graph)."""
-        cap = self.capacity
-        shape = (batch, heads, cap, head_dim) if self.policy.layout == "BNSH" else (batch, cap, heads, head_dim)
-        self._k = torch.zeros(shape, dtype=dtype)
-        self._v = torch.zeros(shape, dtype=dtype)
-        self._pos = torch.full((cap,), -1, dtype=torch.long)
+        slots = self.capacity if self.growth is None else min(self.growth, self.capacity)
+        bnsh = self.policy.layout == "BNSH"
+        self._planes = [torch.zeros((batch, heads, slots, width) if bnsh else (batch, slots, heads, width), dtype=dt)
+                        for width, dt in self.policy.codec.planes(head_dim, dtype) * 2]  # K's planes, then V's
+        self._pos = torch.full((slots,), -1, dtype=torch.long)
+
+    def reserve(self, tokens: int) -> None:
+        """Grow a ``growth`` store by whole blocks (up to ``capacity`` slots) so that ``tokens`` positions fit.
+
+        Slots are a prefix until the ring is full, so the old buffer is the new one's start.
+        """
+        if self.growth is None or self._pos is None:
+            return
+        have, slots = len(self._pos), min(self.capacity, -(-tokens // self.growth) * self.growth)
+        if slots <= have:
+            return
+        sd, grown = self._seq_dim, []
+        for p in self._planes:
+            new = p.new_zeros((*p.shape[:sd], slots, *p.shape[sd + 1:]))
+            new.narrow(sd, 0, have).copy_(p)
+            grown.append(new)
+        pos = torch.full((slots,), -1, dtype=torch.long)
+        pos[:have] = self._pos
+        self._planes, self._pos = grown, pos
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
         window, sinks = self.policy.window, self.policy.sinks
@@ -181,52 +222,48 @@ class StaticLayerCache(_Store):
     def _filled(self) -> int:
         return 0 if self._pos is None else int((self._pos >= 0).sum())
 
-    def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        if self._k is None:
+    def _prepare(self, k: torch.Tensor, positions: torch.Tensor) -> None:
+        """Allocate on the first append; refuse another batch size, or an unbounded store's overflow."""
+        if self._pos is None:
             self.allocate(k.shape[0], k.shape[1], k.shape[-1], k.dtype)
-        elif k.shape[0] != self._k.shape[0]:
+        elif k.shape[0] != self._planes[0].shape[0]:
             raise UnsupportedOpError(
-                f"this static KV cache was allocated for batch {self._k.shape[0]}, got batch {k.shape[0]}")
+                f"this static KV cache was allocated for batch {self._planes[0].shape[0]}, got batch {k.shape[0]}")
         if self.policy.window is None and not self.fixed_shape and int(positions.max()) >= self.capacity:
             raise KVCacheFullError(
                 f"the static KV cache holds max_len={self.capacity} tokens and position {int(positions.max())} "
                 "does not fit; raise kv-layout:max_len or use kv-layout:storage=dynamic")
+
+    def _write(self, planes: list[torch.Tensor], positions: torch.Tensor) -> None:
         slots = self._slots(positions)
         if self.policy.window is not None and len(positions) > self.policy.window:
             keep = self._keep(positions, int(positions.max()))
             slots, positions = slots[keep], positions[keep]
-            k, v = k[:, :, keep], v[:, :, keep]
-        sd = self._seq_dim
-        self._k.index_copy_(sd, slots, self._store(k))
-        self._v.index_copy_(sd, slots, self._store(v))
+            planes = [p[:, :, keep] for p in planes]
+        for buffer, p in zip(self._planes, planes, strict=True):
+            buffer.index_copy_(self._seq_dim, slots, self._store(p))
         self._pos.index_copy_(0, slots, positions)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        # A token that lands in the ring evicts a key the chunk's earlier queries may need,
-        # so a multi-token chunk that reaches the ring attends to old slots + the chunk.
-        window = self.policy.window
-        evicts = window is not None and len(positions) > 1 and int(positions.max()) >= self.policy.sinks + window
-        if evicts and self._k is not None:
+        self._prepare(k, positions)
+        new, sd, window = self._encode(k, v), self._seq_dim, self.policy.window
+        if window is not None and len(positions) > 1 and int(positions.max()) >= self.policy.sinks + window:
+            # A token that lands in the ring evicts a key the chunk's earlier queries may need,
+            # so a multi-token chunk that reaches the ring attends to the old slots + the chunk.
             n = self._filled()
-            old_k = self._load(self._k.narrow(self._seq_dim, 0, n))
-            old_v = self._load(self._v.narrow(self._seq_dim, 0, n))
-            view = (torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2),
-                    torch.cat([self._pos[:n], positions]))
-            self._write(k, v, positions)
-            self._view = view
+            view = [torch.cat([self._load(p.narrow(sd, 0, n)), q], dim=2)
+                    for p, q in zip(self._planes, new, strict=True)]
+            view_positions = torch.cat([self._pos[:n], positions])
+            self._write(new, positions)
+            self._show(view, view_positions, k.dtype)
             return
-        if evicts:  # first chunk: nothing cached yet, so the chunk itself is the view
-            self._write(k, v, positions)
-            self._view = (k, v, positions)
-            return
-        self._write(k, v, positions)
-        n = self.capacity if self.fixed_shape else self._filled()
-        self._view = (self._load(self._k.narrow(self._seq_dim, 0, n)),
-                      self._load(self._v.narrow(self._seq_dim, 0, n)), self._pos[:n])
+        self._write(new, positions)
+        n = len(self._pos) if self.fixed_shape else self._filled()
+        self._show([self._load(p.narrow(sd, 0, n)) for p in self._planes], self._pos[:n], k.dtype)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._k, self._v) if t is not None)
+        return self._bytes(self._planes)
 
     @property
     def tokens(self) -> int:
@@ -245,51 +282,53 @@ class PagedLayerCache(_Store):
     def __init__(self, policy: CachePolicy) -> None:
         super().__init__(policy)
         self.block_size = int(policy.block_size)
-        self._pages: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (k, v, positions)
+        self._pages: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (planes, positions)
         self._used = 0  # tokens in the last page
 
-    def _new_page(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        bsz, heads, _, dim = k.shape
+    def _new_page(self, like: list[torch.Tensor]) -> None:
         bs = self.block_size
-        shape = (bsz, heads, bs, dim) if self.policy.layout == "BNSH" else (bsz, bs, heads, dim)
-        self._pages.append((k.new_zeros(shape), v.new_zeros((*shape[:-1], v.shape[-1])),
-                            torch.full((self.block_size,), -1, dtype=torch.long)))
+
+        def page(p: torch.Tensor) -> torch.Tensor:
+            bsz, heads, _, width = p.shape
+            return p.new_zeros((bsz, heads, bs, width) if self.policy.layout == "BNSH" else (bsz, bs, heads, width))
+
+        self._pages.append(([page(p) for p in like], torch.full((bs,), -1, dtype=torch.long)))
         self._used = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        sd, done = self._seq_dim, 0
+        new, sd, done = self._encode(k, v), self._seq_dim, 0
         while done < len(positions):
             if not self._pages or self._used == self.block_size:
-                self._new_page(k, v)
-            pk, pv, pp = self._pages[-1]
+                self._new_page(new)
+            page, pp = self._pages[-1]
             n = min(self.block_size - self._used, len(positions) - done)
-            pk.narrow(sd, self._used, n).copy_(self._store(k[:, :, done:done + n]))
-            pv.narrow(sd, self._used, n).copy_(self._store(v[:, :, done:done + n]))
+            for buffer, p in zip(page, new, strict=True):
+                buffer.narrow(sd, self._used, n).copy_(self._store(p[:, :, done:done + n]))
             pp[self._used:self._used + n] = positions[done:done + n]
             self._used += n
             done += n
-        self._view = self._gather()
+        self._show(*self._gather(), k.dtype)
         if self.policy.window is not None:
             latest = int(positions.max())
             self._pages = [p for i, p in enumerate(self._pages)
-                           if i == len(self._pages) - 1 or bool(self._keep(p[2][p[2] >= 0], latest).any())]
+                           if i == len(self._pages) - 1 or bool(self._keep(p[1][p[1] >= 0], latest).any())]
 
-    def _gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ks, vs, ps = [], [], []
-        for i, (pk, pv, pp) in enumerate(self._pages):
-            n = self._used if i == len(self._pages) - 1 else self.block_size
-            ks.append(self._load(pk.narrow(self._seq_dim, 0, n)))
-            vs.append(self._load(pv.narrow(self._seq_dim, 0, n)))
-            ps.append(pp[:n])
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(ps)
+    def _gather(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every page's written slots, concatenated in order: BNSH planes and their positions."""
+        last = len(self._pages) - 1
+        used = [self._used if i == last else self.block_size for i in range(len(self._pages))]
+        planes = [torch.cat([self._load(page[j].narrow(self._seq_dim, 0, n))
+                             for (page, _), n in zip(self._pages, used, strict=True)], dim=2)
+                  for j in range(len(self._pages[0][0]))]
+        return planes, torch.cat([pp[:n] for (_, pp), n in zip(self._pages, used, strict=True)])
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pk, pv, _ in self._pages for t in (pk, pv))
+        return sum(self._bytes(page) for page, _ in self._pages)
 
     @property
     def tokens(self) -> int:
-        return sum(int((pp >= 0).sum()) for _, _, pp in self._pages)
+        return sum(int((pp >= 0).sum()) for _, pp in self._pages)
 
 
 LayerStore = LayerCache | StaticLayerCache | PagedLayerCache

@@ -28,6 +28,10 @@ class ReferenceExecutor(GreedyGeneration):
         """A growing cache (its stores take whatever batch the first forward brings)."""
         return KVCache()
 
+    def kv_nbytes(self, cache: KVCache) -> int:
+        """Bytes of the buffers and pages ``cache`` holds now (an int8/int4 cache: its codes, scales and zeros)."""
+        return cache.nbytes()
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 capture: set[str] | None = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:

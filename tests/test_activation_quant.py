@@ -23,10 +23,10 @@ def _matmulnbits(w, x: torch.Tensor, accuracy_level: int) -> torch.Tensor:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from tokopt.backends.onnxruntime.ops.linear import nbits_tensors
+    from tokopt.backends.onnxruntime.ops.nbits import file_tensors
 
     n, k = w.shape
-    b, scales, zeros = nbits_tensors(w)
+    b, scales, zeros = file_tensors(w)
     inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")]
     if zeros is not None:
         inits.append(numpy_helper.from_array(zeros, "Z"))

@@ -7,6 +7,10 @@ difference, graphs holding quantized weights (identical codes on both sides, so 
 kernels' arithmetic differs) to ``min_top1`` next-token agreement.  A mismatch raises
 :class:`~tokopt.errors.ParityError`: nothing wrong is shipped.
 
+Graphs with a sliding window are run long enough to test the bounded cache: the ring fills,
+decode steps then overwrite every one of its slots, and ``decode_steps`` more follow (see
+:func:`decode_steps_for`); graphs without a window keep the cheap default.
+
 Graphs that quantize activations at run time (``act_quant``) are discontinuous: a float
 rounding difference upstream moves an activation across a code boundary.  On SmolLM2 with
 int8 activations per block of 32, the reference disagrees *with itself* on ~6-10 % of
@@ -90,6 +94,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
         tokens = sample_tokens(graph, 2, 64 if quantized else 16)
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
+    decode_steps = decode_steps_for(graph, tokens.shape[1], decode_steps)
     calibrated = has_act_quant(graph)
     ref_cache, cache = ref.new_cache(), _new_cache(session, tokens.shape[0])
     jittered = ReferenceExecutor(graph) if calibrated else None
@@ -132,6 +137,22 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
             f"{label} disagrees with the reference executor: max |logit diff| {max_diff:.3g}, top-1 agreement "
             f"{top1:.2%} over {total} positions (required: {criterion}); the artifact was not written")
     return report
+
+
+def decode_steps_for(graph: Graph, prefill: int, decode_steps: int) -> int:
+    """Decode steps that take a windowed graph's bounded cache through a full turn of its ring.
+
+    The sequence reaches ``max(prefill, sinks + window) + window + decode_steps`` tokens: every
+    ring slot is overwritten at least once by a single-token step after the ring is full (at
+    least ``window + sinks + 2 * decode_steps`` tokens whenever ``decode_steps <= window``).
+    Without a window: ``decode_steps``.
+    """
+    spans = [(int(n.attrs.get("sinks") or 0) + int(n.attrs["window"]), int(n.attrs["window"]))
+             for n in graph.nodes("Attention") if n.attrs.get("window")]
+    if not spans:
+        return decode_steps
+    capacity, window = max(c for c, _ in spans), max(w for _, w in spans)
+    return max(prefill, capacity) + window + decode_steps - prefill
 
 
 def has_act_quant(graph: Graph) -> bool:

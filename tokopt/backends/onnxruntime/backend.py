@@ -1,7 +1,8 @@
 """The onnxruntime backend: lower the IR to ONNX (contrib fast paths), check parity, ship.
 
 ``lower`` writes ``model.onnx`` + ``model.onnx.data``, ``config.json``, the tokenizer,
-the resolved recipe, ``genai_config.json`` (onnxruntime-genai runs the directory as is)
+the resolved recipe, ``genai_config.json`` (onnxruntime-genai runs the directory as is —
+unless a layer keeps a bounded sliding-window ring, whose cache genai cannot feed)
 and ``tokopt_artifact.json``; ``load`` opens it as an :class:`OnnxRuntimeSession`.
 """
 
@@ -16,6 +17,7 @@ from tokopt.backends.base import Artifact, Backend
 from tokopt.backends.capabilities import Capabilities, check_capabilities
 from tokopt.errors import BackendUnavailableError, ModelSourceError
 from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +47,26 @@ class OnnxRuntimeBackend(Backend):
         return Capabilities(
             ops=tuple(supported_ops()), kv_dtypes=KV_DTYPES, kv_layouts=KV_LAYOUTS, kv_storages=KV_STORAGES,
             window=True, sinks=True, softcap=True, qk_norm=True, partial_rotary=True, act_quant_bits=(8,),
-            weight_bits=NATIVE_WEIGHT_BITS, weight_group_sizes=NBITS_BLOCKS, weight_asymmetric=True,
+            weight_bits=NATIVE_WEIGHT_BITS, weight_group_sizes=NBITS_BLOCKS, weight_per_channel=True,
+            weight_asymmetric=True,
             notes=("fast paths: GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization",
-                   "the directory also runs under onnxruntime-genai"))
+                   "sliding windows (+ sinks) keep a ring of sinks + window slots (standard ops)",
+                   "the directory also runs under onnxruntime-genai, except with a windowed layer's ring"))
 
     def check(self, graph: Graph) -> None:
         from tokopt.backends.onnxruntime.ops import no_lowering_reason
+        from tokopt.backends.onnxruntime.ops.nbits import storage_problem
 
         ok, why = self.availability()
         if not ok:
             raise BackendUnavailableError(why)
-        # ops are judged by their lowering (a plugin op brings its own), the rest by the capabilities
-        no_lowering = [f"{n.name}: {why}" for n in graph.nodes() if (why := no_lowering_reason(n.op))]
-        check_capabilities(graph, replace(self.capabilities(), ops=None), self.name, no_lowering)
+        # ops are judged by their lowering (a plugin op brings its own), the rest by the capabilities;
+        # a per-channel group is stored only if in_features has a power-of-two divisor MatMulNBits can block by
+        more = [f"{n.name}: {why}" for n in graph.nodes() if (why := no_lowering_reason(n.op))]
+        more += [f"{n.name}: {role} {p}: {why}" for n in graph.nodes() for role, p in n.params.items()
+                 if isinstance(w := graph.params[p], QuantizedWeight) and w.bits in NATIVE_WEIGHT_BITS
+                 and (why := storage_problem(w))]
+        check_capabilities(graph, replace(self.capabilities(), ops=None), self.name, more)
 
     def lower(self, graph: Graph, out_dir: Path, *, recipe: Any = None, attention: str = "auto",
               fused_norms: bool = True, fuse_qkv: bool = True, max_length: int | None = None,
@@ -73,7 +82,7 @@ class OnnxRuntimeBackend(Backend):
         from tokopt.backends.artifact import atomic_directory, copy_tokenizer, write_manifest
         from tokopt.backends.onnxruntime.artifact import hf_config, write_json, write_recipe
         from tokopt.backends.onnxruntime.external_data import write_model
-        from tokopt.backends.onnxruntime.genai_config import genai_config
+        from tokopt.backends.onnxruntime.genai_config import genai_can_run, genai_config
         from tokopt.backends.onnxruntime.lower import LoweringOptions, lower_graph
         from tokopt.backends.onnxruntime.roundtrip import embed_graph_description
         from tokopt.backends.parity import check_parity
@@ -91,7 +100,8 @@ class OnnxRuntimeBackend(Backend):
             files += tokenizer
             if (name := write_recipe(tmp, recipe)) is not None:
                 files.append(name)
-            files.append(write_json(tmp / "genai_config.json", genai_config(ctx, threads=threads)))
+            if genai_can_run(ctx):
+                files.append(write_json(tmp / "genai_config.json", genai_config(ctx, threads=threads)))
             report = None
             if parity:
                 session = self.load(tmp, threads=threads, _manifest=False)

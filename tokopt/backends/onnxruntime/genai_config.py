@@ -19,6 +19,12 @@ def _first(value: Any) -> Any:
     return value[0] if isinstance(value, list) and value else value
 
 
+def genai_can_run(ctx: LowerContext) -> bool:
+    """Whether onnxruntime-genai can feed this decoder's cache: its KV cache expects ``present`` to be
+    ``past + new`` tokens (or the shared GQA buffer), which a windowed layer's bounded ring is not."""
+    return not any(n.attrs.get("window") for n in ctx.graph.nodes("Attention"))
+
+
 def genai_config(ctx: LowerContext, model_file: str = "model.onnx", threads: int | None = None) -> dict[str, Any]:
     graph = ctx.graph
     meta = graph.meta

@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from tokopt.backends.onnxruntime.onnx_builder import OnnxGraphBuilder
@@ -85,8 +84,11 @@ class LowerContext:
         return self.graph.params[param]
 
     def dense(self, param: str) -> torch.Tensor:
-        """The parameter as a dense fp32 tensor (quantized weights dequantized exactly)."""
-        w = materialize(self.graph.params[param])
+        """The parameter as a dense tensor; a quantized weight has none (it is stored as its codes)."""
+        w = self.graph.params[param]
+        if isinstance(w, QuantizedWeight):
+            raise UnsupportedOpError(f"{param} is quantized: the artifact stores its codes, never a dequantized copy")
+        w = materialize(w)
         return w.float() if w.is_floating_point() else w
 
     def weight_init(self, param: str, transform: str = "", fn: Any = None) -> str:
@@ -136,8 +138,13 @@ def choose_attention_mode(graph: Graph, options: LoweringOptions) -> str:
 
 
 def default_max_length(graph: Graph, options: LoweringOptions) -> int:
+    """The context the artifact serves: at most 4096 tokens by default (a shared KV buffer reserves them
+    all), the model's whole context when every layer's cache is a bounded window (only the rotary
+    tables grow with it)."""
     if options.max_length:
         return int(options.max_length)
+    if all(n.attrs.get("window") for n in graph.nodes("Attention")):
+        return int(graph.meta.max_positions or 4096)
     return int(min(graph.meta.max_positions or 4096, 4096))
 
 
@@ -177,11 +184,3 @@ def _position_ids_info():
     from onnx import TensorProto, helper
 
     return helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
-
-
-def quantized_or_none(w: Any) -> QuantizedWeight | None:
-    return w if isinstance(w, QuantizedWeight) else None
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()

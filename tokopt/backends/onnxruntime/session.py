@@ -83,6 +83,10 @@ class OnnxRuntimeSession(GreedyGeneration):
                 np.zeros((batch, heads, length, dim), dtype=_NP[info.type]))
         return cache
 
+    def kv_nbytes(self, cache: OrtKVCache) -> int:
+        """Bytes the cache's past buffers hold now, read off the OrtValues themselves."""
+        return sum(int(np.prod(v.shape())) * np.dtype(_NP[v.data_type()]).itemsize for v in cache.past.values())
+
     # -- running ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache: OrtKVCache | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for ``input_ids`` continuing ``cache`` (updated in place)."""

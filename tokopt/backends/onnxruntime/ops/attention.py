@@ -1,11 +1,20 @@
 """Attention: ``com.microsoft::GroupQueryAttention`` where it fits, standard ops otherwise.
 
-GroupQueryAttention (CPU, fp32) applies RoPE itself from cos/sin caches, restricts keys
-to a sliding window (``local_window_size``) and writes new K/V into a shared
-past/present buffer of ``max_length`` slots.  It cannot express sink tokens, a KV cache
-dtype other than the activations', partial rotary or head sizes that are not a multiple
-of 16 (8 without rotary); such models are lowered with standard ops instead — the same
-semantics, a growing cache, never a dropped attribute.
+GroupQueryAttention (CPU, fp32) applies RoPE itself from cos/sin caches and writes new K/V
+into a shared past/present buffer of ``max_length`` slots.  Layers it cannot express —
+sliding windows (its buffer would keep every token), sink tokens, a KV cache dtype other
+than the activations', partial rotary, head sizes that are not a multiple of 16 (8 without
+rotary) — are lowered with standard ops instead: the same semantics, never a dropped attribute.
+
+With standard ops a full-attention layer's cache grows by concatenation; a layer with a
+window keeps a ring of ``sinks + window`` slots, as the reference's bounded cache does
+(:mod:`tokopt.optimizer.interpret.kv_cache`): sinks in slots ``[0, sinks)``, position ``p``
+beyond them in slot ``sinks + (p - sinks) % window``, keys cached after RoPE at their original
+positions.  Which position a slot holds is a function of the tokens seen so far (the length
+of ``attention_mask``), so the ring needs no extra model inputs, and masks are computed from
+the slots' positions exactly as :func:`~tokopt.optimizer.interpret.kernels.attention_mask` does.
+A step attends to the old slots plus its own tokens (a chunk's first queries need keys the ring
+is about to evict), then ``present`` keeps the ring's ``min(total, sinks + window)`` slots.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ def gqa_unsupported_reason(node: Node) -> str | None:
     d = a["head_dim"]
     if a.get("sinks"):
         return f"{node.name}: sink tokens (GroupQueryAttention's local window has no sinks)"
+    if a.get("window"):
+        return f"{node.name}: a sliding window (GroupQueryAttention's buffer keeps every token, a ring the window)"
     if not a.get("causal", True):
         return f"{node.name}: non-causal attention"
     if a["kv_cache"]["dtype"] != "float32":
@@ -113,28 +124,65 @@ def _gqa(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
     rope = a.get("rope")
     if rope:
         ins += list(rope_table(ctx, rope, half=True))
-    window = a.get("window")
     out, _, _ = b.ms("GroupQueryAttention", ins,
                      outputs=[b.fresh(f"{node.name}/out"), f"present.{slot.index}.key", f"present.{slot.index}.value"],
                      num_heads=h, kv_num_heads=kvh, scale=float(a["scale"]), do_rotary=int(bool(rope)),
-                     rotary_interleaved=0, local_window_size=int(window) if window else -1,
-                     softcap=float(a["softcap"]) if a.get("softcap") else None, name=node.name)
+                     rotary_interleaved=0, softcap=float(a["softcap"]) if a.get("softcap") else None, name=node.name)
     return [out]
 
 
 # -- standard ops ----------------------------------------------------------------------------
-def _mask(ctx: LowerContext, a: dict) -> str:
-    """Additive (B, 1, 1, S, T) mask: causal, window, sinks, and the padding in attention_mask."""
+def _lengths(ctx: LowerContext) -> tuple[str, str]:
+    """(tokens seen before this step, tokens seen after it) as int64 scalars."""
+    if "lengths" not in ctx.cache:
+        b = ctx.b
+        total = b.op("Squeeze", [ctx.shape_dim("attention_mask", 1), b.const([0])], name="total_len")
+        seq = b.op("Squeeze", [ctx.shape_dim("input_ids", 1), b.const([0])])
+        ctx.cache["lengths"] = (b.op("Sub", [total, seq], name="past_len"), total)
+    return ctx.cache["lengths"]
+
+
+def _ring_positions(ctx: LowerContext, slots: str, seen: str, window: int, sinks: int) -> str:
+    """The position each ring slot holds after ``seen`` tokens: the latest ``p < seen`` that maps to it."""
+    b = ctx.b
+    last = b.op("Sub", [seen, b.const(1)])
+    latest = b.op("Sub", [last, b.op("Mod", [b.op("Sub", [last, slots]), b.const(window)])])
+    return b.op("Where", [b.op("Less", [slots, b.const(sinks)]), slots, latest], name="ring_positions")
+
+
+def _ring(ctx: LowerContext, window: int, sinks: int, past: str) -> tuple[str, str]:
+    """(positions of this step's keys: old slots then new tokens, ``present``'s gather indices into them).
+
+    ``past`` is one layer's past key, whose length is the number of occupied slots; every
+    layer with this window and these sinks shares the result.
+    """
+    key = ("ring", window, sinks)
+    if key not in ctx.cache:
+        b = ctx.b
+        before, total = _lengths(ctx)
+        held = b.op("Squeeze", [b.op("Shape", [past], start=2, end=3), b.const([0])], name="ring_held")
+        old = _ring_positions(ctx, b.op("Range", [b.const(0), held, b.const(1)]), before, window, sinks)
+        k_pos = b.op("Concat", [old, b.op("Range", [before, total, b.const(1)])], axis=0, name="ring_key_positions")
+        keep = b.op("Min", [total, b.const(sinks + window)])
+        slots = b.op("Range", [b.const(0), keep, b.const(1)])
+        pos = _ring_positions(ctx, slots, total, window, sinks)
+        fresh = b.op("Add", [held, b.op("Sub", [pos, before])])  # a new token's index in old + new
+        index = b.op("Where", [b.op("GreaterOrEqual", [pos, before]), fresh, slots], name="ring_index")
+        ctx.cache[key] = (k_pos, index)
+    return ctx.cache[key]
+
+
+def _mask(ctx: LowerContext, a: dict, k_pos: str) -> str:
+    """Additive (B, 1, 1, S, K) mask over keys at positions ``k_pos``: causal, window, sinks and the
+    padding in attention_mask (indexed by position), as the reference's ``attention_mask``."""
     window, sinks, causal = a.get("window"), int(a.get("sinks") or 0), bool(a.get("causal", True))
-    key = ("mask", window, sinks, causal)
+    key = ("mask", k_pos, window, sinks, causal)
     if key in ctx.cache:
         return ctx.cache[key]
     b = ctx.b
-    total = b.op("Squeeze", [ctx.shape_dim("attention_mask", 1), b.const([0])])
-    seq = b.op("Squeeze", [ctx.shape_dim("input_ids", 1), b.const([0])])
-    q_slot = b.op("Range", [b.op("Sub", [total, seq]), total, b.const(1)], name="q_slots")
-    k_slot = b.op("Range", [b.const(0), total, b.const(1)], name="k_slots")
-    diff = b.op("Sub", [b.op("Unsqueeze", [q_slot, b.const([1])]), b.op("Unsqueeze", [k_slot, b.const([0])])])
+    before, total = _lengths(ctx)
+    q_pos = b.op("Range", [before, total, b.const(1)], name="q_positions")
+    diff = b.op("Sub", [b.op("Unsqueeze", [q_pos, b.const([1])]), b.op("Unsqueeze", [k_pos, b.const([0])])])
     if causal:
         allowed = b.op("GreaterOrEqual", [diff, b.const(0)])
     else:
@@ -142,14 +190,23 @@ def _mask(ctx: LowerContext, a: dict) -> str:
     if window:
         in_window = b.op("Less", [diff, b.const(int(window))])
         if sinks:
-            in_window = b.op("Or", [in_window, b.op("Unsqueeze", [b.op("Less", [k_slot, b.const(sinks)]),
+            in_window = b.op("Or", [in_window, b.op("Unsqueeze", [b.op("Less", [k_pos, b.const(sinks)]),
                                                                    b.const([0])])])
         allowed = b.op("And", [allowed, in_window])
-    padding = b.op("Cast", [b.op("Unsqueeze", ["attention_mask", b.const([1, 2, 3])])], to=9)  # (B,1,1,1,T)
+    padding = b.op("Gather", ["attention_mask", k_pos], axis=1)
+    padding = b.op("Cast", [b.op("Unsqueeze", [padding, b.const([1, 2, 3])])], to=9)  # (B,1,1,1,K)
     allowed = b.op("And", [padding, allowed])
     mask = b.op("Where", [allowed, b.const(0.0, "float32"), b.const(_NEG, "float32")], name="attn_mask")
     ctx.cache[key] = mask
     return mask
+
+
+def _key_positions(ctx: LowerContext) -> str:
+    """Positions of a growing cache's keys: slot = position."""
+    if "key_positions" not in ctx.cache:
+        _, total = _lengths(ctx)
+        ctx.cache["key_positions"] = ctx.b.op("Range", [ctx.b.const(0), total, ctx.b.const(1)], name="key_positions")
+    return ctx.cache["key_positions"]
 
 
 def _rope_bshd(ctx: LowerContext, x: str, rope: dict, head_dim: int, name: str) -> str:
@@ -192,12 +249,20 @@ def _decomposed(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
                 parts.append(b.op("Concat", [_rope_bshd(ctx, x, rope, d, f"{node.name}/rope"), rest], axis=-1))
             q4, k4 = parts
     slot = _kv_slot(ctx, node)
+    window = a.get("window")
+    past = {kind: f"past_key_values.{slot.index}.{kind}" for kind in ("key", "value")}
+    if window:
+        k_pos, index = _ring(ctx, int(window), int(a.get("sinks") or 0), past["key"])
+    else:
+        k_pos = _key_positions(ctx)
     present = []
     for x, kind in ((k4, "key"), (v4, "value")):
         new = b.op("Transpose", [x], perm=[0, 2, 1, 3])  # (B, kvh, S, D)
-        cat = b.op("Concat", [f"past_key_values.{slot.index}.{kind}", new], axis=2,
-                   outputs=[f"present.{slot.index}.{kind}"])
-        present.append(b.op("Unsqueeze", [cat, b.const([2])]))  # (B, kvh, 1, T, D)
+        name = f"present.{slot.index}.{kind}"
+        cat = b.op("Concat", [past[kind], new], axis=2, outputs=[b.fresh(name) if window else name])
+        if window:
+            b.op("Gather", [cat, index], axis=2, outputs=[name])
+        present.append(b.op("Unsqueeze", [cat, b.const([2])]))  # (B, kvh, 1, K, D)
     k5, v5 = present
     q5 = b.op("Reshape", [b.op("Transpose", [q4], perm=[0, 2, 1, 3]), b.const([0, kvh, rep, -1, d])])
     scores = b.op("MatMul", [q5, b.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])], name=f"{node.name}/qk")
@@ -205,7 +270,7 @@ def _decomposed(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
     if a.get("softcap"):
         cap = b.const(float(a["softcap"]), "float32")
         scores = b.op("Mul", [b.op("Tanh", [b.op("Div", [scores, cap])]), cap])
-    probs = b.op("Softmax", [b.op("Add", [scores, _mask(ctx, a)])], axis=-1)
+    probs = b.op("Softmax", [b.op("Add", [scores, _mask(ctx, a, k_pos)])], axis=-1)
     out = b.op("MatMul", [probs, v5], name=f"{node.name}/pv")  # (B, kvh, rep, S, D)
     out = b.op("Transpose", [b.op("Reshape", [out, b.const([0, h, -1, d])])], perm=[0, 2, 1, 3])
     return [b.op("Reshape", [out, b.const([0, 0, h * d])], name=node.name)]

@@ -21,16 +21,13 @@ def lower_input(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
 
 @register_lowering("Embedding")
 def lower_embedding(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
-    from tokopt.backends.onnxruntime.ops.linear import dequantized_table, gather_quantized, nbits_supported
+    from tokopt.backends.onnxruntime.ops import nbits
 
-    w = ctx.raw(node.params["weight"])
-    if isinstance(w, QuantizedWeight) and nbits_supported(w):
-        if w.symmetric and w.shape[1] % w.group_size == 0:
-            return gather_quantized(ctx, node.params["weight"], w, inputs[0], node.name)
-        table = dequantized_table(ctx, node.params["weight"], w)
-    else:
-        table = ctx.weight_init(node.params["weight"])
-    return ctx.b.op("Gather", [table, inputs[0]], axis=0, name=node.name)
+    param = node.params["weight"]
+    if isinstance(ctx.raw(param), QuantizedWeight):
+        stored = nbits.store(ctx, param, [param])
+        return nbits.gather(ctx, stored, inputs[0], node.name, planes=nbits.reads_planes(ctx, param))
+    return ctx.b.op("Gather", [ctx.weight_init(param), inputs[0]], axis=0, name=node.name)
 
 
 def rms_norm(ctx: LowerContext, x: str, weight: str, eps: float, name: str) -> str:

@@ -1,68 +1,24 @@
 """Linear layers: dense MatMul/Gemm, or ``com.microsoft::MatMulNBits`` for quantized weights.
 
-The IR's :class:`QuantizedWeight` already packs 4-bit codes as MatMulNBits does (uint8,
-element ``2j`` in the low nibble), so lowering only regroups bytes into the op's
-``(N, k_blocks, blob_size)`` B layout, ``(N, k_blocks)`` scales and, for asymmetric
-weights, zero points packed two per byte per row (8-bit: one per byte).  Symmetric
-weights carry no zero points: the op's default (8 for 4-bit, 128 for 8-bit) is the
-IR's implied ``2**(bits-1)``.
+Quantized weights are stored as the IR's codes and read by MatMulNBits (how, and why int8
+runs as two 4-bit nibble planes, is :mod:`tokopt.backends.onnxruntime.ops.nbits`); a
+quantized weight is never written dequantized.
 
 A Linear with ``act_quant={"bits": 8, "block": group_size}`` on a MatMulNBits weight
 lowers to ``accuracy_level=4`` (int8 activations per weight block: the same numbers,
 see :mod:`tokopt.optimizer.interpret.activations`); any other ``act_quant`` becomes standard ops
-that quantize the input exactly so (ReduceMax/Round/Mul) in front of an fp32 matmul,
+that quantize the input exactly so (ReduceMax/Round/Mul) in front of the matmul,
 so no backend that reuses this lowering (TensorRT too) can silently drop it.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 
 from tokopt.backends.onnxruntime.lower import LowerContext
-from tokopt.backends.onnxruntime.ops import register_lowering
+from tokopt.backends.onnxruntime.ops import nbits, register_lowering
 from tokopt.optimizer.ir.graph import Node, Value
 from tokopt.optimizer.ir.weights import QuantizedWeight
-
-
-def nbits_supported(w: QuantizedWeight) -> bool:
-    """MatMulNBits needs a power-of-two block size ≥ 16 and 4- or 8-bit codes."""
-    g = w.group_size
-    return w.bits in (4, 8) and g >= 16 and g & (g - 1) == 0 and w.scales.dim() == 2
-
-
-def nbits_tensors(w: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(B, scales, zero_points) in MatMulNBits' layouts for a quantized ``(N, K)`` weight."""
-    n, k = w.shape
-    g, bits = w.group_size, w.bits
-    k_blocks = math.ceil(k / g)
-    codes = w.codes().to(torch.uint8)  # (N, K)
-    pad = k_blocks * g - k
-    if pad:  # padded codes multiply nothing: A has only K columns
-        codes = torch.nn.functional.pad(codes, (0, pad), value=2 ** (bits - 1))
-    codes = codes.reshape(n, k_blocks, g)
-    if bits == 4:
-        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
-    else:
-        packed = codes.contiguous()
-    scales = w.scales.to(torch.float32).reshape(n, k_blocks).contiguous().numpy()
-    zp = None
-    if w.zero_points is not None:
-        z = w.zero_points.to(torch.uint8).reshape(n, k_blocks)
-        if bits == 4:
-            if k_blocks % 2:
-                z = torch.nn.functional.pad(z, (0, 1), value=8)
-            z = z[:, 0::2] | (z[:, 1::2] << 4)
-        zp = z.contiguous().numpy()
-    return packed.numpy(), scales, zp
-
-
-def native_act_quant(act_quant: dict | None, w) -> bool:
-    """Whether MatMulNBits' accuracy level 4 is this activation quantization on this weight."""
-    return (act_quant is not None and isinstance(w, QuantizedWeight) and nbits_supported(w)
-            and act_quant == {"bits": 8, "block": w.group_size})
 
 
 def quantize_activations(ctx: LowerContext, x: str, act_quant: dict, name: str) -> str:
@@ -85,7 +41,7 @@ def quantize_activations(ctx: LowerContext, x: str, act_quant: dict, name: str) 
 
 def activation_input(ctx: LowerContext, x: str, act_quant: dict | None, w, name: str) -> tuple[str, int]:
     """(the matmul's input, MatMulNBits accuracy level) for a Linear's ``act_quant`` on weight ``w``."""
-    if native_act_quant(act_quant, w):
+    if nbits.native_act_quant(act_quant, w):
         return x, 4
     if act_quant is not None:
         x = quantize_activations(ctx, x, act_quant, name)
@@ -98,8 +54,8 @@ def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None,
     b = ctx.b
     w = ctx.raw(weight_param)
     x, accuracy = activation_input(ctx, x, act_quant, w, name)
-    if isinstance(w, QuantizedWeight) and nbits_supported(w):
-        y = _matmul_nbits(ctx, x, weight_param, w, name, accuracy)
+    if isinstance(w, QuantizedWeight):
+        y = nbits.matmul(ctx, nbits.store(ctx, weight_param, [weight_param]), x, name, accuracy)
     elif ctx.is_shared(weight_param):
         # a tied embedding: keep one (V, H) copy and let Gemm read it transposed
         out_f, in_f = w.shape
@@ -112,86 +68,6 @@ def linear(ctx: LowerContext, x: str, weight_param: str, bias_param: str | None,
     if bias_param is not None:
         y = b.op("Add", [y, ctx.weight_init(bias_param)], name=f"{name}/bias")
     return y
-
-
-def _matmul_nbits(ctx: LowerContext, x: str, param: str, w: QuantizedWeight, name: str, accuracy: int) -> str:
-    n, k = w.shape
-    return ctx.b.ms("MatMulNBits", [x, *nbits_initializers(ctx, param, w)], K=k, N=n, bits=w.bits,
-                    block_size=w.group_size, accuracy_level=accuracy, name=name)
-
-
-def gather_quantized(ctx: LowerContext, param: str, w: QuantizedWeight, ids: str, name: str) -> str:
-    """Rows of a symmetric quantized table, dequantized by ``GatherBlockQuantized`` as they are looked up.
-
-    It reads the MatMulNBits tensors in place (the lm_head's, when tied), so a quantized
-    embedding costs no float copy of the table in memory, as the model builder does.
-    """
-    b = ctx.b
-    names = nbits_initializers(ctx, param, w)
-    n, k = w.shape
-    rows = b.op("Reshape", [names[0], b.const([n, k * w.bits // 8])], name=f"{name}/rows")
-    return b.ms("GatherBlockQuantized", [rows, ids, names[1]], gather_axis=0, quantize_axis=1,
-                block_size=w.group_size, bits=w.bits, name=name)
-
-
-def dequantized_table(ctx: LowerContext, param: str, w: QuantizedWeight) -> str:
-    """The (N, K) float table of a quantized weight, computed in-graph from its MatMulNBits tensors.
-
-    An embedding tied to a quantized lm_head reads the same codes (one copy in the file);
-    every input is constant, so onnxruntime folds the subgraph once when the session loads.
-    """
-    key = (param, "table")
-    if key in ctx.cache:
-        return ctx.cache[key]
-    b = ctx.b
-    names = nbits_initializers(ctx, param, w)
-    n, k = w.shape
-    k_blocks = math.ceil(k / w.group_size)
-    blob = names[0]
-    if w.bits == 4:
-        low = b.op("BitwiseAnd", [blob, b.const(15, "uint8")])
-        high = b.op("BitShift", [blob, b.const(4, "uint8")], direction="RIGHT")
-        codes = b.op("Concat", [b.op("Unsqueeze", [low, b.const([-1])]), b.op("Unsqueeze", [high, b.const([-1])])],
-                     axis=-1)
-        codes = b.op("Reshape", [codes, b.const([n, k_blocks, w.group_size])])
-    else:
-        codes = blob
-    codes = b.op("Cast", [codes], to=1)
-    if len(names) > 2:
-        zp = names[2]
-        if w.bits == 4:
-            zl = b.op("BitwiseAnd", [zp, b.const(15, "uint8")])
-            zh = b.op("BitShift", [zp, b.const(4, "uint8")], direction="RIGHT")
-            zp = b.op("Reshape", [b.op("Concat", [b.op("Unsqueeze", [zl, b.const([-1])]),
-                                                  b.op("Unsqueeze", [zh, b.const([-1])])], axis=-1),
-                                  b.const([n, -1])])
-            zp = b.op("Slice", [zp, b.const([0]), b.const([k_blocks]), b.const([1])])
-        zero = b.op("Unsqueeze", [b.op("Cast", [zp], to=1), b.const([-1])])
-    else:
-        zero = b.const(float(2 ** (w.bits - 1)), "float32")
-    scale = b.op("Unsqueeze", [names[1], b.const([-1])])
-    table = b.op("Mul", [b.op("Sub", [codes, zero]), scale])
-    table = b.op("Reshape", [table, b.const([n, k_blocks * w.group_size])])
-    if k_blocks * w.group_size != k:
-        table = b.op("Slice", [table, b.const([0]), b.const([k]), b.const([1])])
-    ctx.cache[key] = table
-    return table
-
-
-def nbits_initializers(ctx: LowerContext, param: str, w: QuantizedWeight) -> list[str]:
-    """B, scales (and zero points) initializers of a quantized weight, created once."""
-    key = (param, "nbits")
-    if key not in ctx.cache:
-        packed, scales, zp = nbits_tensors(w)
-        names = [ctx.b.initializer(f"{param}.q{w.bits}", packed), ctx.b.initializer(f"{param}.scales", scales)]
-        if zp is not None:
-            names.append(ctx.b.initializer(f"{param}.zero_points", zp))
-        ctx.cache[key] = names
-        ctx.params[param] = {"kind": "nbits", "B": names[0], "scales": names[1],
-                             "zero_points": names[2] if zp is not None else None, "bits": w.bits,
-                             "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
-                             "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra}
-    return ctx.cache[key]
 
 
 @register_lowering("Linear")
@@ -230,7 +106,7 @@ def qkv_group(ctx: LowerContext, node: Node) -> tuple[Node, list[Node]] | None:
 
 def _storage_kind(w) -> tuple | None:
     if isinstance(w, QuantizedWeight):
-        return ("nbits", w.bits, w.group_size, w.symmetric) if nbits_supported(w) else None
+        return None if nbits.storage_problem(w) else ("nbits", w.bits, w.group_size, w.symmetric)
     return ("dense",)
 
 
@@ -247,21 +123,7 @@ def fused_matmul(ctx: LowerContext, producers: list[Node], x: str, name: str) ->
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     x, accuracy = activation_input(ctx, x, producers[0].attrs.get("act_quant"), weights[0], name)
     if isinstance(weights[0], QuantizedWeight):
-        tensors = [nbits_tensors(w) for w in weights]
-        packed = np.concatenate([t[0] for t in tensors])
-        scales = np.concatenate([t[1] for t in tensors])
-        names = [b.initializer(f"{name}.q{weights[0].bits}", packed), b.initializer(f"{name}.scales", scales)]
-        if tensors[0][2] is not None:
-            names.append(b.initializer(f"{name}.zero_points", np.concatenate([t[2] for t in tensors])))
-        for p, w, off in zip(params, weights, offsets, strict=True):
-            ctx.params[p] = {"kind": "nbits", "B": names[0], "scales": names[1],
-                             "zero_points": names[2] if len(names) > 2 else None, "bits": w.bits,
-                             "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
-                             "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra,
-                             "rows": [off, off + w.shape[0]]}
-        w0 = weights[0]
-        y = b.ms("MatMulNBits", [x, *names], K=w0.shape[1], N=sum(sizes), bits=w0.bits, block_size=w0.group_size,
-                 accuracy_level=accuracy, name=name)
+        y = nbits.matmul(ctx, nbits.store(ctx, name, params), x, name, accuracy)
     else:
         fused = np.concatenate([ctx.dense(p).t().numpy() for p in params], axis=1)
         init = b.initializer(f"{name}.weight.T", fused)

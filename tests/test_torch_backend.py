@@ -1,4 +1,4 @@
-"""The torch backend: a self-contained artifact, exact reload, and the compiled static-cache session.
+"""The torch backends: a self-contained artifact, exact reload, and the compiled session (``torch-compile``).
 
 Every session is checked against the reference executor on the same tokens: the artifact's
 eager session bit for bit, the static-cache program and its torch.compile'd decode step to
@@ -196,8 +196,10 @@ def test_cache_full_is_a_clear_error(tiny):
         session.forward(sample_ids(1, 1), cache)
 
 
-def test_compiled_artifact_matches_reference_and_generates_the_same(artifact, tiny):
-    session = get_backend("torch").load(artifact, compile=True, max_len=24)
+def test_compiled_artifact_matches_reference_and_generates_the_same(tiny, tmp_path):
+    get_backend("torch-compile").lower(tiny, tmp_path / "compiled")
+    assert read_manifest(tmp_path / "compiled")["backend"] == "torch-compile"
+    session = load_artifact(tmp_path / "compiled", max_len=24)
     assert isinstance(session, CompiledSession) and session.compiled
     ids = sample_ids(2, 12)
     torch.testing.assert_close(run_steps(session, ids, prefill=8), run_steps(ReferenceExecutor(tiny), ids, 8),

@@ -22,6 +22,7 @@ from tokopt.plugins.registry import Registry
 BUILTIN_BACKENDS: dict[str, str] = {
     # name: "module:Class" — each built-in backend package adds its line here
     "torch": "tokopt.backends.torch.backend:TorchBackend",
+    "torch-compile": "tokopt.backends.torch.backend:TorchCompileBackend",
     "onnxruntime": "tokopt.backends.onnxruntime.backend:OnnxRuntimeBackend",
     "tensorrt": "tokopt.backends.tensorrt.backend:TensorRTBackend",
 }

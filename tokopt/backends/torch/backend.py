@@ -1,18 +1,20 @@
-"""The ``torch`` backend: a self-contained artifact the reference executor (or the compiled session) runs.
+"""The ``torch`` and ``torch-compile`` backends: one self-contained serialized-IR artifact, two sessions.
 
 The artifact is the IR itself — ``graph.json`` + ``weights.safetensors`` written by
 :mod:`tokopt.optimizer.ir.serialize`, quantized weights kept packed — plus the tokenizer
 files and ``tokopt_artifact.json``.  Loading it needs tokopt and torch, nothing from the
-original checkpoint.  ``load(path)`` gives the eager reference executor (the oracle);
-``load(path, compile=True)`` gives :class:`~tokopt.backends.torch.compiled.CompiledSession`
-(static KV cache + ``torch.compile``'d decode step), which computes the same logits faster.
+original checkpoint.  ``torch`` loads the eager reference executor (the oracle);
+``torch-compile`` loads :class:`~tokopt.backends.torch.compiled.CompiledSession` (KV buffers
+written in place + ``torch.compile``'d decode step), which computes the same logits faster
+and states its own capabilities: it has no pages, so it refuses ``paged`` storage.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tokopt.backends.artifact import TOKENIZER_DIR, atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
@@ -27,10 +29,12 @@ WEIGHT_BITS = (4, 8)
 
 
 class TorchBackend(Backend):
-    """Eager reference executor and torch.compile, from a serialized-IR artifact."""
+    """The serialized IR as the artifact, run by the eager reference executor."""
 
     name = "torch"
-    summary = "PyTorch: the eager reference executor, or a torch.compile'd static-KV-cache session (compile=True)"
+    summary = "PyTorch: the eager reference executor on the serialized IR (the oracle every backend is checked against)"
+    #: load options, described in the manifest
+    load_options: ClassVar[dict[str, str]] = {}
 
     def availability(self) -> tuple[bool, str]:
         import torch
@@ -73,32 +77,54 @@ class TorchBackend(Backend):
                                       quantized=False, label="torch artifact")
             manifest = write_manifest(tmp, self.name, files, graph, tokenizer,
                                       graph_file=GRAPH_FILE, weights_file=WEIGHTS_FILE,
-                                      load_options={"compile": "bool, default false", "max_len": "int"},
+                                      load_options=self.load_options,
                                       parity=report.to_dict() if report else None)
         log.info("torch artifact written to %s (%d files)", out_dir, len(manifest["files"]))
         return Artifact(out_dir, self.name, manifest["files"], {"manifest": manifest, "parity": manifest["parity"]})
 
     def load(self, path: Path, **options: Any) -> Session:
-        """A session on the artifact at ``path``.
-
-        Options: ``compile`` (default False: the reference executor; True: the compiled
-        static-cache session), ``max_len`` (compiled session: tokens one sequence may hold).
-        """
-        from tokopt.optimizer.ir.verify import verify
-
-        unknown = sorted(set(options) - {"compile", "max_len"})
-        if unknown:
-            raise ModelSourceError(
-                f"torch backend: unknown load option(s) {', '.join(unknown)}; valid: compile, max_len")
-        graph = load_artifact_graph(Path(path))
-        verify(graph, stage=f"artifact {path}")
-        if options.get("compile"):
-            from tokopt.backends.torch.compiled import CompiledSession
-
-            return CompiledSession(graph, compile=True, max_len=options.get("max_len"))
+        """The reference executor on the artifact at ``path``."""
         from tokopt.optimizer.interpret.reference import ReferenceExecutor
 
-        return ReferenceExecutor(graph)
+        return ReferenceExecutor(self._graph(Path(path), options))
+
+    def _graph(self, path: Path, options: dict[str, Any]) -> Graph:
+        """The artifact's graph, verified, once ``options`` are known to be this backend's."""
+        from tokopt.optimizer.ir.verify import verify
+
+        unknown = sorted(set(options) - set(self.load_options))
+        if unknown:
+            raise ModelSourceError(f"{self.name} backend: unknown load option(s) {', '.join(unknown)}; "
+                                   f"valid: {', '.join(self.load_options) or 'none'}")
+        graph = load_artifact_graph(path)
+        verify(graph, stage=f"artifact {path}")
+        return graph
+
+
+class TorchCompileBackend(TorchBackend):
+    """The same artifact, run by the compiled session: KV buffers written in place, a compiled decode step."""
+
+    name = "torch-compile"
+    summary = ("PyTorch: torch.compile'd decode step on in-place KV buffers (int8/int4 KV as codes), "
+               "from the same serialized-IR artifact as torch")
+    load_options: ClassVar[dict[str, str]] = {
+        "max_len": "int: tokens an unbounded layer may hold (default: the model's max positions)",
+        "compile": "bool, default true (false: the same session, eager)"}
+
+    def capabilities(self) -> Capabilities:
+        from tokopt.backends.torch.compiled import GROWTH_BLOCK
+
+        caps = super().capabilities()
+        return replace(caps, kv_storages=("dynamic", "static"), notes=(
+            *caps.notes, f"static layers pre-allocate their slots; dynamic ones grow by blocks of {GROWTH_BLOCK} "
+            "tokens (up to their sinks + window ring); no pages, so no paged storage"))
+
+    def load(self, path: Path, **options: Any) -> Session:
+        """The compiled session on the artifact at ``path`` (options: ``max_len``, ``compile``)."""
+        from tokopt.backends.torch.compiled import CompiledSession
+
+        graph = self._graph(Path(path), options)
+        return CompiledSession(graph, compile=bool(options.get("compile", True)), max_len=options.get("max_len"))
 
 
 def load_artifact_graph(path: Path) -> Graph:
@@ -106,7 +132,7 @@ def load_artifact_graph(path: Path) -> Graph:
     from tokopt.optimizer.ir.serialize import load_graph
 
     manifest = read_manifest(path)
-    if manifest["backend"] != TorchBackend.name:
+    if manifest["backend"] not in (TorchBackend.name, TorchCompileBackend.name):
         raise ModelSourceError(f"{path} is a {manifest['backend']!r} artifact, not a torch one")
     graph = load_graph(path)
     tokenizer = manifest.get("tokenizer")
@@ -114,4 +140,4 @@ def load_artifact_graph(path: Path) -> Graph:
     return graph
 
 
-__all__ = ["TorchBackend", "load_artifact_graph"]
+__all__ = ["TorchBackend", "TorchCompileBackend", "load_artifact_graph"]

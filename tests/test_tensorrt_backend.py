@@ -9,10 +9,13 @@ skip (with the reason) elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,26 +113,109 @@ def test_portable_onnx_has_only_standard_ops_and_matches_the_reference(tiny, tmp
     torch.testing.assert_close(steps(session, ids, 8), steps(ReferenceExecutor(tiny), ids, 8), rtol=1e-4, atol=1e-4)
 
 
-@needs_onnxruntime
-def test_quantized_weights_are_exported_dequantized_with_identical_numerics(tiny, tmp_path):
-    import onnx
-
-    from tokopt.backends.onnxruntime.session import OnnxRuntimeSession
-    from tokopt.backends.tensorrt.onnx_source import export_portable_onnx, nonstandard_ops
+def test_refuses_quantized_weights_by_node_and_attribute(tiny, tmp_path):
+    """TensorRT's ONNX parser has no MatMulNBits: low-bit weights are refused, never stored dequantized."""
     from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, pack_codes
 
     g = tiny.copy()
-    name = g.nodes("Linear")[1].params["weight"]
+    node = g.nodes("Linear")[1]
+    name = node.params["weight"]
     w = materialize(g.params[name])
     scale = w.abs().amax(1, keepdim=True) / 127
     codes = torch.clamp(torch.round(w / scale) + 128, 0, 255)
     g.params[name] = QuantizedWeight(pack_codes(codes, 8), scale, None, 8, w.shape[1], tuple(w.shape))
-    exported = export_portable_onnx(g, tmp_path / "onnx", max_length=64)
-    assert exported.dequantized == [name]
-    assert nonstandard_ops(onnx.load(str(exported.path), load_external_data=False)) == []
-    ids = sample_ids(1, 10)
-    torch.testing.assert_close(OnnxRuntimeSession(exported.path).forward(ids), ReferenceExecutor(g).forward(ids),
-                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(BackendRefusalError, match=re.escape(f"{node.name}: weight {name}: int8 weights")):
+        get_backend("tensorrt").check(g)
+    with pytest.raises(BackendRefusalError, match="int8 weights"):
+        get_backend("tensorrt").lower(g, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- the session's CUDA stream discipline, checked with fakes (no GPU needed) -------------------------
+class _Recorder:
+    """Fakes for torch.cuda's stream API and a TensorRT execution context that log, in order, what the session does."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+        self.active: list[object] = []  # the stream torch.cuda.stream() made current, innermost last
+        self.caller = object()  # the caller's current stream
+        self.stream = self._stream()
+
+    def _stream(self):
+        rec = self
+
+        class Stream:
+            cuda_stream = 1234
+
+            def wait_stream(self, other):
+                rec.events.append(("wait_stream", other))
+
+            def synchronize(self):
+                rec.events.append(("synchronize", rec.current()))
+
+        return Stream()
+
+    def current(self):
+        return self.active[-1] if self.active else self.caller
+
+    @contextlib.contextmanager
+    def use(self, stream):
+        self.active.append(stream)
+        try:
+            yield
+        finally:
+            self.active.pop()
+
+    def context(self, past_heads: int, dim: int, vocab: int):
+        rec, shapes = self, {}
+
+        class Context:
+            def set_input_shape(self, name, shape):
+                shapes[name] = shape
+                rec.events.append(("set_input_shape", name, rec.current()))
+
+            def get_tensor_shape(self, name):
+                b, s = shapes["input_ids"]
+                total = shapes["attention_mask"][1]
+                return (b, s, vocab) if name == "logits" else (b, past_heads, total, dim)
+
+            def set_tensor_address(self, name, address):
+                rec.events.append(("bind", name, rec.current()))
+
+            def execute_async_v3(self, handle):
+                rec.events.append(("execute", handle, rec.current()))
+                return True
+
+        return Context()
+
+
+def test_engine_inputs_are_made_on_the_engine_stream_after_the_callers_work(monkeypatch):
+    from tokopt.backends.tensorrt.engine import TensorRTSession
+
+    rec = _Recorder()
+    monkeypatch.setattr(torch.cuda, "current_stream", rec.current)
+    monkeypatch.setattr(torch.cuda, "stream", rec.use)
+    session = TensorRTSession.__new__(TensorRTSession)
+    session.device = torch.device("cpu")
+    session.engine = SimpleNamespace(get_tensor_shape=lambda name: (-1, 2, -1, 4))
+    session.context, session.stream = rec.context(2, 4, vocab=8), rec.stream
+    session.inputs = ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key"]
+    session.outputs = ["logits", "present.0.key"]
+    session.dtypes = {n: torch.int64 for n in session.inputs[:3]} | {n: torch.float32 for n in
+                                                                     ("past_key_values.0.key", *session.outputs)}
+    session.past = ["past_key_values.0.key"]
+    session._dummy = torch.zeros(1)
+    cache = session.new_cache(1)
+    for step in (torch.tensor([[5, 6, 7]]), torch.tensor([[8]])):
+        rec.events.clear()
+        assert session.forward(step, cache).shape == (1, step.shape[1], 8)
+        assert rec.events[0] == ("wait_stream", rec.caller)  # ordered after the caller's queued work
+        execute = rec.events.index(("execute", rec.stream.cuda_stream, rec.stream))  # on the engine's stream
+        made = [e for e in rec.events[1:execute] if e[0] in ("set_input_shape", "bind")]
+        assert len(made) == 2 * len(session.inputs) + len(session.outputs)
+        assert all(e[-1] is rec.stream for e in made)  # every input and output is made and bound there
+        assert rec.events[execute + 1] == ("synchronize", rec.stream)  # finished before the logits are read
+    assert cache.seen == 4 and session.kv_nbytes(cache) == 1 * 2 * 4 * 4 * 4
 
 
 # -- on a machine with TensorRT and an NVIDIA GPU ---------------------------------------------------

@@ -136,7 +136,6 @@ class TensorRTBackend(Backend):
                 del session
             manifest = write_manifest(tmp, self.name, files, graph, tokenizer, engine=PLAN_FILE,
                                       onnx_model=f"{ONNX_DIR}/model.onnx", build=build,
-                                      dequantized_params=exported.dequantized,
                                       parity=report.to_dict() if report else None)
         return Artifact(Path(out_dir), self.name, manifest["files"], {"parity": manifest["parity"]})
 

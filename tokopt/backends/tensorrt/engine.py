@@ -8,8 +8,15 @@ defaults to strict fp32 (TF32 off) so the engine can pass tokopt's logits parity
 
 Run: ``trt.Runtime.deserialize_cuda_engine`` → ``create_execution_context``; each step
 sets input shapes, binds torch CUDA tensors by address (``set_tensor_address``) and calls
-``execute_async_v3`` on a torch CUDA stream.  The KV cache is the ``present.*`` outputs of
-one step handed back as the ``past_key_values.*`` inputs of the next, never leaving the GPU.
+``execute_async_v3`` on the session's own torch CUDA stream.  The KV cache is the ``present.*``
+outputs of one step handed back as the ``past_key_values.*`` inputs of the next, never leaving the GPU.
+
+Stream discipline: ``execute_async_v3`` only enqueues work on the stream it is given, and torch's
+streams are non-blocking (no implicit ordering with the default stream), so every tensor the
+engine reads or writes is created on that same stream (``torch.cuda.stream``), after a
+``wait_stream`` on the caller's current stream (whose work may have produced the inputs); the
+caching allocator then never hands their memory to another stream while the engine uses it.
+The step ends with a ``synchronize`` of that stream before the logits are read.
 """
 
 from __future__ import annotations
@@ -118,7 +125,9 @@ _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.i
 
 
 class TensorRTSession(GreedyGeneration):
-    """Same interface as the reference executor: ``new_cache``, ``forward``, ``generate``."""
+    """Same interface as the reference executor: ``new_cache``, ``kv_nbytes``, ``forward``, ``generate``."""
+
+    device = torch.device("cuda")
 
     def __init__(self, plan_path: Path) -> None:
         trt = _trt()
@@ -135,14 +144,20 @@ class TensorRTSession(GreedyGeneration):
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name] for n in names}
         self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self._dummy = torch.zeros(1, device="cuda")  # an address for zero-sized tensors
+        with torch.cuda.stream(self.stream):
+            self._dummy = torch.zeros(1, device=self.device)  # an address for zero-sized tensors
 
     def new_cache(self, batch: int = 1) -> TrtKVCache:
         cache = TrtKVCache(batch)
-        for name in self.past:
-            _, heads, _, dim = self.engine.get_tensor_shape(name)
-            cache.past[name] = torch.zeros((batch, heads, 0, dim), dtype=self.dtypes[name], device="cuda")
+        with torch.cuda.stream(self.stream):
+            for name in self.past:
+                _, heads, _, dim = self.engine.get_tensor_shape(name)
+                cache.past[name] = torch.zeros((batch, heads, 0, dim), dtype=self.dtypes[name], device=self.device)
         return cache
+
+    def kv_nbytes(self, cache: TrtKVCache) -> int:
+        """Bytes of the ``past_key_values`` tensors the cache holds (they grow with the context)."""
+        return sum(t.numel() * t.element_size() for t in cache.past.values())
 
     def _bind(self, name: str, tensor: torch.Tensor) -> None:
         self.context.set_tensor_address(name, tensor.data_ptr() if tensor.numel() else self._dummy.data_ptr())
@@ -152,26 +167,28 @@ class TensorRTSession(GreedyGeneration):
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         bsz, seq = input_ids.shape
-        cache = cache if cache is not None else self.new_cache(bsz)
-        total = cache.seen + seq
-        feeds = {"input_ids": input_ids.to("cuda", torch.int64).contiguous(),
-                 "attention_mask": torch.ones((bsz, total), dtype=torch.int64, device="cuda"),
-                 "position_ids": torch.arange(cache.seen, total, device="cuda").expand(bsz, seq).contiguous(),
-                 **cache.past}
-        for name in self.inputs:
-            tensor = feeds[name].to(self.dtypes[name])
-            feeds[name] = tensor
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self._bind(name, tensor)
-        outs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
-            self._bind(name, outs[name])
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
-        self.stream.synchronize()
+        self.stream.wait_stream(torch.cuda.current_stream())  # the caller's queued work comes first
+        with torch.cuda.stream(self.stream):  # everything the engine touches is made on its stream
+            cache = cache if cache is not None else self.new_cache(bsz)
+            total = cache.seen + seq
+            feeds = {"input_ids": input_ids.to(self.device, torch.int64).contiguous(),
+                     "attention_mask": torch.ones((bsz, total), dtype=torch.int64, device=self.device),
+                     "position_ids": torch.arange(cache.seen, total, device=self.device).expand(bsz, seq).contiguous(),
+                     **cache.past}
+            for name in self.inputs:
+                tensor = feeds[name].to(self.dtypes[name])
+                feeds[name] = tensor
+                self.context.set_input_shape(name, tuple(tensor.shape))
+                self._bind(name, tensor)
+            outs = {}
+            for name in self.outputs:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
+                self._bind(name, outs[name])
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
+            self.stream.synchronize()
+            logits = outs["logits"].float().cpu()
         cache.past = {name: outs[name.replace("past_key_values.", "present.")] for name in self.past}
         cache.seen = total
-        return outs["logits"].float().cpu()
-
+        return logits

@@ -3,10 +3,9 @@
 TensorRT's ONNX parser understands the default ONNX domain, not onnxruntime's
 ``com.microsoft`` contrib ops, so the graph is lowered with the onnxruntime backend's
 *portable* settings — attention decomposed into standard ops with a growing
-``past_key_values``/``present`` cache, RMSNorm as standard ops — after replacing
-quantized weights by their exact dequantized values (``MatMulNBits`` is a contrib op;
-the numbers stay those of the quantized model, only the storage grows).  Anything that
-still lands outside the default domain is refused by name.
+``past_key_values``/``present`` cache, RMSNorm as standard ops.  Low-bit weights would need
+``MatMulNBits`` (a contrib op), so the backend refuses them in ``check`` rather than storing
+them dequantized; anything that still lands outside the default domain is refused by name.
 
 This is the single place the TensorRT backend depends on the onnxruntime backend
 (``tokopt.backends.onnxruntime.lower.lower_graph`` and ``external_data.write_model``).
@@ -14,15 +13,11 @@ This is the single place the TensorRT backend depends on the onnxruntime backend
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokopt.errors import BackendRefusalError
 from tokopt.optimizer.ir.graph import Graph
-from tokopt.optimizer.ir.weights import QuantizedWeight
-
-log = logging.getLogger(__name__)
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -37,20 +32,6 @@ class PortableOnnx:
     outputs: list[str]
     kv: list[dict]  # [{"index", "num_kv_heads", "head_dim", "dtype"}] per attention layer
     uses_position_ids: bool
-    dequantized: list[str]  # parameters stored dense because TensorRT has no MatMulNBits
-
-
-def dequantized_copy(graph: Graph) -> tuple[Graph, list[str]]:
-    """``graph`` with every QuantizedWeight replaced by its exact dense value."""
-    names = [n for n, w in graph.params.items() if isinstance(w, QuantizedWeight)]
-    if not names:
-        return graph, []
-    dense = graph.copy()
-    for name in names:
-        dense.params[name] = graph.params[name].dequantize()
-    log.warning("TensorRT: %d quantized weights are stored dequantized (same numerics, float32 size): "
-                "TensorRT's ONNX parser has no MatMulNBits", len(names))
-    return dense, names
 
 
 def nonstandard_ops(model) -> list[str]:
@@ -65,7 +46,6 @@ def export_portable_onnx(graph: Graph, out_dir: Path, max_length: int | None = N
     from tokopt.backends.onnxruntime.external_data import write_model
     from tokopt.backends.onnxruntime.lower import LoweringOptions, lower_graph
 
-    graph, dequantized = dequantized_copy(graph)
     ctx = lower_graph(graph, LoweringOptions(attention="decomposed", fused_norms=False, max_length=max_length))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
@@ -80,4 +60,4 @@ def export_portable_onnx(graph: Graph, out_dir: Path, max_length: int | None = N
         inputs=[i.name for i in model.graph.input], outputs=[o.name for o in model.graph.output],
         kv=[{"index": s.index, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim, "dtype": s.dtype}
             for s in ctx.kv],
-        uses_position_ids=ctx.uses_position_ids, dequantized=dequantized)
+        uses_position_ids=ctx.uses_position_ids)

@@ -31,6 +31,7 @@ import torch
 
 from tokopt.errors import ParityError
 from tokopt.optimizer.interpret.activations import rounding_jitter
+from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import QuantizedWeight
 
@@ -58,8 +59,13 @@ class ParityReport:
 
 
 def is_quantized(graph: Graph) -> bool:
-    """Quantized weights or run-time quantized activations: compared on real text, by agreement."""
-    return any(isinstance(w, QuantizedWeight) for w in graph.params.values()) or has_act_quant(graph)
+    """Quantized weights, or activations or KV rounded at run time: compared on real text, by agreement.
+
+    Run-time rounding is discontinuous: a float-rounding difference in a K or V (summation order,
+    a reloaded tensor) can land on the next code, so a logit bar would fail two correct runs.
+    """
+    return any(isinstance(w, QuantizedWeight) for w in graph.params.values()) or has_act_quant(graph) \
+        or any(n.attrs["kv_cache"]["dtype"] in KV_QUANT_DTYPES for n in graph.nodes("Attention"))
 
 
 def sample_tokens(graph: Graph, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -75,7 +81,7 @@ def sample_tokens(graph: Graph, batch: int, length: int, seed: int = 0) -> torch
         tokenizer = tokenizer_for(graph)
         if tokenizer is not None:
             ids = tokenize(default_calibration_text(), tokenizer, graph.meta.vocab_size)
-            return fixed_batches(ids, batch, length, "parity check")
+            return fixed_batches(ids, batch, length, "parity check text")
     except Exception as exc:  # noqa: BLE001 - any failure to get text falls back to ids, never blocks lowering
         log.debug("parity check uses random ids: %s", exc)
     gen = torch.Generator().manual_seed(seed)

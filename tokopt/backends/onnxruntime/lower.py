@@ -141,11 +141,22 @@ def default_max_length(graph: Graph, options: LoweringOptions) -> int:
     """The context the artifact serves: at most 4096 tokens by default (a shared KV buffer reserves them
     all), the model's whole context when every layer's cache is a bounded window (only the rotary
     tables grow with it)."""
+    static = [int(n.attrs["kv_cache"].get("max_len") or 0) for n in graph.nodes("Attention")
+              if n.attrs["kv_cache"].get("storage") == "static" and not n.attrs.get("window")]
+    if static and min(static):  # the IR's static cache holds max_len tokens: that is the buffer
+        return min([*static, *([int(options.max_length)] if options.max_length else [])])
     if options.max_length:
         return int(options.max_length)
     if all(n.attrs.get("window") for n in graph.nodes("Attention")):
         return int(graph.meta.max_positions or 4096)
     return int(min(graph.meta.max_positions or 4096, 4096))
+
+
+def kv_storage(graph: Graph) -> str:
+    """``static`` when every attention layer's cache is, else ``dynamic``: how the session reserves its
+    shared KV buffer (all of ``max_length`` up front, or grown in blocks as tokens arrive)."""
+    storages = {n.attrs["kv_cache"].get("storage") or "dynamic" for n in graph.nodes("Attention")}
+    return "static" if storages == {"static"} else "dynamic"
 
 
 def lower_graph(graph: Graph, options: LoweringOptions | None = None) -> LowerContext:
@@ -176,7 +187,7 @@ def lower_graph(graph: Graph, options: LoweringOptions | None = None) -> LowerCo
             b.add_output(f"present.{slot.index}.{kind}", slot.dtype,
                          ["batch_size", slot.num_kv_heads, present_len, slot.head_dim])
     b.metadata["tokopt.lowering"] = json.dumps({**options.to_dict(), "attention_mode": ctx.attention_mode,
-                                                "max_length": ctx.max_length})
+                                                "max_length": ctx.max_length, "kv_storage": kv_storage(graph)})
     return ctx
 
 

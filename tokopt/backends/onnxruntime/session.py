@@ -1,9 +1,11 @@
 """Run a lowered model with ``onnxruntime.InferenceSession``: prefill, decode, generate.
 
 The KV cache lives in ``OrtValue`` buffers bound with IO binding.  Models lowered with
-GroupQueryAttention share one ``max_length`` buffer between past and present (GQA writes
-new keys in place, nothing is copied); models lowered with standard ops hand each step's
-``present`` outputs to the next step as ``past`` without leaving onnxruntime memory.
+GroupQueryAttention share one buffer between past and present (GQA writes new keys in place,
+nothing is copied): ``max_length`` slots for a ``static`` cache, a block-grown buffer for a
+``dynamic`` one (the IR's storage, so the measured KV memory is what the report says); models
+lowered with standard ops hand each step's ``present`` outputs to the next step as ``past``
+without leaving onnxruntime memory.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokopt.errors import KVCacheFullError
 from tokopt.optimizer.interpret.decode import GreedyGeneration
 
 log = logging.getLogger(__name__)
 
+GROW_BLOCK = 256  # slots a dynamic shared buffer grows by (as the compiled torch session)
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
@@ -61,27 +65,49 @@ class OnnxRuntimeSession(GreedyGeneration):
             lowering = json.loads(meta["tokopt.lowering"])
             self.shared_buffer = lowering.get("attention_mode") == "gqa"
             limit = int(lowering.get("max_length") or 4096)
+            self.grows = lowering.get("kv_storage", "dynamic") == "dynamic"
         else:  # another tool's decoder (e.g. onnxruntime-genai's builder): its genai_config says how
             search = _genai_config(self.path).get("search", {})
             self.shared_buffer = bool(search.get("past_present_share_buffer", False))
             limit = int(search.get("max_length") or 4096)
+            self.grows = False  # as onnxruntime-genai runs it: the whole max_length buffer up front
         self.max_length = min(int(max_length), limit) if max_length else limit
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
 
     # -- cache ------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, length: int | None = None) -> OrtKVCache:
-        """An empty cache; a shared-buffer model reserves ``length`` (default: max_length) slots."""
-        cache = OrtKVCache(batch, capacity=min(length or self.max_length, self.max_length))
+        """An empty cache.
+
+        A shared-buffer model reserves ``length`` slots; without one, a ``static`` cache reserves
+        all of ``max_length`` (the IR's ``max_len``) and a ``dynamic`` one starts at one block and
+        grows by blocks as tokens arrive, so its memory follows the context as the IR says.
+        """
+        default = min(GROW_BLOCK, self.max_length) if self.grows else self.max_length
+        cache = OrtKVCache(batch, capacity=min(length or default, self.max_length))
         for info in self.past:
-            _, heads, _, dim = info.shape
-            if not isinstance(heads, int) or not isinstance(dim, int):
-                decoder = _genai_config(self.path).get("model", {}).get("decoder", {})
-                heads, dim = decoder["num_key_value_heads"], decoder["head_size"]
+            heads, dim = self._kv_shape(info)
             length = cache.capacity if self.shared_buffer else 0
             cache.past[info.name] = self.ort.OrtValue.ortvalue_from_numpy(
                 np.zeros((batch, heads, length, dim), dtype=_NP[info.type]))
         return cache
+
+    def _kv_shape(self, info: Any) -> tuple[int, int]:
+        _, heads, _, dim = info.shape
+        if not isinstance(heads, int) or not isinstance(dim, int):
+            decoder = _genai_config(self.path).get("model", {}).get("decoder", {})
+            heads, dim = decoder["num_key_value_heads"], decoder["head_size"]
+        return heads, dim
+
+    def _grow(self, cache: OrtKVCache, total: int) -> None:
+        """Move a shared buffer into one of the next block multiple holding ``total`` tokens."""
+        capacity = min(self.max_length, -(-total // GROW_BLOCK) * GROW_BLOCK)
+        for info in self.past:
+            old = cache.past[info.name].numpy()
+            new = np.zeros((*old.shape[:2], capacity, old.shape[3]), dtype=old.dtype)
+            new[:, :, : cache.seen] = old[:, :, : cache.seen]
+            cache.past[info.name] = self.ort.OrtValue.ortvalue_from_numpy(new)
+        cache.capacity = capacity
 
     def kv_nbytes(self, cache: OrtKVCache) -> int:
         """Bytes the cache's past buffers hold now, read off the OrtValues themselves."""
@@ -98,9 +124,11 @@ class OnnxRuntimeSession(GreedyGeneration):
         if cache.batch != bsz:
             raise ValueError(f"cache holds batch {cache.batch}, input has batch {bsz}")
         total = cache.seen + seq
+        if self.shared_buffer and total > cache.capacity and self.grows and total <= self.max_length:
+            self._grow(cache, total)
         if self.shared_buffer and total > cache.capacity:
-            raise ValueError(f"{total} tokens exceed the KV buffer of {cache.capacity} slots; make the cache with "
-                             f"new_cache(length=...) (at most the artifact's max_length {self.max_length})")
+            raise KVCacheFullError(f"{total} tokens exceed the KV buffer of {cache.capacity} slots; make the cache "
+                                   f"with new_cache(length=...) (at most the artifact's max_length {self.max_length})")
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((bsz, total), dtype=np.int64))

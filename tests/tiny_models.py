@@ -38,3 +38,53 @@ def save_word_tokenizer(path: Path, vocab_size: int) -> None:
 def sample_ids(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def save_tiny_gguf(path: Path, vocab: int = 64, hidden: int = 32, layers: int = 1, heads: int = 4, kv_heads: int = 2,
+                   ffn: int = 48, seed: int = 0) -> Path:
+    """A ~50 KB llama GGUF (fp32 tensors, a SentencePiece-style vocabulary) written with ``gguf``.
+
+    The vocabulary spells the words ``w1 … w{vocab - 16}``: besides them it holds the pieces they are
+    merged from (``▁``, ``w``, the digits, ``▁w``), so the merges recovered from it encode such text.
+    """
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("llama")
+    pieces = ["\u2581", "w", *"0123456789", "\u2581w"]
+    words = [f"\u2581w{i}" for i in range(1, vocab - 3 - len(pieces) + 1)]
+    writer.add_token_list(["<unk>", "<s>", "</s>", *pieces, *words])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    kv = kv_heads * (hidden // heads)
+    shapes = {"token_embd.weight": (vocab, hidden)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.attn_q.weight": (hidden, hidden),
+                       f"blk.{i}.attn_k.weight": (kv, hidden), f"blk.{i}.attn_v.weight": (kv, hidden),
+                       f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_norm.weight": (hidden,),
+                       f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+                       f"blk.{i}.ffn_down.weight": (hidden, ffn)})
+    shapes.update({"output_norm.weight": (hidden,), "output.weight": (vocab, hidden)})
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.2).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

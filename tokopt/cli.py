@@ -9,7 +9,12 @@ Exit codes (stable; build systems rely on them):
   pass option — the message lists the valid ones —, an existing OUT without ``--force``);
 - 3: a pass or frontend produced an invalid graph (a bug in it, named in the message);
 - 4: a lowered artifact's logits disagree with the reference executor (nothing is written);
-- 5: a plugin failed to load or crashed (the message names the plugin and the pass).
+- 5: a plugin failed to load or crashed (the message names the plugin and the pass);
+- 130 / 143: interrupted by SIGINT / SIGTERM; everything the run had made (OUT's temporary
+  sibling, stage directories, the speed-measurement child) is gone.
+
+Every failure a user can cause ends in one line on stderr (``error: …``), command-line
+usage errors included; storage errors (no space, read-only filesystem) too.
 
 Commands: ``inspect``, ``generate``, ``optimize``, ``eval``, ``bench``, ``passes``,
 ``backends``, ``doctor``.  ``--json`` gives machine-readable output on stdout; progress
@@ -21,23 +26,57 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from tokopt.errors import TokoptError
+from tokopt.errors import Interrupted, TokoptError
+from tokopt.interrupts import unwinding_on_signals
+from tokopt.io_boundary import one_line, storage_failure
 from tokopt.version import __version__
 
 
 class TokoptGroup(click.Group):
-    """Turns a :class:`TokoptError` into one line on stderr and its exit code."""
+    """Turns a :class:`TokoptError`, an interrupt or a usage error into one line on stderr and its exit code."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:  # usage errors: one line, like every other failure
+            _fail(f"{exc.format_message()} (see: tokopt {_command_name(exc)}--help)", exc.exit_code)
+        except click.Abort:  # Ctrl-C outside a command (e.g. at a prompt)
+            _fail("interrupted", 130)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with unwinding_on_signals():
+                return super().invoke(ctx)
         except TokoptError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except Interrupted as exc:
+            _fail(f"{exc}; stopped, and everything this run had made was removed", exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted by SIGINT; stopped, and everything this run had made was removed", 130)
+        except OSError as exc:
+            failure = storage_failure(exc)  # no space / read-only: never tokopt's bug, wherever it was raised
+            if failure is None:
+                raise
+            _fail(str(failure), failure.exit_code)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {one_line(message, limit=2000)}", err=True)
+    sys.exit(code)
+
+
+def _command_name(exc: click.ClickException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    return f"{ctx.info_name} " if ctx is not None and ctx.parent is not None else ""
 
 
 def _emit_json(payload: Any) -> None:

@@ -1,7 +1,11 @@
 """Exception types.  Every error a user can cause is a :class:`TokoptError`.
 
 The CLI turns a ``TokoptError`` into a one-line message and its ``exit_code``;
-anything else is a bug in tokopt (or a plugin) and keeps its traceback.
+anything else is a bug in tokopt (or a plugin) and keeps its traceback.  Readers and
+writers of files meet the user's data and machine, so their failures are translated into
+:class:`InputFileError` / :class:`OutputLocationError` at one boundary
+(:mod:`tokopt.io_boundary`).  An interrupt (SIGINT/SIGTERM) is :class:`Interrupted`, not a
+``TokoptError``: it must unwind through every ``except TokoptError`` and clean up on its way.
 """
 
 from __future__ import annotations
@@ -97,3 +101,29 @@ class PassContractError(PluginError):
 
     The message names the pass and the plugin that provides it (exit code 5, like every plugin failure).
     """
+
+
+class InputFileError(ModelSourceError):
+    """A file tokopt reads is missing, unreadable, truncated or corrupt; the message names it and what to do."""
+
+
+class OutputLocationError(TokoptError):
+    """OUT cannot be written there: a missing or unwritable parent, a file in the way, no space left."""
+
+
+class SettingError(UsageError):
+    """A ``TOKOPT_*`` environment variable holds a value tokopt cannot use; the message names it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwind (cleaning up) and exit ``128 + signal`` (130 / 143).
+
+    A ``KeyboardInterrupt``, not a :class:`TokoptError`, so no ``except TokoptError`` (or
+    ``except Exception``) on the way up can swallow it; ``subprocess.run`` kills its child on it.
+    """
+
+    def __init__(self, signum: int, name: str) -> None:
+        self.signum = signum
+        self.signal_name = name
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {name}")

@@ -24,7 +24,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokopt.errors import ModelSourceError, OutputExistsError
+from tokopt.errors import ModelSourceError, OutputExistsError, OutputLocationError
+from tokopt.io_boundary import make_parents, output_failure, probe_output_location, reading, remove_empty
 
 if TYPE_CHECKING:
     from tokopt.backends.base import Session
@@ -77,10 +78,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     file = Path(path) / MANIFEST_FILE
     if not file.is_file():
         raise ModelSourceError(f"{path} is not a tokopt artifact (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{file} is not valid JSON: {exc}") from None
+    with reading(file, "artifact manifest", "re-create the artifact with tokopt optimize"):
+        manifest = json.loads(file.read_text(encoding="utf-8"))
     if not isinstance(manifest, dict) or "backend" not in manifest:
         raise ModelSourceError(f"{file} does not name the backend that wrote it")
     if manifest.get("format_version") != ARTIFACT_FORMAT_VERSION:
@@ -94,11 +93,14 @@ def load_artifact(path: str | Path, **options: Any) -> Session:
     from tokopt.backends.registry import get_backend
 
     manifest = read_manifest(path)
-    return get_backend(manifest["backend"]).load(Path(path), **options)
+    backend = get_backend(manifest["backend"])
+    with reading(path, f"{manifest['backend']} artifact", "re-create it with tokopt optimize"):
+        return backend.load(Path(path), **options)
 
 
 def check_output(out: Path, force: bool, empty_ok: bool = False) -> None:
-    """Refuse an existing ``out`` (unless ``force``, or ``empty_ok`` and it is an empty directory), before any work."""
+    """Refuse an existing ``out`` (unless ``force``, or ``empty_ok`` and it is an empty directory), and a location
+    where it could not be created, before any work."""
     if out.exists() or out.is_symlink():
         if empty_ok and out.is_dir() and not any(out.iterdir()):
             return
@@ -106,8 +108,7 @@ def check_output(out: Path, force: bool, empty_ok: bool = False) -> None:
             raise OutputExistsError(f"{out} exists; choose another -o/--out or pass --force to replace it")
         if not out.is_dir():
             raise OutputExistsError(f"{out} exists and is not a directory; remove it or choose another -o/--out")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise OutputExistsError(f"{out.parent} is not a directory; choose another -o/--out")
+    probe_output_location(out)
 
 
 @contextlib.contextmanager
@@ -117,22 +118,54 @@ def atomic_directory(out: str | Path, force: bool = False, empty_ok: bool = Fals
     A build system reading ``out`` must never see half a result: the temporary directory lives
     next to ``out`` (same filesystem, so the final rename is atomic).  An existing ``out`` is
     refused (see :func:`check_output`); with ``force`` it is replaced only once the new one is complete.
+    Parents it had to create go too when it fails, and a failure to write (no space, read-only,
+    permissions) is an :class:`~tokopt.errors.OutputLocationError`.  Two runs finishing on the
+    same ``out`` take turns (a lock on its parent): one wins whole, the other fails cleanly.
     """
     out = Path(out)
     check_output(out, force, empty_ok)
-    out.parent.mkdir(parents=True, exist_ok=True)  # like `mkdir -p`; OUT itself appears only when complete
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = make_parents(out.parent)  # like `mkdir -p`; OUT itself appears only when complete
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        remove_empty(created)
+        raise output_failure(exc, out) or OutputLocationError(
+            f"cannot create a directory beside {out} ({exc}); choose another -o") from None
     try:
         yield tmp
-        _commit(tmp, out, force, empty_ok)
-    except BaseException:
+        with _parent_locked(out):
+            _commit(tmp, out, force, empty_ok)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
+        failure = output_failure(exc, out) if isinstance(exc, Exception) else None
+        if failure is not None and failure is not exc:
+            raise failure from exc
         raise
+
+
+@contextlib.contextmanager
+def _parent_locked(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``out``'s parent directory (nothing is created for it), where supported."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the rename's own atomicity is all there is
+        yield
+        return
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _commit(tmp: Path, out: Path, force: bool, empty_ok: bool) -> None:
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; an output directory is normally shared
     if out.exists():
+        if not force and not (empty_ok and out.is_dir() and not any(out.iterdir())):
+            raise OutputExistsError(f"{out} was written by another run while this one worked; this run's result was "
+                                    "discarded (choose another -o/--out, or --force to replace it)")
         check_output(out, force, empty_ok)
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, trash / out.name)

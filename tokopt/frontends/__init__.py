@@ -12,7 +12,7 @@ import logging
 import re
 from pathlib import Path
 
-from tokopt.errors import ModelSourceError
+from tokopt.errors import InputFileError, ModelSourceError, VerificationError
 from tokopt.frontends.gguf import gguf_to_hf_directory
 from tokopt.frontends.hf import load_hf_directory, supported_architectures
 from tokopt.optimizer.ir.graph import Graph
@@ -76,12 +76,19 @@ def load_model(source: str | Path) -> Graph:
     model_dir = resolve_source(str(source))
     from tokopt.frontends.onnx import is_onnx_directory, load_onnx
 
-    if model_dir.suffix == ".onnx" or is_onnx_directory(model_dir):
-        graph = load_onnx(model_dir)
-    else:
-        graph = load_hf_directory(model_dir)
+    onnx = model_dir.suffix == ".onnx" or is_onnx_directory(model_dir)
+    graph = load_onnx(model_dir) if onnx else load_hf_directory(model_dir)
     graph.meta.source = str(source)
-    verify(graph, stage=graph.history[-1])
+    try:
+        verify(graph, stage=graph.history[-1])
+    except VerificationError as exc:
+        if onnx:
+            raise
+        # A Hugging Face config whose numbers contradict the tensors builds an inconsistent graph: the user's files.
+        raise InputFileError(
+            f"{model_dir / 'config.json'}: its values do not fit the checkpoint's tensors "
+            f"({'; '.join(exc.problems[:3])}); restore config.json from the model's source (if it is intact, "
+            f"this is a bug in {exc.stage}: please report it)") from exc
     log.info("loaded %s: %d nodes, %d parameters tensors", source, len(graph), len(graph.params))
     return graph
 

@@ -26,6 +26,8 @@ def make_progress(enabled: bool | None = None) -> Callable[..., Any]:
 
 
 def config_of(cls: type, section: dict[str, Any] | None, overrides: dict[str, Any] | None, what: str) -> Any:
+    if section is not None and not isinstance(section, dict):
+        raise RecipeError(f"{what}: expected a mapping of key: value, got {type(section).__name__}")
     values = {**(section or {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - names)

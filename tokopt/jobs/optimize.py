@@ -29,6 +29,7 @@ from tokopt.errors import BackendRefusalError, BackendUnavailableError, GateErro
 from tokopt.jobs.common import config_of, load_model, make_progress
 from tokopt.measure.agreement import disagreements
 from tokopt.measure.gates import GateResult, Gates, check_gates
+from tokopt.measure.machine import bandwidth_override
 from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
 from tokopt.measure.speed import SpeedConfig, measure_artifact_speed, measure_speed
 from tokopt.optimizer.corpus import resolve_texts, tokenizer_for
@@ -96,7 +97,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     rec = load_recipe(recipe) if recipe else {}
     if passes is not None and rec.get("passes"):
         raise UsageError("the pipeline is given twice (--passes and the recipe's 'passes'); use one of them")
-    specs = parse_passes(passes) if passes is not None else recipe_passes(rec.get("passes"), str(recipe))
+    specs = parse_passes(passes) if passes is not None else recipe_passes(rec.get("passes"), f"recipe {recipe}")
     gates = (gates or Gates()).merged(rec.get("gates"))
     eval_config: EvalConfig = config_of(EvalConfig, rec.get("eval"), eval_options, "eval options")
     speed_config: SpeedConfig = config_of(SpeedConfig, rec.get("speed"), speed_options, "speed options")
@@ -110,6 +111,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     out_path = Path(out).expanduser().resolve() if out is not None else None
     if out_path is not None and not dry_run:
         check_output(out_path, force)
+    bandwidth_override()  # a bad $TOKOPT_MEMORY_BANDWIDTH fails now, not after the measurements
 
     pass_objs = resolve(specs)  # unknown passes/options fail here, before anything is loaded
     check_moves(pass_objs)

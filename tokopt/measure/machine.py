@@ -19,6 +19,8 @@ import time
 from functools import lru_cache
 from typing import Any
 
+from tokopt.io_boundary import env_float
+
 log = logging.getLogger(__name__)
 
 ENV_OVERRIDE = "TOKOPT_MEMORY_BANDWIDTH"
@@ -96,24 +98,30 @@ def _cache_file():
     return cache_dir() / "machine.json"
 
 
+def bandwidth_override() -> float | None:
+    """``$TOKOPT_MEMORY_BANDWIDTH`` in bytes/s (None: unset); a value that is not a positive number is refused."""
+    return env_float(ENV_OVERRIDE)
+
+
 @lru_cache(maxsize=1)
 def memory_bandwidth(refresh: bool = False) -> dict[str, Any]:
     """``{"bytes_per_s", "source"}``: the env override, the cached measurement, or a new one."""
-    override = os.environ.get(ENV_OVERRIDE)
-    if override:
-        return {"bytes_per_s": float(override), "source": f"${ENV_OVERRIDE}"}
+    override = bandwidth_override()
+    if override is not None:
+        return {"bytes_per_s": override, "source": f"${ENV_OVERRIDE}"}
     info = machine_info()
     key = _fingerprint(info)
     path = _cache_file()
     cached: dict[str, Any] = {}
     if path.exists() and not refresh:
-        try:
+        try:  # a damaged cache is measured again, never an error
             cached = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            hit = cached.get(key)
+            if hit is not None:
+                return {"bytes_per_s": float(hit["bytes_per_s"]), "source": f"measured {hit['when']} "
+                                                                            f"(cached in {path})"}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             cached = {}
-        if key in cached:
-            return {"bytes_per_s": float(cached[key]["bytes_per_s"]), "source": f"measured {cached[key]['when']} "
-                                                                                f"(cached in {path})"}
     bandwidth = measure_bandwidth()
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     cached[key] = {"bytes_per_s": bandwidth, "when": when}
@@ -136,4 +144,5 @@ def describe_machine() -> dict[str, Any]:
     return info
 
 
-__all__ = ["machine_info", "measure_bandwidth", "memory_bandwidth", "describe_machine", "ENV_OVERRIDE"]
+__all__ = ["machine_info", "measure_bandwidth", "bandwidth_override", "memory_bandwidth", "describe_machine",
+           "ENV_OVERRIDE"]

@@ -62,7 +62,7 @@ def build_eval_data(text: TextSource, config: EvalConfig, tokenizer, vocab_size:
                     with_long: bool = False) -> EvalData:
     """Fixed evaluation batches (and long-context ones when ``with_long``) for one tokenizer."""
     ids = tokenize(text, tokenizer, vocab_size)
-    tokens = fixed_batches(ids, config.sequences, config.seq_len, "evaluation")
+    tokens = fixed_batches(ids, config.sequences, config.seq_len, f"evaluation text {text.name}")
     data = EvalData(tokens, config.batch_size, {**text.describe(), "tokens_available": int(ids.numel()),
                                                "sequences": config.sequences, "seq_len": config.seq_len})
     data.long_source_ids = ids
@@ -75,7 +75,7 @@ def ensure_long(data: EvalData, config: EvalConfig) -> None:
     if data.long_tokens is None:
         assert data.long_source_ids is not None
         data.long_tokens = fixed_batches(data.long_source_ids, config.long_sequences, config.long_context,
-                                         "long-context evaluation")
+                                         "long-context evaluation text")
         data.source["long_context"] = config.long_context
         data.source["long_sequences"] = config.long_sequences
 
@@ -84,7 +84,7 @@ def build_calibration(text: TextSource, config: EvalConfig, tokenizer, vocab_siz
                       ) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Calibration batches, one (1, calib_seq_len) tensor per sequence, and their description."""
     ids = tokenize(text, tokenizer, vocab_size)
-    tokens = fixed_batches(ids, config.calib_sequences, config.calib_seq_len, "calibration")
+    tokens = fixed_batches(ids, config.calib_sequences, config.calib_seq_len, f"calibration text {text.name}")
     return list(tokens.split(1)), {**text.describe(), "tokens_available": int(ids.numel()),
                                    "sequences": config.calib_sequences, "seq_len": config.calib_seq_len}
 

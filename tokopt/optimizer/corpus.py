@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokopt.errors import CorpusError, ModelSourceError
+from tokopt.io_boundary import reading
 
 if TYPE_CHECKING:
     import torch
@@ -167,10 +168,9 @@ def load_tokenizer(graph: Graph):
     path = graph.meta.tokenizer_path
     if not path:
         raise ModelSourceError(f"{graph.meta.source} carries no tokenizer; pass token ids instead")
-    try:
+    with reading(path, "tokenizer (tokenizer.json, tokenizer_config.json, …)",
+                 "restore the tokenizer files from the model's source"):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise ModelSourceError(f"cannot load the tokenizer from {path}: {exc}") from None
 
 
 def tokenize(text: TextSource, tokenizer, vocab_size: int) -> torch.Tensor:
@@ -185,7 +185,12 @@ def tokenize(text: TextSource, tokenizer, vocab_size: int) -> torch.Tensor:
         log.warning("no tokenizer: evaluating on UTF-8 bytes modulo the vocabulary (%d)", vocab_size)
         data = torch.frombuffer(bytearray(text.text.encode("utf-8")), dtype=torch.uint8).long()
         return data % vocab_size
-    return tokenize_with(tokenizer, text.text)
+    ids = tokenize_with(tokenizer, text.text)
+    if text.text.strip() and ids.numel() == 0:
+        raise CorpusError(f"the tokenizer in {tokenizer.name_or_path} turns the {len(text.text):,} characters of "
+                          f"{text.name} into no tokens: its vocabulary cannot spell them (damaged, or made for "
+                          "another language); give --eval-text/--calib-text it can encode, or repair the tokenizer")
+    return ids
 
 
 def tokenize_with(tokenizer, text: str) -> torch.Tensor:
@@ -205,7 +210,7 @@ def fixed_batches(ids: torch.Tensor, sequences: int, seq_len: int, what: str, of
     """The first ``sequences`` × ``seq_len`` tokens after ``offset`` as a (sequences, seq_len) tensor."""
     need = offset + sequences * seq_len
     if ids.numel() < need:
-        raise CorpusError(f"{what} text has {ids.numel():,} tokens, {need:,} are needed "
+        raise CorpusError(f"{what} has {ids.numel():,} tokens, {need:,} are needed "
                           f"({sequences} × {seq_len}{f' after {offset:,}' if offset else ''}); "
                           "give a longer text file or fewer/shorter sequences")
     return ids[offset:need].reshape(sequences, seq_len).clone()

@@ -41,9 +41,9 @@ class PassSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_passes(text: str | None, known: Collection[str]) -> list[PassSpec]:
+def parse_passes(text: str | None, known: Collection[str], where: str = "--passes") -> list[PassSpec]:
     """Parse the ``--passes`` syntax into specs; ``known`` tells bare pass names from typos (names are
-    checked again when resolving)."""
+    checked again when resolving); ``where`` names the text's origin in errors (a recipe's entry)."""
     specs: list[PassSpec] = []
     for raw in (text or "").split(","):
         token = raw.strip()
@@ -53,31 +53,31 @@ def parse_passes(text: str | None, known: Collection[str]) -> list[PassSpec]:
         if colon >= 0 and (equals < 0 or colon < equals):  # "name:" or "name:key=val"
             name, rest = token[:colon].strip(), token[colon + 1:].strip()
             if not name:
-                raise RecipeError(f"--passes: {token!r} has no pass name before ':'")
+                raise RecipeError(f"{where}: {token!r} has no pass name before ':'")
             specs.append(PassSpec(name))
             if rest:
-                _set_option(specs[-1], rest, token)
+                _set_option(specs[-1], rest, token, where)
         elif equals >= 0:  # "key=val" for the current pass
             if not specs:
-                raise RecipeError(f"--passes: option {token!r} comes before any pass name; "
+                raise RecipeError(f"{where}: option {token!r} comes before any pass name; "
                                   "write it as name:key=val")
-            _set_option(specs[-1], token, token)
+            _set_option(specs[-1], token, token, where)
         elif token in known:  # a bare pass name
             specs.append(PassSpec(token))
         else:
             last = f"; if it is an option of {specs[-1].name}, write key=value" if specs else ""
-            raise RecipeError(f"--passes: {token!r} is neither a known pass nor key=value{last}. "
+            raise RecipeError(f"{where}: {token!r} is neither a known pass nor key=value{last}. "
                               f"Known passes: {', '.join(sorted(known)) or 'none'}")
     return specs
 
 
-def _set_option(spec: PassSpec, text: str, token: str) -> None:
+def _set_option(spec: PassSpec, text: str, token: str, where: str) -> None:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RecipeError(f"--passes: {token!r}: expected key=value after the pass name")
+        raise RecipeError(f"{where}: {token!r}: expected key=value after the pass name")
     if key in spec.options:
-        raise RecipeError(f"--passes: {spec.name}: option {key} is given twice")
+        raise RecipeError(f"{where}: {spec.name}: option {key} is given twice")
     spec.options[key] = value.strip()
 
 
@@ -86,7 +86,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe {p}: {exc}") from None
     try:
         if p.suffix.lower() == ".toml":
@@ -109,7 +109,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - set(RECIPE_KEYS))
     if unknown:
         raise RecipeError(f"recipe {p}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(RECIPE_KEYS)}")
-    if int(data.get("version", RECIPE_VERSION)) != RECIPE_VERSION:
+    if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
         raise RecipeError(f"recipe {p}: version {data['version']} is not supported (this tokopt reads version "
                           f"{RECIPE_VERSION})")
     return data
@@ -124,7 +124,7 @@ def recipe_passes(entries: Any, known: Collection[str], where: str = "recipe") -
     specs: list[PassSpec] = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
-            specs.extend(parse_passes(entry, known))
+            specs.extend(parse_passes(entry, known, f"{where}: passes[{i}]"))
         elif isinstance(entry, dict) and "name" in entry:
             extra = sorted(set(entry) - {"name", "options"})
             if extra:

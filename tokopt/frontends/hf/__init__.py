@@ -11,11 +11,12 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
+from tokopt.errors import InputFileError, ModelSourceError, UnsupportedArchitectureError
 from tokopt.frontends.checkpoint import read_checkpoint
 from tokopt.frontends.hf import gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3
 from tokopt.frontends.hf.builder import HFSource
 from tokopt.frontends.hf.plugin_builder import PluginBuilder
+from tokopt.io_boundary import reading
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.plugins import plugin_names, reserve_builtin_names
 
@@ -52,14 +53,20 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise ModelSourceError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{path} is not valid JSON: {exc}") from None
+    with reading(path, "config.json", "restore it from the model's source"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise InputFileError(f"{path} does not hold a JSON object; restore it from the model's source")
+    return config
 
 
 def load_hf_directory(model_dir: Path) -> Graph:
-    """Build the IR for the checkpoint in ``model_dir``."""
+    """Build the IR for the checkpoint in ``model_dir``.
+
+    A config whose values contradict each other or the tensors (a head count of zero, a shape
+    that does not divide) fails in transformers or in the builder with whatever type they raise;
+    it is the user's checkpoint, so it becomes one line naming it (``-vv`` shows the traceback).
+    """
     config_dict = read_config(model_dir)
     model_type = config_dict.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -69,6 +76,9 @@ def load_hf_directory(model_dir: Path) -> Graph:
             f"architecture {model_type!r} is not supported; supported: {', '.join(supported_architectures())}")
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    with reading(model_dir / "config.json", "config.json", "restore it from the model's source"):
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
     src = HFSource(model_dir, config, config_dict, read_checkpoint(model_dir))
-    return ARCHITECTURES[model_type](src)
+    with reading(model_dir, f"{model_type} checkpoint (config.json and tensors disagree)",
+                 "restore the directory from the model's source"):
+        return ARCHITECTURES[model_type](src)

@@ -23,9 +23,11 @@ import json
 import logging
 from pathlib import Path
 
-from tokopt.errors import ModelSourceError
+from tokopt.errors import InputFileError, ModelSourceError
 from tokopt.frontends.onnx.hf_export import from_hf_export
+from tokopt.frontends.onnx.store import check_initializers
 from tokopt.frontends.onnx.tokopt_artifact import from_tokopt
+from tokopt.io_boundary import describe, reading
 from tokopt.optimizer.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,14 @@ def is_onnx_directory(path: Path) -> bool:
 
 
 def load_onnx(path: str | Path) -> Graph:
-    """Read an ONNX decoder (file, or directory holding ``model.onnx``) into a Graph."""
+    """Read an ONNX decoder (file, or directory holding ``model.onnx``) into a Graph.
+
+    Every initializer is checked against its bytes first — embedded or in external-data files,
+    which must exist, stay inside the model's directory and be long enough — because the tensors
+    are read lazily: a short file would otherwise fail deep inside a pass.  A protobuf cut at a
+    field boundary parses as a smaller, valid message, so whatever the importers then trip over
+    is reported as this file's problem too.
+    """
     import onnx
 
     path = Path(path)
@@ -48,11 +57,11 @@ def load_onnx(path: str | Path) -> Graph:
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf errors are many; all mean "not an ONNX file"
-        raise ModelSourceError(f"{model_path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "tokopt.graph" in meta:
-        return from_tokopt(model, json.loads(meta["tokopt.graph"]), model_path)
-    return from_hf_export(model, model_path)
-
-
-__all__ = ["is_onnx_directory", "load_onnx"]
+        raise InputFileError(f"{model_path} is not a readable ONNX model ({describe(exc)}); it may be truncated or "
+                             "corrupt: re-export it") from None
+    check_initializers(model, model_path)
+    with reading(model_path, "ONNX model", "re-export it"):
+        meta = {p.key: p.value for p in model.metadata_props}
+        if "tokopt.graph" in meta:
+            return from_tokopt(model, json.loads(meta["tokopt.graph"]), model_path)
+        return from_hf_export(model, model_path)

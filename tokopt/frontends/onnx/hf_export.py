@@ -7,9 +7,11 @@ rebuilds the IR; onnxruntime-genai model builder output is handed to :mod:`.gena
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -125,16 +127,22 @@ def from_hf_export(model, model_path: Path) -> Graph:
     if not tensors:
         raise UnsupportedArchitectureError(f"{model_path}: no parameter of a Hugging Face decoder was recognised")
     work = Path(tempfile.mkdtemp(prefix="tokopt-onnx-"))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "model.safetensors"))
-    (work / "config.json").write_text(json.dumps(config))
-    for f in model_path.parent.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")):
-            (work / f.name).write_bytes(f.read_bytes())
     try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "model.safetensors"))
+        (work / "config.json").write_text(json.dumps(config))
+        for f in model_path.parent.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "generation_config")):
+                (work / f.name).write_bytes(f.read_bytes())
         graph = load_hf_directory(work)
     except ModelSourceError as exc:
+        shutil.rmtree(work, ignore_errors=True)
         raise UnsupportedArchitectureError(
             f"{model_path}: the export's weights do not form a {config.get('model_type')} checkpoint: {exc}") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    # The lazy tensors (and the graphs passes derive from them) read it until the process ends.
+    atexit.register(shutil.rmtree, work, True)
     graph.meta.source = str(model_path)
     graph.history = [h.replace("frontend:hf", "frontend:onnx:hf-export") for h in graph.history]
     log.info("imported %s: %d tensors recovered from the ONNX export", model_path, len(tensors))

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from tokopt.errors import InputFileError
 from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, pack_codes
 
 
@@ -34,6 +35,50 @@ class InitializerStore:
             dtype = str(helper.tensor_dtype_to_np_dtype(tensor.data_type))
             self._lazy[name] = LazyTensor(shape_of(tensor), dtype, lambda: self.load(name))
         return self._lazy[name]
+
+
+def check_initializers(model, model_path: Path) -> None:
+    """Each initializer's bytes exist and match its shape and type (external data: file, bounds, length)."""
+    from onnx import TensorProto, helper
+
+    base = model_path.parent.resolve()
+    sizes: dict[Path, int] = {}
+    for tensor in model.graph.initializer:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise InputFileError(f"{model_path}: initializer {tensor.name!r} has unknown data type {tensor.data_type}; "
+                                 "the file is corrupt: re-export it") from None
+        count = 1
+        for d in tensor.dims:
+            count *= int(d)
+        packed = tensor.data_type in (TensorProto.INT4, TensorProto.UINT4)
+        need = (count + 1) // 2 if packed else count * itemsize
+        if tensor.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            where = f"{model_path}: initializer {tensor.name!r}"
+            location = info.get("location", "")
+            file = (base / location).resolve()
+            if not location or not file.is_relative_to(base):
+                raise InputFileError(f"{where}: external data location {location!r} is not a file beside the model; "
+                                     "the model is corrupt: re-export it")
+            if file not in sizes:
+                if not file.is_file():
+                    raise InputFileError(f"{where}: its external-data file {file} is missing; copy it beside "
+                                         f"{model_path.name} (ONNX models with external data are several files)")
+                sizes[file] = file.stat().st_size
+            try:
+                offset, length = int(info.get("offset", 0)), int(info.get("length", need))
+            except ValueError:
+                raise InputFileError(f"{where}: external data offset/length are not numbers; re-export the "
+                                     "model") from None
+            if length != need or offset < 0 or offset + length > sizes[file]:
+                raise InputFileError(f"{where} needs bytes {offset:,}..{offset + need:,} of {file.name}, which has "
+                                     f"{sizes[file]:,}; the file is truncated or does not belong to this model: "
+                                     "copy it again")
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) != need:
+            raise InputFileError(f"{model_path}: initializer {tensor.name!r} holds {len(tensor.raw_data):,} bytes, "
+                                 f"its shape needs {need:,}; the file is corrupt: re-export it")
 
 
 def shape_of(tensor) -> tuple[int, ...]:

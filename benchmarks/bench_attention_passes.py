@@ -140,7 +140,7 @@ def _decode_seconds(graph, prompt: int, steps: int) -> float:
 @pytest.mark.parametrize("prompt", [512])
 def test_decode_speed_by_cache_config(smollm2, prompt, benchmark):
     """Decode seconds per token after a ``prompt``-token prefill, per cache configuration, as ratios to dynamic."""
-    from tokopt.passes.attention.kv_memory import reserved_kv_bytes
+    from tokopt.optimizer.ir.kv_memory import reserved_kv_bytes
 
     configs = {
         "dynamic (default)": smollm2,
@@ -161,6 +161,43 @@ def test_decode_speed_by_cache_config(smollm2, prompt, benchmark):
               f"reserved KV for lengths {lengths}: {reserved:7.1f} MiB")
         benchmark.extra_info[label] = {"tok_s": 1 / secs, "speedup_vs_dynamic": base / secs,
                                        "reserved_kv_mib_mixed_batch": reserved}
+
+
+MIXED_LENGTHS = [37, 180, 512, 900, 2048, 64, 333, 1200]
+
+
+def test_reserved_kv_measured(smollm2):
+    """KV memory a batch of 8 mixed-length sequences holds, per storage: measured off the reference session's
+    caches (``kv_nbytes``) beside the IR's analytic figure.  A dynamic or static cache holds the batch as one
+    tensor padded to the longest sequence (prefilled as 8 × the longest); paged storage allocates each
+    sequence's own pages (prefilled one by one).  ``-k reserved``; ~5 minutes on 2 cores."""
+    from tokopt.optimizer.interpret import ReferenceExecutor
+    from tokopt.optimizer.ir.kv_memory import reserved_kv_bytes
+
+    configs = {
+        "dynamic (default)": smollm2,
+        "static max_len=4096": _run("kv-layout", smollm2, storage="static", max_len=4096).graph,
+        "paged block=16": _run("kv-layout", smollm2, storage="paged", block_size=16).graph,
+    }
+    longest = max(MIXED_LENGTHS)
+    ids = torch.arange(longest)[None] % 1000 + 100
+    print(f"\nKV memory for 8 sequences of {MIXED_LENGTHS} tokens (SmolLM2-135M, reference session):")
+    for label, graph in configs.items():
+        ex = ReferenceExecutor(graph)
+        if label.startswith("paged"):
+            measured = 0
+            for length in MIXED_LENGTHS:
+                cache = ex.new_cache()
+                ex.forward(ids[:, :length], cache)
+                measured += ex.kv_nbytes(cache)
+        else:
+            cache = ex.new_cache(len(MIXED_LENGTHS))
+            for start in range(0, longest, 256):  # in chunks: a whole 8 × 2,048 prefill's scores fill the RAM
+                ex.forward(ids[:, start:start + 256].expand(len(MIXED_LENGTHS), -1), cache)
+            measured = ex.kv_nbytes(cache)
+        analytic = reserved_kv_bytes(graph, MIXED_LENGTHS)
+        print(f"  {label:<22} measured {measured / 2**20:7.1f} MiB   analytic {analytic / 2**20:7.1f} MiB")
+        assert abs(measured / analytic - 1) <= 0.10, (label, measured, analytic)
 
 
 def _streaming_positions_attention(node, ins, ctx):

@@ -10,8 +10,10 @@ without leaving onnxruntime memory.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,22 @@ class OrtKVCache:
     seen: int = 0
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    onnxruntime folds the artifact's constant subgraphs (the int8 weights' nibble planes, blocks
+    repeating per-channel scales) when the session loads; the intermediates are freed, but glibc
+    keeps the pages, so SmolLM2 int8 held 1.5 GiB resident for a 0.18 GiB model (0.24 GiB after
+    the trim, measured with psutil after ``InferenceSession``).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to trim this way
+        log.debug("malloc_trim is not available")
+
+
 def _genai_config(model_path: Path) -> dict[str, Any]:
     path = model_path.parent / "genai_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -60,6 +78,7 @@ class OnnxRuntimeSession(GreedyGeneration):
             opts.add_session_config_entry(key, str(value))
         self.ort = ort
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        release_freed_memory()
         meta = self.session.get_modelmeta().custom_metadata_map
         if "tokopt.lowering" in meta:
             lowering = json.loads(meta["tokopt.lowering"])

@@ -24,6 +24,20 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+_received: list[Interrupted] = []  # the signal that arrived inside the current block, if one did
+
+
+def interrupted() -> Interrupted | None:
+    """The interrupt that arrived inside :func:`unwinding_on_signals`, even one a library swallowed; else None."""
+    return _received[0] if _received else None
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt that arrived (and was swallowed on its way up), if one did."""
+    received = interrupted()
+    if received is not None:
+        raise Interrupted(received.signum, received.signal_name)
+
 
 @contextlib.contextmanager
 def unwinding_on_signals() -> Iterator[None]:
@@ -32,23 +46,29 @@ def unwinding_on_signals() -> Iterator[None]:
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    fired = False
+    _received.clear()
 
     def handler(signum: int, frame: Any) -> None:
-        nonlocal fired
-        if fired:
+        if _received:
             log.warning("%s while stopping: still cleaning up", signal.Signals(signum).name)
             return
-        fired = True
+        _received.append(Interrupted(signum, signal.Signals(signum).name))
         raise Interrupted(signum, signal.Signals(signum).name)
 
     for sig in SIGNALS:
         signal.signal(sig, handler)
     try:
         yield
+    except BaseException as exc:
+        received = interrupted()
+        if received is None or isinstance(exc, Interrupted):
+            raise
+        log.debug("%s arrived and was turned into %r on its way up", received.signal_name, exc, exc_info=True)
+        raise Interrupted(received.signum, received.signal_name) from exc
     finally:
+        _received.clear()
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
-__all__ = ["unwinding_on_signals", "SIGNALS"]
+__all__ = ["unwinding_on_signals", "interrupted", "raise_if_interrupted", "SIGNALS"]

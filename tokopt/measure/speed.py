@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -170,16 +171,32 @@ def measure_artifact_speed(path: Path, config: SpeedConfig = SpeedConfig(), time
     A fresh process is what a deployment sees: its peak memory is the artifact's own,
     not the optimizer's (which holds several stages and the baseline distributions).
     """
-    import subprocess
-
     cmd = [sys.executable, "-m", "tokopt.measure.speed", str(path), "--config", json.dumps(config.as_dict())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    proc = _run_reaped(cmd, timeout)
     if proc.returncode != 0:
         from tokopt.errors import TokoptError
 
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise TokoptError(f"measuring the artifact at {path} failed (exit {proc.returncode}): " + " | ".join(tail))
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_reaped(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)``, but on any way out (an interrupt included) the child is killed *and reaped*.
+
+    ``subprocess.run`` kills its child on ``KeyboardInterrupt`` (which SIGINT/SIGTERM raise, see
+    :mod:`tokopt.interrupts`) but does not wait for it (``Popen.__exit__`` returns at once then),
+    so tokopt could exit while the child, holding a stage artifact, was still dying.  An
+    interrupted run must end with nothing of it left, processes included.
+    """
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
 
 
 def _main(argv: list[str]) -> int:

@@ -91,8 +91,16 @@ def guard_pass(plugin: str, what: str, doing: str, fn: Callable[[], Any]) -> Any
 
 # -- fingerprints: did a pass change the graph? --------------------------------------------------
 def _tensor_key(t: torch.Tensor) -> tuple:
-    # storage identity plus torch's in-place version counter: cheap, and an in-place edit shows
-    return (t.data_ptr(), t._version, tuple(t.shape), str(t.dtype))
+    """Storage identity plus torch's in-place version counter: cheap, and an in-place edit shows.
+
+    A tensor made under ``torch.inference_mode`` has no version counter (``t._version`` raises
+    ``RuntimeError: Inference tensors do not track version counter``), and passes make such
+    tensors: GPTQ quantizes inside the calibration runner's ``inference_mode`` (``quantize:bits=4``
+    crashed here after the pass had run).  Outside inference mode such a tensor cannot be edited
+    in place at all, so its storage identity alone stands for it.
+    """
+    version = -1 if t.is_inference() else t._version
+    return (t.data_ptr(), version, tuple(t.shape), str(t.dtype))
 
 
 def _weight_key(w: Any) -> tuple:

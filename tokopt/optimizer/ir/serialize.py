@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,33 @@ def save_graph(graph: Graph, directory: Path) -> list[str]:
     tensors: dict[str, torch.Tensor] = {}
     doc = graph_to_json(graph, tensors)
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "tokopt": "graph-weights"})
+    _sort_safetensors_metadata(directory / WEIGHTS_FILE)
     (directory / GRAPH_FILE).write_text(json.dumps(doc, indent=1, allow_nan=False))
     return [GRAPH_FILE, WEIGHTS_FILE]
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the ``__metadata__`` of the safetensors file at ``path`` in sorted key order, in place.
+
+    safetensors (Rust) keeps the metadata in a ``HashMap`` seeded at random per process, so the
+    same graph saved twice came out with ``{"format", "tokopt"}`` in either order — artifacts of
+    identical inputs differed in their header bytes.  The header is re-encoded as compactly as
+    safetensors writes it, padded to its old length (the data offsets are relative to its end, so
+    nothing else moves); should the encoding ever differ in length, the file is left as it is.
+    """
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(size)
+        header = json.loads(raw)
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or len(metadata) < 2:
+            return
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(encoded) != len(raw.rstrip(b" ")):
+            return
+        f.seek(8)
+        f.write(encoded.ljust(size, b" "))
 
 
 def _reader(path: Path) -> tuple[dict[str, LazyTensor], Any]:

@@ -15,6 +15,7 @@ half-written artifact behind and an existing directory is never silently replace
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -186,10 +187,12 @@ METADATA_SUFFIXES = (".json", ".yaml", ".yml", ".md", ".html", ".txt")
 
 
 def weight_files(path: str | Path) -> list[Path]:
-    """The artifact's files that hold the model (weights, graph, engine): all it lists but tokenizer and metadata."""
+    """The artifact's files that hold the model (weights, graph, engine): all it lists but tokenizer and metadata
+    (a chat template or a SentencePiece ``.model`` is the tokenizer's, not weight bytes)."""
     manifest = read_manifest(path)
     return [Path(path) / f for f in manifest["files"]
-            if not f.startswith(f"{TOKENIZER_DIR}/") and not f.endswith(METADATA_SUFFIXES)]
+            if not f.startswith(f"{TOKENIZER_DIR}/") and not f.endswith(METADATA_SUFFIXES)
+            and not any(fnmatch.fnmatch(Path(f).name, pattern) for pattern in TOKENIZER_PATTERNS)]
 
 
 def weight_file_bytes(path: str | Path) -> int:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import time
 
 import pytest
 from click.testing import CliRunner
+from tiny_models import save_word_tokenizer
 
 from tokopt.backends.artifact import weight_files
 from tokopt.cli import cli
@@ -55,12 +57,19 @@ def test_strict_gate_fails_on_a_mismatch_and_passes_without():
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=needs_onnxruntime)])
 def test_report_measures_the_artifact(tiny_dir, tmp_path, backend):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    save_word_tokenizer(model, json.loads((model / "config.json").read_text())["vocab_size"])
+    (model / "chat_template.jinja").write_text("{{ messages }}")  # the tokenizer's, never weight bytes
     out = tmp_path / "out"
-    result = invoke("optimize", tiny_dir, "--passes", "", "--backend", backend, "-o", out, "--json", *SMALL)
+    result = invoke("optimize", model, "--passes", "", "--backend", backend, "-o", out, "--json", *SMALL)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     (stage,) = report["stages"]
-    on_disk = sum(f.stat().st_size for f in weight_files(out))
+    assert any(out.rglob("chat_template.jinja"))  # shipped with the tokenizer, not counted as weights
+    weights = {"torch": ["weights.safetensors"], "onnxruntime": ["model.onnx", "model.onnx.data"]}[backend]
+    on_disk = sum((out / f).stat().st_size for f in weights if (out / f).exists())  # what du says of them
+    assert sorted(f.name for f in weight_files(out)) == sorted(f for f in weights if (out / f).exists())
     assert stage["metrics"]["artifact_bytes"] == on_disk > 0
     assert report["schema_version"] == 2 and isinstance(stage["mismatches"], list)
     table = (out / "report.md").read_text()

@@ -37,6 +37,7 @@ CHECKS: dict[int, tuple[str, str]] = {
     3: ("test_exit_codes", "test_exit_3_invalid_graph_from_a_pass"),
     4: ("test_exit_codes", "test_exit_4_artifact_disagrees_with_the_reference"),
     5: ("test_exit_codes", "test_exit_5_plugin_crash"),
+    70: ("test_exit_codes", "test_exit_70_internal_error"),
     130: ("test_interrupts", "test_interrupt_exits_in_one_line_and_leaves_nothing"),  # SIGINT cases
     143: ("test_interrupts", "test_interrupt_exits_in_one_line_and_leaves_nothing"),  # sigterm-speed-child
 }
@@ -194,3 +195,20 @@ def test_exit_5_plugin_crash(model, recipe, tmp_path):
     assert result.exit_code == 5, result.output
     line = _one_error_line(result)
     assert "'exit5-crash'" in line and PLUGIN in line and "ZeroDivisionError" in line and _nothing_at(out)
+
+
+def test_exit_70_internal_error(model, recipe, tmp_path, monkeypatch):
+    """A bug inside tokopt itself (here: the report writer raising) is 70, not 1 like a failed gate: the
+    traceback for the bug report, then one ``error:`` line, and nothing at OUT."""
+    import tokopt.jobs.optimize
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'stages'")
+
+    monkeypatch.setattr(tokopt.jobs.optimize, "write_reports", broken)
+    out = tmp_path / "out"
+    result = optimize(model, recipe, out, "--passes", "", "--backend", "none")
+    assert result.exit_code == 70, result.output
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" in result.stderr and lines[-1].startswith("error: internal error (AttributeError")
+    assert "bug in tokopt" in lines[-1] and _nothing_at(out)

@@ -10,6 +10,9 @@ Exit codes (stable; build systems rely on them):
 - 3: a pass or frontend produced an invalid graph (a bug in it, named in the message);
 - 4: a lowered artifact's logits disagree with the reference executor (nothing is written);
 - 5: a plugin failed to load or crashed (the message names the plugin and the pass);
+- 70: an internal error — a bug in tokopt or a library it calls, never the user's input: the
+  traceback, then one ``error:`` line; nothing is written (``EX_SOFTWARE``, so a build system
+  can tell a bug from a failed gate);
 - 130 / 143: interrupted by SIGINT / SIGTERM; everything the run had made (OUT's temporary
   sibling, stage directories, the speed-measurement child) is gone.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from typing import Any, NoReturn
 
 import click
@@ -62,11 +66,18 @@ class TokoptGroup(click.Group):
             _fail(f"{exc}; stopped, and everything this run had made was removed", exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted by SIGINT; stopped, and everything this run had made was removed", 130)
-        except OSError as exc:
-            failure = storage_failure(exc)  # no space / read-only: never tokopt's bug, wherever it was raised
-            if failure is None:
-                raise
-            _fail(str(failure), failure.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors and click's own exits: handled in main
+        except Exception as exc:  # noqa: BLE001 - the last resort: a bug, told apart from every user error
+            failure = storage_failure(exc) if isinstance(exc, OSError) else None
+            if failure is not None:  # no space / read-only: never tokopt's bug, wherever it was raised
+                _fail(str(failure), failure.exit_code)
+            traceback.print_exc()
+            _fail(f"internal error ({type(exc).__name__}: {exc}); this is a bug in tokopt, not in your input: "
+                  "please report it with the traceback above", INTERNAL_ERROR)
+
+
+INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _received: list[Interrupted] = []  # the signal that arrived inside the current block, if one did
+_deferring: list[bool] = []  # non-empty inside deferred_interrupts(): the handler records, it does not raise
 
 
 def interrupted() -> Interrupted | None:
@@ -37,6 +38,21 @@ def raise_if_interrupted() -> None:
     received = interrupted()
     if received is not None:
         raise Interrupted(received.signum, received.signal_name)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """A block no interrupt may cut in half: a signal arriving inside is raised when the block ends.
+
+    Starting a child process is such a block: an exception raised between the fork and the
+    caller holding the ``Popen`` object would leave a child nobody kills.
+    """
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+    raise_if_interrupted()
 
 
 @contextlib.contextmanager
@@ -53,7 +69,8 @@ def unwinding_on_signals() -> Iterator[None]:
             log.warning("%s while stopping: still cleaning up", signal.Signals(signum).name)
             return
         _received.append(Interrupted(signum, signal.Signals(signum).name))
-        raise Interrupted(signum, signal.Signals(signum).name)
+        if not _deferring:
+            raise Interrupted(signum, signal.Signals(signum).name)
 
     for sig in SIGNALS:
         signal.signal(sig, handler)
@@ -71,4 +88,4 @@ def unwinding_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-__all__ = ["unwinding_on_signals", "interrupted", "raise_if_interrupted", "SIGNALS"]
+__all__ = ["unwinding_on_signals", "deferred_interrupts", "interrupted", "raise_if_interrupted", "SIGNALS"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokopt.interrupts import deferred_interrupts
 from tokopt.optimizer.ir.cost import DEFAULT_CONTEXTS
 
 log = logging.getLogger(__name__)
@@ -189,13 +190,19 @@ def _run_reaped(cmd: list[str], timeout: float | None) -> subprocess.CompletedPr
     so tokopt could exit while the child, holding a stage artifact, was still dying.  An
     interrupted run must end with nothing of it left, processes included.
     """
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
-        try:
-            stdout, stderr = child.communicate(timeout=timeout)
-        except BaseException:
+    child: subprocess.Popen | None = None
+    try:
+        with deferred_interrupts():  # a signal during Popen would orphan the child it just started
+            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = child.communicate(timeout=timeout)
+    except BaseException:
+        if child is not None:
             child.kill()
             child.wait()
-            raise
+            for pipe in (child.stdout, child.stderr):
+                if pipe is not None:
+                    pipe.close()
+        raise
     return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from tokopt.backends.base import Artifact, Backend
 from tokopt.backends.capabilities import Capabilities, check_capabilities
+from tokopt.backends.onnxruntime import import_onnxruntime
 from tokopt.errors import BackendUnavailableError, ModelSourceError
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import QuantizedWeight
@@ -35,7 +36,8 @@ class OnnxRuntimeBackend(Backend):
     def availability(self) -> tuple[bool, str]:
         try:
             import onnx  # noqa: F401
-            import onnxruntime as ort
+
+            ort = import_onnxruntime()
         except ImportError as exc:
             return False, f"needs onnx and onnxruntime ({exc.name} is missing): pip install 'tokopt[onnx]'"
         return True, f"onnxruntime {ort.__version__} (CPU)"

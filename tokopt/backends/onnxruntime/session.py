@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokopt.backends.onnxruntime import import_onnxruntime
 from tokopt.errors import KVCacheFullError
 from tokopt.optimizer.interpret.decode import GreedyGeneration
 
@@ -66,7 +67,7 @@ class OnnxRuntimeSession(GreedyGeneration):
 
     def __init__(self, model_path: Path, threads: int | None = None, max_length: int | None = None,
                  **session_options: Any) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.path = Path(model_path)
         opts = ort.SessionOptions()

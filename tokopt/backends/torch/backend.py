@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from tokopt.backends.artifact import TOKENIZER_DIR, atomic_directory, copy_tokenizer, read_manifest, write_manifest
 from tokopt.backends.base import Artifact, Backend, Session
 from tokopt.backends.capabilities import Capabilities
-from tokopt.errors import ModelSourceError
+from tokopt.errors import InputFileError, ModelSourceError, VerificationError
 from tokopt.optimizer.ir.attrs import ACT_BITS, KV_LAYOUTS, KV_QUANT_DTYPES, KV_STORAGES
 from tokopt.optimizer.ir.graph import Graph
 
@@ -97,7 +97,12 @@ class TorchBackend(Backend):
             raise ModelSourceError(f"{self.name} backend: unknown load option(s) {', '.join(unknown)}; "
                                    f"valid: {', '.join(self.load_options) or 'none'}")
         graph = load_artifact_graph(path)
-        verify(graph, stage=f"artifact {path}")
+        try:
+            verify(graph, stage=f"artifact {path}")
+        except VerificationError as exc:  # verified when written: what fails now was changed or damaged since
+            raise InputFileError(f"{path}: the artifact's graph is inconsistent ({'; '.join(exc.problems[:3])}); it "
+                                 "was changed or damaged since tokopt wrote it: re-create it with tokopt optimize") \
+                from exc
         return graph
 
 

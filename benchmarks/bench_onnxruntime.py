@@ -2,11 +2,11 @@
 
 Both are int4, block 32, symmetric, with int8 activations (MatMulNBits accuracy level 4, the
 builder's CPU default) and run on onnxruntime's CPU kernels (MatMulNBits, GroupQueryAttention,
-skip-RMSNorm, GatherBlockQuantized).  tokopt's artifact is what the documented command writes::
+skip-RMSNorm, GatherBlockQuantized).  tokopt's artifact is what a user types::
 
-    tokopt optimize smollm2 --passes "quantize:bits=4,group_size=32,act_bits=8" --backend onnxruntime -o DIR
+    tokopt optimize smollm2 --passes "quantize:bits=4" --backend onnxruntime -o DIR
 
-(GPTQ weights: ``method=auto`` picks it for 4 bits).  Speed is ``tokopt bench BUILDER DIR``:
+(its defaults for 4 bits: group 32, GPTQ, and int8 activations because the target is onnxruntime).  Speed is ``tokopt bench BUILDER DIR``:
 the two measured side by side in one process, alternating round by round, same threads.
 Quality is perplexity on the project's evaluation text through each directory's own
 onnxruntime session (``tokopt eval``).
@@ -35,7 +35,7 @@ log = logging.getLogger("bench_onnxruntime")
 CACHE = Path(os.environ.get("TOKOPT_BENCH_DIR", Path.home() / ".cache" / "tokopt" / "bench_onnxruntime"))
 ROUNDS = int(os.environ.get("TOKOPT_BENCH_ROUNDS", "3"))
 DECODE_TOKENS = int(os.environ.get("TOKOPT_BENCH_DECODE", "128"))
-RECIPE = "quantize:bits=4,group_size=32,act_bits=8"
+RECIPE = "quantize:bits=4"
 
 
 def builder_int4(hf_dir: Path) -> Path:

@@ -23,6 +23,9 @@ from tokopt.passes.quant.weights import Target, planned_weight, quantize_weights
 log = logging.getLogger(__name__)
 
 GROUP_SIZES = (-1, 0, 16, 32, 64, 128, 256)
+AUTO_GROUP_SIZE = {8: -1, 4: 32}  # group_size when not given, by bits
+AUTO_ACT_BITS_BACKENDS = ("onnxruntime",)  # targets whose fast int4 kernel quantizes activations
+FLOAT32_SCALE_BACKENDS = ("onnxruntime",)  # targets that store quantization scales as float32
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
 
 
@@ -46,9 +49,10 @@ class QuantizePass(Pass):
     summary = "int8/int4 weights (RTN or GPTQ, per-channel or grouped) and an int8/int4 KV cache"
     options = (
         Option("bits", "int", 8, "Weight bits.", choices=(8, 4)),
-        Option("group_size", "int", -1,
+        Option("group_size", "int", None,
                "Input columns sharing one scale: -1 or 0 = per output channel; must divide every selected "
-               "layer's input width.", choices=GROUP_SIZES),
+               "layer's input width.  Default: per-channel for 8 bits, 32 for 4 (the block onnxruntime's and "
+               "llama.cpp's int4 kernels use; one scale per row loses far more at 4 bits).", choices=GROUP_SIZES),
         Option("symmetric", "bool", True, "Symmetric grid (no zero points) or asymmetric (uint8 zero per group)."),
         Option("method", "str", "auto",
                "rtn: round to nearest; gptq: calibrated, error-compensating; auto: rtn for 8 bits, gptq for 4.",
@@ -61,7 +65,10 @@ class QuantizePass(Pass):
         Option("lm_head", "bool", True, "Quantize the Linear that produces the logits (tied to the embedding in "
                "many models: then both share one quantized tensor)."),
         Option("embedding_bits", "int", None, "Bits for the embedding and lm_head; default: bits.", choices=(8, 4)),
-        Option("scale_dtype", "str", "float16", "Storage type of the scales.", choices=("float16", "float32")),
+        Option("scale_dtype", "str", None, "Storage type of the scales.  Default: float32 when the target is "
+               "onnxruntime (MatMulNBits reads float32 scales beside float32 activations, so the artifact stores "
+               "them so and the IR's bytes are the artifact's), float16 otherwise.",
+               choices=("float16", "float32")),
         Option("damp", "float", 0.01, "GPTQ: Hessian dampening, as a fraction of its mean diagonal.", check=_damp),
         Option("act_order", "bool", True, "GPTQ: quantize columns in order of decreasing input energy."),
         Option("calibration_samples", "int", 8, "Sequences of calibration text, when the pipeline gives none.",
@@ -70,8 +77,9 @@ class QuantizePass(Pass):
                check=at_least(1)),
         Option("act_bits", "int", None,
                "Also quantize each quantized Linear's input to int8 at run time, per block of its weight group "
-               "(w4a8/w8a8): onnxruntime's fastest CPU path (MatMulNBits accuracy_level 4). Default: float inputs.",
-               choices=(8,)),
+               "(w4a8/w8a8): onnxruntime's fastest CPU path (MatMulNBits accuracy_level 4); its quality cost is "
+               "measured like any other.  Default: 8 for 4-bit weights lowered to onnxruntime (float inputs there "
+               "cost ~2.6x decode speed), float inputs otherwise; 0: float inputs always.", choices=(0, 8)),
         Option("kv_bits", "int", None, "Quantize the KV cache to this many bits (default: leave it).",
                choices=(8, 4)),
         Option("kv_group_size", "int", None, "Head dimensions sharing one KV scale; default: the whole head "
@@ -85,11 +93,33 @@ class QuantizePass(Pass):
         if not o["weights"] and o["kv_bits"] is None:
             raise PassOptionError("quantize: weights=false and no kv_bits: nothing to do; set kv_bits=8 (or 4), "
                                   "or drop weights=false")
-        if o["act_bits"] is not None and not o["weights"]:
+        if o["act_bits"] and not o["weights"]:
             raise PassOptionError("quantize: act_bits quantizes the inputs of quantized Linears; it needs "
                                   "weights=true")
         if o["kv_bits"] is None and (o["kv_group_size"] is not None or o["kv_symmetric"] is not None):
             raise PassOptionError("quantize: kv_group_size/kv_symmetric need kv_bits (8 or 4)")
+
+    def act_bits(self, ctx: PassContext) -> int | None:
+        """The run-time activation bits: the option, or (unset) 8 for 4-bit weights on a target whose fast
+        kernel quantizes activations anyway — the IR then says so, and the report measures what it costs."""
+        o = self.opts
+        if o["act_bits"] is not None:
+            return o["act_bits"] or None
+        auto = o["weights"] and o["bits"] == 4 and ctx.backend in AUTO_ACT_BITS_BACKENDS
+        return 8 if auto else None
+
+    @property
+    def group_size(self) -> int:
+        """The option, or (unset) per-channel for 8 bits and 32 for 4 (:data:`AUTO_GROUP_SIZE`)."""
+        given = self.opts["group_size"]
+        return AUTO_GROUP_SIZE.get(self.opts["bits"], -1) if given is None else given
+
+    def scale_dtype(self, ctx: PassContext) -> str:
+        """The scales' storage type: the option, or (unset) what the target stores, so the IR's bytes are the
+        artifact's (a float16 scale widened to float32 on disk made a +13 % artifact_bytes mismatch)."""
+        if self.opts["scale_dtype"] is not None:
+            return self.opts["scale_dtype"]
+        return "float32" if ctx.backend in FLOAT32_SCALE_BACKENDS else "float16"
 
     @property
     def method(self) -> str:
@@ -142,7 +172,7 @@ class QuantizePass(Pass):
         return targets
 
     def _check_group_size(self, graph: Graph, chosen: dict[str, str]) -> None:
-        gs = self.opts["group_size"]
+        gs = self.group_size
         if gs <= 0 or not chosen:
             return
         widths = {n: weight_shape(graph.params[graph.node(n).params["weight"]])[1] for n in chosen}
@@ -181,10 +211,11 @@ class QuantizePass(Pass):
         if untie(g, targets):
             targets = self._plan(g)
         for t in targets:
-            g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, o["group_size"],
-                                               o["symmetric"])
-        if targets and o["act_bits"] is not None:
-            quantize_activations(g, targets, o["act_bits"])
+            g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, self.group_size,
+                                               o["symmetric"], self.scale_dtype(ctx))
+        act_bits = self.act_bits(ctx)
+        if targets and act_bits:
+            quantize_activations(g, targets, act_bits)
         return g
 
     # -- run ----------------------------------------------------------------------------
@@ -204,10 +235,11 @@ class QuantizePass(Pass):
             if untied:
                 notes.append(f"untied {', '.join(untied)}: only some of its users were selected")
                 targets = self._plan(g)
-            quantized = quantize_weights(g, targets, ctx, o, self.method)
+            resolved = {**o, "group_size": self.group_size, "scale_dtype": self.scale_dtype(ctx)}
+            quantized = quantize_weights(g, targets, ctx, resolved, self.method)
             after = sum(weight_nbytes(g.params[t.param]) for t in targets)
             grid = f"int{o['bits']}" + (f" (embedding/lm_head int{o['embedding_bits']})" if o["embedding_bits"] else "")
-            group = "per-channel" if o["group_size"] <= 0 else f"group {o['group_size']}"
+            group = "per-channel" if self.group_size <= 0 else f"group {self.group_size}"
             notes.append(
                 f"weights: {quantized} tensors → {grid} {group} {'sym' if o['symmetric'] else 'asym'} "
                 f"({self.method}), {before / 1e6:.1f} MB → {after / 1e6:.1f} MB in "
@@ -215,8 +247,12 @@ class QuantizePass(Pass):
             tied = [t.param for t in targets if len(t.nodes) > 1]
             if tied:
                 notes.append(f"shared tensors quantized once: {', '.join(tied)}")
-            if o["act_bits"] is not None:
-                notes.append(quantize_activations(g, targets, o["act_bits"]))
+            act_bits = self.act_bits(ctx)
+            if act_bits:
+                notes.append(quantize_activations(g, targets, act_bits))
+                if o["act_bits"] is None:
+                    notes.append(f"act_bits=8 chosen for the {ctx.backend} target (its fast int4 kernel quantizes "
+                                 "activations); act_bits=0 keeps float inputs")
         g.reinfer()
         return PassResult(g, True, notes)
 

@@ -35,14 +35,15 @@ class Target:
     calibrate: bool  # GPTQ through a Linear's inputs (False: grid fitted on the weight alone)
 
 
-def planned_weight(shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
+def planned_weight(shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool,
+                   scale_dtype: str = "float16") -> QuantizedWeight:
     """A :class:`QuantizedWeight` with the format quantization will produce and placeholder (meta) tensors."""
     out_f, in_f = shape
     gs = resolve_group_size(group_size, in_f)
     meta = {"device": "meta"}
     groups = in_f // gs
     return QuantizedWeight(torch.empty(out_f, in_f * bits // 8, dtype=torch.uint8, **meta),
-                           torch.empty(out_f, groups, **meta),
+                           torch.empty(out_f, groups, dtype=SCALE_DTYPES[scale_dtype], **meta),
                            None if symmetric else torch.empty(out_f, groups, dtype=torch.uint8, **meta),
                            bits, gs, (out_f, in_f), method="planned")
 

@@ -6,8 +6,9 @@ skip-RMSNorm, GatherBlockQuantized).  tokopt's artifact is what a user types::
 
     tokopt optimize smollm2 --passes "quantize:bits=4" --backend onnxruntime -o DIR
 
-(its defaults for 4 bits: group 32, GPTQ, and int8 activations because the target is onnxruntime).  Speed is ``tokopt bench BUILDER DIR``:
-the two measured side by side in one process, alternating round by round, same threads.
+(its defaults for 4 bits: group 32, GPTQ, and int8 activations because the target is onnxruntime).
+Speed is ``tokopt bench BUILDER DIR``: the two measured side by side in one process, alternating round
+by round, same threads.
 Quality is perplexity on the project's evaluation text through each directory's own
 onnxruntime session (``tokopt eval``).
 

@@ -338,6 +338,9 @@ def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode
         _print_bench(res, batch)
         rounds_text = ", ".join(f"{v:.1f}" for v in res["decode_tok_s_rounds"])
         click.echo(f"  decode tok/s by round  [{rounds_text}]  ({ratio:.2f}x the first)")
+    click.echo(f"peak RSS of the process, all {len(result['results'])} targets loaded: "
+               f"{_human_bytes(result['process_peak_rss_bytes'])} (one process cannot tell them apart; "
+               "each target's own peak: tokopt bench TARGET)")
 
 
 def _print_bench(result: dict[str, Any], batch: int) -> None:
@@ -349,7 +352,10 @@ def _print_bench(result: dict[str, Any], batch: int) -> None:
                  (f"decode tok/s (batch {batch})", f"{result['decode_tok_s_batch']:.1f}")]
     if "decode_tok_s_bound" in result:
         rows.append(("decode speed-of-light tok/s", f"{result['decode_tok_s_bound']:.1f}"))
-    rows.append(("peak RSS", _human_bytes(result["peak_rss_bytes"])))
+    if result.get("peak_rss_bytes") is not None:
+        rows.append(("peak RSS", _human_bytes(result["peak_rss_bytes"])))
+    if result.get("loaded_rss_bytes") is not None:
+        rows.append(("resident set grew on load", _human_bytes(result["loaded_rss_bytes"])))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"  {key:<{width}}  {value}")

@@ -9,7 +9,7 @@ from typing import Any
 from tokopt.errors import BackendUnavailableError, UsageError
 from tokopt.jobs.common import config_of, load_model
 from tokopt.jobs.targets import genai_directory, open_target
-from tokopt.measure.speed import SpeedConfig, measure_speed
+from tokopt.measure.speed import SpeedConfig, current_rss_bytes, measure_speed, peak_rss_bytes
 from tokopt.optimizer.ir.cost import static_metrics
 from tokopt.optimizer.ir.graph import Graph
 
@@ -31,6 +31,11 @@ def compare(models: list[str | Path | Graph], backend: str | None = None, *,
     Alternating, in one process, is what makes a ratio trustworthy on a shared machine:
     load drift hits every contestant alike.  Each result holds the per-round values and
     their medians; ``ratio_vs_first`` divides every median decode tok/s by the first one's.
+
+    Memory cannot be told apart in one process: with several targets, each result's
+    ``peak_rss_bytes`` is None and ``loaded_rss_bytes`` says how much the resident set grew
+    when that target was opened; ``process_peak_rss_bytes`` is the peak with all of them
+    loaded.  One target alone keeps its own ``peak_rss_bytes``.
     """
     import contextlib
     import statistics
@@ -44,22 +49,28 @@ def compare(models: list[str | Path | Graph], backend: str | None = None, *,
     config: SpeedConfig = config_of(SpeedConfig, None, speed_options, "speed options")
     machine = describe_machine()
     with contextlib.ExitStack() as stack:
-        opened = [_bench_target(m, backend, load_options, machine, stack) for m in models]
+        opened, loaded = [], []
+        for m in models:
+            before = current_rss_bytes()
+            opened.append(_bench_target(m, backend, load_options, machine, stack))
+            loaded.append(max(current_rss_bytes() - before, 0))
         runs: list[list[dict[str, Any]]] = [[] for _ in opened]
         for _ in range(rounds):
             for i, (_, session, vocab) in enumerate(opened):
                 runs[i].append(measure_speed(session, vocab, config))
+    process_peak = peak_rss_bytes()
     results = []
-    for (info, _, _), measured in zip(opened, runs, strict=True):
+    for (info, _, _), measured, grew in zip(opened, runs, loaded, strict=True):
         merged = dict(measured[-1])
         for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_batch", "decode_tok_s_batch"):
             if key in merged:
                 merged[key] = statistics.median(m[key] for m in measured)
                 merged[f"{key}_rounds"] = [m[key] for m in measured]
-        merged["peak_rss_bytes"] = max(m["peak_rss_bytes"] for m in measured)
+        merged["peak_rss_bytes"] = max(m["peak_rss_bytes"] for m in measured) if len(opened) == 1 else None
+        merged["loaded_rss_bytes"] = grew
         results.append({**info, **merged})
     first = results[0]["decode_tok_s"]
-    return {"results": results, "rounds": rounds,
+    return {"results": results, "rounds": rounds, "process_peak_rss_bytes": process_peak,
             "ratio_vs_first": [r["decode_tok_s"] / first if first else None for r in results],
             "speed_config": config.as_dict(),
             "machine": {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads", "memory_bandwidth_bytes_per_s")}}

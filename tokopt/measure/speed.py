@@ -51,6 +51,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def current_rss_bytes() -> int:
+    """This process's resident set now (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def peak_rss_bytes() -> int:
     """The resident-set high-water mark since the last reset (or since the process began)."""
     try:

@@ -3,12 +3,13 @@ and every parameter's storage, so the same nodes, attributes and bit-identical w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tokopt.errors import ModelSourceError
+from tokopt.errors import InputFileError, ModelSourceError
 from tokopt.frontends.onnx.store import InitializerStore, restore_nbits
 from tokopt.optimizer.corpus import has_tokenizer
 from tokopt.optimizer.ir.graph import Graph, ModelMeta, Value
@@ -34,11 +35,33 @@ def from_tokopt(model, desc: dict[str, Any], model_path: Path) -> Graph:
 
     for pname, entry in desc["params"].items():
         graph.params[pname] = _restore_param(entry, stored)
+        _check_shape(model_path, pname, entry, graph.params[pname], stored)
     for node in desc["nodes"]:
         inputs = [Value(n, s) for n, s in node["inputs"]]
         graph.add_node(node["op"], node["name"], inputs, node["attrs"], node["params"])
     graph.outputs = {k: Value(n, s) for k, (n, s) in desc["outputs"].items()}
     return graph
+
+
+def _check_shape(model_path: Path, pname: str, entry: dict[str, Any], param: Any, stored) -> None:
+    """The description's shape of ``pname`` must be what its initializer holds once transformed.
+
+    Checked at load, because a lazy tensor is read much later, deep in an evaluation: a damaged
+    description would surface there as a shape error in tokopt's code instead of naming the file.
+    """
+    if entry["kind"] == "nbits":
+        return
+    src = stored(entry["init"]).shape
+    cols, transform = entry.get("cols"), entry.get("transform", "")
+    if cols is not None:
+        src = (*src[:-1], cols[1] - cols[0])
+    if transform == "T":
+        src = (src[1], src[0]) if len(src) == 2 else (src[0], src[2], src[1], *src[3:])
+    fits = math.prod(src) == math.prod(param.shape) if transform == "stackedT" else tuple(src) == tuple(param.shape)
+    if not fits:
+        raise InputFileError(f"{model_path}: parameter {pname!r} is described as {tuple(param.shape)} but its "
+                             f"initializer {entry['init']!r} holds {tuple(src)}; the artifact was changed or damaged "
+                             "since tokopt wrote it: re-create it with tokopt optimize")
 
 
 def _restore_param(entry: dict[str, Any], stored) -> Any:

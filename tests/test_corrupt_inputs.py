@@ -27,7 +27,7 @@ from tiny_models import save_tiny_gguf, save_tiny_llama
 
 from tokopt.cli import cli
 
-CASES_PER_KIND = 24
+CASES_PER_KIND = 48
 SMALL = ["--eval-tokens", "1x16", "--calib-tokens", "1x16", "--speed", "off"]
 
 

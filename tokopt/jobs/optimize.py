@@ -14,10 +14,12 @@ executor in this process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,14 @@ from typing import Any
 from tokopt.backends.artifact import atomic_directory, check_output, weight_file_bytes
 from tokopt.backends.base import Backend
 from tokopt.backends.registry import backends_that_honour
-from tokopt.errors import BackendRefusalError, BackendUnavailableError, GateError, PassContractError, UsageError
+from tokopt.errors import (
+    BackendRefusalError,
+    BackendUnavailableError,
+    GateError,
+    PassContractError,
+    PassOptionError,
+    UsageError,
+)
 from tokopt.jobs.common import config_of, load_model, make_progress
 from tokopt.measure.agreement import disagreements
 from tokopt.measure.gates import GateResult, Gates, check_gates
@@ -77,6 +86,17 @@ def _model_section(graph: Graph) -> dict[str, Any]:
     return {k: info.get(k) for k in keys}
 
 
+@contextlib.contextmanager
+def _naming_recipe(recipe: str | Path | None) -> Iterator[None]:
+    """Errors in what a recipe file said name the file (the option alone does not say where it was written)."""
+    try:
+        yield
+    except (PassOptionError, UsageError) as exc:
+        if recipe is None or str(recipe) in str(exc):
+            raise
+        raise type(exc)(f"recipe {recipe}: {exc}") from None
+
+
 def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: str | Path | None = None,
              backend: str | None = None, out: str | Path | None = None, eval_text: str | Path | None = None,
              calib_text: str | Path | None = None, dry_run: bool = False, force: bool = False,
@@ -97,10 +117,11 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     rec = load_recipe(recipe) if recipe else {}
     if passes is not None and rec.get("passes"):
         raise UsageError("the pipeline is given twice (--passes and the recipe's 'passes'); use one of them")
-    specs = parse_passes(passes) if passes is not None else recipe_passes(rec.get("passes"), f"recipe {recipe}")
-    gates = (gates or Gates()).merged(rec.get("gates"))
-    eval_config: EvalConfig = config_of(EvalConfig, rec.get("eval"), eval_options, "eval options")
-    speed_config: SpeedConfig = config_of(SpeedConfig, rec.get("speed"), speed_options, "speed options")
+    with _naming_recipe(recipe):
+        specs = parse_passes(passes) if passes is not None else recipe_passes(rec.get("passes"), f"recipe {recipe}")
+        gates = (gates or Gates()).merged(rec.get("gates"))
+        eval_config: EvalConfig = config_of(EvalConfig, rec.get("eval"), eval_options, "eval options")
+        speed_config: SpeedConfig = config_of(SpeedConfig, rec.get("speed"), speed_options, "speed options")
     if speed not in SPEED_MODES:
         raise UsageError(f"speed={speed!r}; choose one of {', '.join(SPEED_MODES)}")
     backend_name = backend if backend is not None else rec.get("backend", "torch")
@@ -113,7 +134,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         check_output(out_path, force)
     bandwidth_override()  # a bad $TOKOPT_MEMORY_BANDWIDTH fails now, not after the measurements
 
-    pass_objs = resolve(specs)  # unknown passes/options fail here, before anything is loaded
+    with _naming_recipe(recipe if passes is None else None):
+        pass_objs = resolve(specs)  # unknown passes/options fail here, before anything is loaded
     check_moves(pass_objs)
     backend_obj = None
     if backend_name:

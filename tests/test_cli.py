@@ -171,7 +171,7 @@ def test_bench_several_targets_alternates_and_reports_ratios(tiny_dir, tmp_path)
     shutil.copytree(art, foreign)
     (foreign / "tokopt_artifact.json").unlink()
     result = invoke("bench", tiny_dir, str(art), str(foreign), "--prompt-len", "8", "--decode-tokens", "2",
-                    "--batch", "1", "--rounds", "2", "--json")
+                    "--batch", "1", "--rounds", "2", "--peer-decode-tokens", "3", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert [r["backend"] for r in out["results"]] == ["reference", "onnxruntime", "onnxruntime (as is)"]
@@ -180,6 +180,8 @@ def test_bench_several_targets_alternates_and_reports_ratios(tiny_dir, tmp_path)
     # one process cannot attribute its peak to one of several targets: it says so instead of repeating it
     assert all(r["peak_rss_bytes"] is None and r["loaded_rss_bytes"] >= 0 for r in out["results"])
     assert out["process_peak_rss_bytes"] > 0
+    assert all(r["decode_tok_s_peer"] > 0 and len(r["decode_tok_s_peer_rounds"]) == 2 for r in out["results"])
+    assert out["speed_config"]["peer_decode_tokens"] == 3
     assert out["ratio_vs_first"][1] == pytest.approx(out["results"][1]["decode_tok_s"] /
                                                      out["results"][0]["decode_tok_s"])
     evaluated = [json.loads(invoke("eval", str(d), "--eval-tokens", "2x16", "--json").stdout)["ppl"]

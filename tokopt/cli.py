@@ -307,13 +307,16 @@ def eval_command(model_or_artifact: str, eval_text: str | None, eval_tokens: str
 @click.option("--prompt-len", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--decode-tokens", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="The batched measurement's size.")
+@click.option("--peer-decode-tokens", type=click.IntRange(0), default=128, show_default=True,
+              help="Also measure decode the way llama.cpp, onnxruntime-genai and OpenVINO publish it: batch 1, a "
+                   "9-token prompt, this many greedy tokens (0: skip).")
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
               help="torch threads while measuring (0: torch's default, all cores).")
 @click.option("--rounds", type=click.IntRange(1), default=None,
               help="Measurements per target, alternating between targets  [default: 1 for one target, 3 for several]")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode_tokens: int, batch: int,
-          threads: int, rounds: int | None, as_json: bool) -> None:
+          peer_decode_tokens: int, threads: int, rounds: int | None, as_json: bool) -> None:
     """Prefill and decode tokens/s (batch 1 and a batch) and peak memory.
 
     Several targets are measured side by side in one process, alternating round by round,
@@ -322,7 +325,8 @@ def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode
     from tokopt.jobs.bench import bench as run_bench
     from tokopt.jobs.bench import compare
 
-    speed = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "batch_size": batch, "threads": threads}
+    speed = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "batch_size": batch, "threads": threads,
+             "peer_decode_tokens": peer_decode_tokens}
     if len(targets) == 1 and rounds in (None, 1):
         result = run_bench(targets[0], backend, speed_options=speed)
         if as_json:
@@ -350,6 +354,11 @@ def _print_bench(result: dict[str, Any], batch: int) -> None:
     if "prefill_tok_s_batch" in result:
         rows += [(f"prefill tok/s (batch {batch})", f"{result['prefill_tok_s_batch']:.1f}"),
                  (f"decode tok/s (batch {batch})", f"{result['decode_tok_s_batch']:.1f}")]
+    if "decode_tok_s_peer" in result:
+        from tokopt.measure.speed import PEER_PROMPT
+
+        rows.append((f"decode tok/s (peers' way: {PEER_PROMPT}-token prompt, batch 1)",
+                     f"{result['decode_tok_s_peer']:.1f}"))
     if "decode_tok_s_bound" in result:
         rows.append(("decode speed-of-light tok/s", f"{result['decode_tok_s_bound']:.1f}"))
     if result.get("peak_rss_bytes") is not None:

@@ -62,7 +62,7 @@ def compare(models: list[str | Path | Graph], backend: str | None = None, *,
     results = []
     for (info, _, _), measured, grew in zip(opened, runs, loaded, strict=True):
         merged = dict(measured[-1])
-        for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_batch", "decode_tok_s_batch"):
+        for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_batch", "decode_tok_s_batch", "decode_tok_s_peer"):
             if key in merged:
                 merged[key] = statistics.median(m[key] for m in measured)
                 merged[f"{key}_rounds"] = [m[key] for m in measured]

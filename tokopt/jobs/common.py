@@ -37,7 +37,7 @@ def config_of(cls: type, section: dict[str, Any] | None, overrides: dict[str, An
         config = cls(**{k: int(v) for k, v in values.items()})
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"{what}: {exc}") from None
-    may_be_zero = ("seed", "decode_tokens", "threads", "kv_context")
+    may_be_zero = ("seed", "decode_tokens", "threads", "kv_context", "peer_decode_tokens")
     bad = [f"{k}={v}" for k, v in config.as_dict().items() if v < (0 if k in may_be_zero else 1)]
     if bad:
         raise RecipeError(f"{what}: {', '.join(bad)} must be positive")

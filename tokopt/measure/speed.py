@@ -25,6 +25,7 @@ from tokopt.optimizer.ir.cost import DEFAULT_CONTEXTS
 
 log = logging.getLogger(__name__)
 
+PEER_PROMPT = 9  # tokens of the prompt in the measurement llama.cpp, onnxruntime-genai and OpenVINO publish
 KV_CHUNK = 256  # prefill chunk while measuring KV memory (bounded attention scratch, as a server would)
 
 
@@ -36,6 +37,8 @@ class SpeedConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads while measuring; 0 = torch's default (all cores)
     kv_context: int = 2048  # the session's KV memory is measured at the report's contexts up to this (0: off)
+    #: the peers' published measurement: batch 1, a PEER_PROMPT-token prompt, this many greedy tokens (0: off)
+    peer_decode_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -122,6 +125,9 @@ def _measure(session: Any, ids, config: SpeedConfig) -> dict[str, Any]:
         preb, decb = _prefill_decode(session, ids, config.decode_tokens)
         out["prefill_tok_s_batch"] = config.batch_size * config.prompt_len / preb
         out["decode_tok_s_batch"] = config.batch_size * config.decode_tokens / decb if config.decode_tokens else 0.0
+    if config.peer_decode_tokens:
+        _, dec = _prefill_decode(session, ids[:1, :PEER_PROMPT], config.peer_decode_tokens)
+        out["decode_tok_s_peer"] = config.peer_decode_tokens / dec
     out["batch_size"] = config.batch_size
     out["threads"] = torch.get_num_threads()
     out["peak_rss_bytes"] = peak_rss_bytes()

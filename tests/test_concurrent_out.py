@@ -13,21 +13,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("concurrent_model") / "llama", layers=2)
 
 
 @pytest.mark.parametrize("round_", range(2))
-def test_two_runs_on_one_out(model, tmp_path, round_):
+def test_two_runs_on_one_out(small_llama, tmp_path, round_):
     out = tmp_path / "parent" / "OUT"
-    cmd = [sys.executable, "-m", "tokopt", "optimize", str(model), "--passes", "quantize:bits=8", "--backend",
+    cmd = [sys.executable, "-m", "tokopt", "optimize", str(small_llama), "--passes", "quantize:bits=8", "--backend",
            "torch", "--eval-tokens", "1x16", "--calib-tokens", "1x16", "--speed", "off", "-o", str(out)]
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     runs = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

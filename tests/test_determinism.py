@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_models import save_tiny_llama
 
 #: Report fields that measure the machine or the moment, not the model: left out of the comparison.
 VOLATILE_KEYS = frozenset({"created", "seconds", "machine", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes",
@@ -34,11 +33,6 @@ _DURATION = re.compile(r"\bin \d+(\.\d+)? ?(s|ms|min)\b")  # "… 0.4 MB → 0.1
 
 # int8 round-to-nearest on torch; int4 on onnxruntime (``auto`` picks GPTQ for 4 bits: calibrated, nibble-packed).
 CASES = [("torch", "quantize:bits=8"), ("onnxruntime", "quantize:bits=4")]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("determinism_model") / "llama", layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +72,9 @@ def _digests(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("backend, passes", CASES, ids=[f"{b}-{p}" for b, p in CASES])
-def test_same_inputs_give_identical_figures_and_artifact_bytes(model, recipe, tmp_path, backend, passes):
-    first = _optimize(model, recipe, backend, passes, tmp_path / "a", hash_seed="1")
-    second = _optimize(model, recipe, backend, passes, tmp_path / "b", hash_seed="2")
+def test_same_inputs_give_identical_figures_and_artifact_bytes(small_llama, recipe, tmp_path, backend, passes):
+    first = _optimize(small_llama, recipe, backend, passes, tmp_path / "a", hash_seed="1")
+    second = _optimize(small_llama, recipe, backend, passes, tmp_path / "b", hash_seed="2")
 
     reports = [json.loads((out / "report.json").read_text()) for out in (first, second)]
     stage = reports[0]["stages"][-1]["metrics"]
@@ -95,7 +89,7 @@ def test_same_inputs_give_identical_figures_and_artifact_bytes(model, recipe, tm
     assert not differing, f"artifact files differ between two runs on the same inputs: {differing}"
 
 
-def test_graph_weights_header_is_the_same_bytes_every_time(model, tmp_path):
+def test_graph_weights_header_is_the_same_bytes_every_time(small_llama, tmp_path):
     """safetensors orders its metadata by a hash seeded per map; ``save_graph`` writes it sorted, so the bytes agree.
 
     In one process every save draws a new seed, so twelve saves of an unsorted header would
@@ -104,7 +98,7 @@ def test_graph_weights_header_is_the_same_bytes_every_time(model, tmp_path):
     import tokopt
     from tokopt.optimizer.ir.serialize import WEIGHTS_FILE, load_graph, save_graph
 
-    graph = tokopt.load(str(model))
+    graph = tokopt.load(str(small_llama))
     digests = set()
     for i in range(12):
         save_graph(graph, tmp_path / f"g{i}")

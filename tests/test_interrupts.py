@@ -31,15 +31,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from tiny_models import save_tiny_llama
 
 ENV_MARK = "TOKOPT_INTERRUPT_TEST_RUN"
 SPEED_CHILD = "tokopt.measure.speed"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("interrupt_model") / "llama", layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +167,10 @@ def _attempt(model: Path, recipe: Path, root: Path, sig: int, group: bool,
 
 
 @pytest.mark.parametrize("point, sig, group, marker", POINTS, ids=[p[0] for p in POINTS])
-def test_interrupt_exits_in_one_line_and_leaves_nothing(model, recipe, tmp_path, point, sig, group, marker):
+def test_interrupt_exits_in_one_line_and_leaves_nothing(small_llama, recipe, tmp_path, point, sig, group, marker):
     tries = []
     for attempt in range(ATTEMPTS):
-        run, sent = _attempt(model, recipe, tmp_path / f"attempt{attempt}", sig, group, marker)
+        run, sent = _attempt(small_llama, recipe, tmp_path / f"attempt{attempt}", sig, group, marker)
         code = run.proc.returncode
         tries.append((sent, code))
         if sent and code == 128 + sig:

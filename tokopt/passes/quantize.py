@@ -17,7 +17,7 @@ from tokopt.optimizer.ir.graph import Graph, Value
 from tokopt.optimizer.ir.weights import QuantizedWeight, weight_nbytes, weight_shape
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
 from tokopt.passes.quant.activations import quantize_activations
-from tokopt.passes.quant.kv import quantize_kv_cache
+from tokopt.passes.quant.kv import check_kv_options, quantize_kv_cache
 from tokopt.passes.quant.weights import Target, planned_weight, quantize_weights, untie
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,20 @@ class QuantizePass(Pass):
                "cost ~2.6x decode speed), float inputs otherwise; 0: float inputs always.", choices=(0, 8)),
         Option("kv_bits", "int", None, "Quantize the KV cache to this many bits (default: leave it).",
                choices=(8, 4)),
-        Option("kv_group_size", "int", None, "Head dimensions sharing one KV scale; default: the whole head "
-               "(per token, per head). Must divide head_dim.", check=at_least(1)),
-        Option("kv_symmetric", "bool", None, "Symmetric KV grid; default: true for 8 bits, false for 4."),
+        Option("kv_group_size", "int", None, "Head dimensions sharing one V scale (and one K scale with "
+               "kv_key_axis=token); default: 32 with per-channel keys (4 bits), else the whole head (per token, "
+               "per head). Must divide head_dim.", check=at_least(1)),
+        Option("kv_symmetric", "bool", None, "Symmetric KV grid; default: true for 8 bits, false for 4 (per-channel "
+               "keys are always asymmetric: scale + min)."),
+        Option("kv_key_axis", "str", None, "channel: KIVI keys, one scale + min per channel over kv_token_group "
+               "positions, the newest tokens read in full precision; token: keys per token like values.  Default: "
+               "channel for 4 bits on layers without a sliding window, token otherwise.",
+               choices=("channel", "token")),
+        Option("kv_token_group", "int", None, "Per-channel keys: positions sharing one scale (G); default 64.",
+               check=at_least(1)),
+        Option("kv_residual", "int", None, "Per-channel keys: newest tokens always read in full precision (R; "
+               "G*floor((t+1-R)/G) is the first position a query at t reads in full precision); default 0.",
+               check=at_least(0)),
     )
     moves = ("weight_bytes", "bits_per_param", "decode_tok_s_bound", "kv_bytes_per_token", "ppl")
 
@@ -96,8 +107,9 @@ class QuantizePass(Pass):
         if o["act_bits"] and not o["weights"]:
             raise PassOptionError("quantize: act_bits quantizes the inputs of quantized Linears; it needs "
                                   "weights=true")
-        if o["kv_bits"] is None and (o["kv_group_size"] is not None or o["kv_symmetric"] is not None):
-            raise PassOptionError("quantize: kv_group_size/kv_symmetric need kv_bits (8 or 4)")
+        kv_only = ("kv_group_size", "kv_symmetric", "kv_key_axis", "kv_token_group", "kv_residual")
+        if o["kv_bits"] is None and any(o[k] is not None for k in kv_only):
+            raise PassOptionError(f"quantize: {'/'.join(k for k in kv_only if o[k] is not None)} need kv_bits (8 or 4)")
 
     def act_bits(self, ctx: PassContext) -> int | None:
         """The run-time activation bits: the option, or (unset) 8 for 4-bit weights on a target whose fast
@@ -195,18 +207,14 @@ class QuantizePass(Pass):
         if o["kv_bits"] is not None:
             if not attention:
                 raise PreconditionError("quantize: kv_bits needs Attention nodes; this model has none")
-            gs = o["kv_group_size"]
-            bad = sorted({n.attrs["head_dim"] for n in attention if gs and n.attrs["head_dim"] % gs})
-            if bad:
-                raise PassOptionError(f"quantize: kv_group_size={gs} does not divide head_dim {bad[0]}; use a divisor "
-                                      f"of {bad[0]} (e.g. {bad[0] // 2}) or leave it unset for per-head scales")
+            check_kv_options(graph, o)
 
     def preview(self, graph: Graph, ctx: PassContext) -> Graph:
         """The formats this pass will store — placeholder codes on the meta device, no quantization work."""
         o = self.opts
         g = graph.copy()
         if o["kv_bits"] is not None:
-            quantize_kv_cache(g, o["kv_bits"], o["kv_symmetric"], o["kv_group_size"])
+            quantize_kv_cache(g, o)
         targets = self._plan(g)
         if untie(g, targets):
             targets = self._plan(g)
@@ -224,7 +232,7 @@ class QuantizePass(Pass):
         g = graph.copy()
         notes: list[str] = []
         if o["kv_bits"] is not None:
-            notes.append(quantize_kv_cache(g, o["kv_bits"], o["kv_symmetric"], o["kv_group_size"]))
+            notes.append(quantize_kv_cache(g, o))
         targets = self._plan(g)
         if not targets and o["kv_bits"] is None:
             return PassResult(g, False, ["no weight matched the include/exclude patterns; nothing changed"])

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from tokopt.errors import UnsupportedOpError
 from tokopt.optimizer.interpret.activations import quantize_activations
-from tokopt.optimizer.interpret.kv_quant import quantize_kv
+from tokopt.optimizer.interpret.kv_quant import kv_view
+from tokopt.optimizer.ir.attrs import kivi_quantized_below
 from tokopt.optimizer.ir.graph import Node
 
 if TYPE_CHECKING:
@@ -184,10 +185,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([xr * cos + rotated * sin, rest], dim=-1)
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, attrs: dict) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, attrs: dict,
+                   k_quantized: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean (q, k) mask: causal, then sliding window keeping the first ``sinks`` positions.
 
     A key position of ``-1`` marks a cache slot not written yet: it is never attended to.
+    ``k_quantized`` (a KIVI cache, ``kv_cache.quant.key_axis == "channel"``) marks the slots holding a
+    position's dequantized copy; the others hold its full-precision copy.  A query at ``t`` sees the
+    dequantized copy of positions below ``kivi_quantized_below(t, G, R)`` and the full-precision copy of
+    the rest, so exactly one copy of each position survives the mask.
     """
     diff = q_pos[:, None] - k_pos[None, :]
     allowed = diff >= 0 if attrs.get("causal", True) else torch.ones_like(diff, dtype=torch.bool)
@@ -198,6 +204,10 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, attrs: dict) -> tor
         if sinks:
             in_window = in_window | (k_pos[None, :] < sinks)
         allowed = allowed & in_window
+    if k_quantized is not None:
+        q = attrs["kv_cache"]["quant"]
+        below = kivi_quantized_below(q_pos, q["token_group"], q["residual"])[:, None]
+        allowed = allowed & torch.where(k_quantized[None, :], k_pos[None, :] < below, k_pos[None, :] >= below)
     return allowed & (k_pos >= 0)[None, :]
 
 
@@ -217,18 +227,17 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
         cos, sin = ctx.rope(a["rope"], q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if ctx.cache is None:  # no store: attention reads what a cache of this kv_cache dtype would hold
-        k, v = quantize_kv(k, v, a["kv_cache"])
-        k_pos = ctx.positions
+        k, v, k_pos, k_quantized = kv_view(k, v, ctx.positions, a["kv_cache"])
     else:  # the one cache interface: layer(name, attrs).append(k, v, positions) -> k, v, positions
         layer = ctx.cache.layer(node.name, a)  # the node's window/sinks/kv_cache shape (and encode) the store
         layer.append(k, v, ctx.positions)
-        k, v, k_pos = layer.k, layer.v, layer.positions
+        k, v, k_pos, k_quantized = layer.k, layer.v, layer.positions, layer.quantized
     # grouped-query attention without repeating K/V: each kv head's query group becomes rows
     group = h // kvh
     scores = (q.reshape(bsz, kvh, group * seq, d) @ k.transpose(-1, -2)) * a["scale"]
     if a.get("softcap"):
         scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
-    mask = attention_mask(ctx.positions, k_pos, a).repeat(group, 1)
+    mask = attention_mask(ctx.positions, k_pos, a, k_quantized).repeat(group, 1)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = (probs @ v).view(bsz, h, seq, d)

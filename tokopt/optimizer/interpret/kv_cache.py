@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from tokopt.errors import KVCacheFullError, UnsupportedOpError
-from tokopt.optimizer.interpret.kv_quant import FLOAT_KV, KVCodec, kv_codec
-from tokopt.optimizer.ir.attrs import check_kv_storage
+from tokopt.optimizer.interpret.kv_quant import FLOAT_KV, KiviKVCodec, KVCodec, kv_codec
+from tokopt.optimizer.ir.attrs import check_kv_storage, kivi_quantized_below
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,9 @@ class CachePolicy:
             codec=kv_codec(kv),
         )
         problems = check_kv_storage(attrs)
+        if isinstance(policy.codec, KiviKVCodec) and policy.window:
+            problems.append(f"a KIVI cache (key_axis='channel') with window={policy.window}: the ring would evict "
+                            "tokens out of the per-channel key blocks; use key_axis='token' on windowed layers")
         if problems:
             raise UnsupportedOpError(f"the reference KV cache cannot honour this layer: {'; '.join(problems)}")
         return policy
@@ -82,13 +85,76 @@ class CachePolicy:
         return self.max_len
 
 
+class KiviResidual:
+    """A KIVI cache's full-precision side: a ring of ``residual + token_group`` K/V slots per sequence.
+
+    The store keeps one row per token of quantized planes (K rows are placeholders until their block
+    is encoded); this ring keeps the newest tokens as they came, slot = position mod ring size.  Each
+    step, :meth:`step` writes the step's tokens, encodes the K blocks the read rule
+    (:func:`~tokopt.optimizer.ir.attrs.kivi_quantized_below`) now reads quantized from their
+    full-precision copies, hands them to the store's ``rewrite`` and returns the full-precision K/V and
+    positions the step may read.  ``fixed_shape`` (the compiled session's one-token step) reads no
+    device value on the host: every step re-encodes the block holding position ``t - R`` (complete
+    exactly when the read rule first reads it; until then its rows are never read, so re-encoding a
+    partial block is harmless).
+    """
+
+    def __init__(self, codec: KiviKVCodec) -> None:
+        self.codec = codec
+        self.slots = codec.ring_slots
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.k = torch.zeros((batch, heads, self.slots, head_dim), dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((self.slots,), -1, dtype=torch.long)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    def step(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+             rewrite: Callable[[list[torch.Tensor], torch.Tensor], None], fixed_shape: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.allocate(k.shape[0], k.shape[1], k.shape[-1], k.dtype)
+        size, g, r = self.slots, self.codec.token_group, self.codec.residual
+        if fixed_shape and len(positions) == 1:
+            slot = positions % size
+            self.k.index_copy_(2, slot, k)
+            self.v.index_copy_(2, slot, v)
+            self.pos.index_copy_(0, slot, positions)
+            start = (positions - r).clamp(min=0) // g * g
+            block = start + torch.arange(g)
+            rewrite(self.codec.encode_keys(self.k.index_select(2, block % size)), block)
+            return self.k, self.v, self.pos
+        first, last = int(positions[0]), int(positions.max())
+        k_all, v_all = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        pos_all = torch.cat([self.pos, positions])
+        before, now = kivi_quantized_below(first - 1, g, r), kivi_quantized_below(last, g, r)
+        if now > before:  # blocks read quantized from this step on: encode them from their full-precision rows
+            need = torch.arange(before, now)
+            rows = torch.where(need >= first, size + need - first, need % size)
+            rewrite(self.codec.encode_keys(k_all.index_select(2, rows)), need)
+        tail = positions[-size:]
+        self.k.index_copy_(2, tail % size, k[:, :, -size:])
+        self.v.index_copy_(2, tail % size, v[:, :, -size:])
+        self.pos.index_copy_(0, tail % size, tail)
+        return k_all, v_all, pos_all
+
+
 class _Store:
     """Shared plumbing: layout conversion, encoding K/V into planes, and the attendable views left by ``append``."""
 
     def __init__(self, policy: CachePolicy) -> None:
         self.policy = policy
         self._seq_dim = 2 if policy.layout == "BNSH" else 1
-        self._view: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._view: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        codec = policy.codec
+        self._residual = KiviResidual(codec) if isinstance(codec, KiviKVCodec) else None
+        self._fp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # BNSH <-> storage layout (BSNH is a transpose of the head and sequence dims)
     def _store(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,16 +165,36 @@ class _Store:
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         """This step's K and V (BNSH) as the planes the store keeps: K's, then V's (still BNSH)."""
-        return [*self.policy.codec.encode(k), *self.policy.codec.encode(v)]
+        return self.policy.codec.encode_kv(k, v)
+
+    def _kivi(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, fixed_shape: bool = False) -> None:
+        """A KIVI store, after writing the step's rows: the full-precision ring's step (it rewrites blocks)."""
+        if self._residual is not None:
+            self._fp = self._residual.step(k, v, positions, self._rewrite, fixed_shape)
+
+    def _rewrite(self, rows: list[torch.Tensor], positions: torch.Tensor) -> None:
+        """Overwrite the K planes (codes, params) of ``positions`` with BNSH ``rows`` (a KIVI block)."""
+        raise NotImplementedError
 
     def _show(self, planes: list[torch.Tensor], positions: torch.Tensor, dtype: torch.dtype) -> None:
-        """Make BNSH ``planes`` at ``positions`` what this step attends to, decoded to ``dtype``."""
-        half, codec = len(planes) // 2, self.policy.codec
-        self._view = (codec.decode(planes[:half], dtype), codec.decode(planes[half:], dtype), positions)
+        """Make BNSH ``planes`` at ``positions`` what this step attends to, decoded to ``dtype``.
+
+        A KIVI store adds its full-precision slots after the quantized ones, and marks which are which."""
+        k, v = self.policy.codec.decode_kv(planes, dtype)
+        if self._fp is None:
+            self._view = (k, v, positions, None)
+            return
+        kf, vf, pf = self._fp
+        quantized = torch.cat([torch.ones(len(positions), dtype=torch.bool), torch.zeros(len(pf), dtype=torch.bool)])
+        self._view = (torch.cat([k, kf], dim=2), torch.cat([v, vf], dim=2), torch.cat([positions, pf]), quantized)
 
     @staticmethod
     def _bytes(planes: list[torch.Tensor]) -> int:
         return sum(p.numel() * p.element_size() for p in planes)
+
+    @property
+    def _residual_bytes(self) -> int:
+        return 0 if self._residual is None else self._residual.nbytes
 
     @property
     def k(self) -> torch.Tensor | None:
@@ -121,6 +207,11 @@ class _Store:
     @property
     def positions(self) -> torch.Tensor | None:
         return None if self._view is None else self._view[2]
+
+    @property
+    def quantized(self) -> torch.Tensor | None:
+        """KIVI: which slots of the view hold a position's dequantized copy (``None``: one copy each)."""
+        return None if self._view is None else self._view[3]
 
     def _keep(self, positions: torch.Tensor, latest: int) -> torch.Tensor:
         """Which cached positions a future query (at ``latest + 1`` or later) can still see."""
@@ -139,21 +230,26 @@ class LayerCache(_Store):
         self._pos: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        sd = self._seq_dim
+        sd, new_positions = self._seq_dim, positions
         planes = [self._store(p) for p in self._encode(k, v)]
         if self._pos is not None:
             planes = [torch.cat([old, new], dim=sd) for old, new in zip(self._planes, planes, strict=True)]
             positions = torch.cat([self._pos, positions])
-        self._show([self._load(p) for p in planes], positions, k.dtype)
+        self._planes, self._pos = planes, positions
+        self._kivi(k, v, new_positions)
+        self._show([self._load(p) for p in self._planes], positions, k.dtype)
         keep = self._keep(positions, int(positions.max()))
         if not bool(keep.all()):
             idx = keep.nonzero().squeeze(1)
-            planes, positions = [p.index_select(sd, idx) for p in planes], positions[idx]
-        self._planes, self._pos = planes, positions
+            self._planes, self._pos = [p.index_select(sd, idx) for p in self._planes], positions[idx]
+
+    def _rewrite(self, rows: list[torch.Tensor], positions: torch.Tensor) -> None:
+        for buffer, r in zip(self._planes[:2], rows, strict=True):  # no window: row index = position
+            buffer.index_copy_(self._seq_dim, positions, self._store(r))
 
     @property
     def nbytes(self) -> int:
-        return self._bytes(self._planes)
+        return self._bytes(self._planes) + self._residual_bytes
 
     @property
     def tokens(self) -> int:
@@ -191,8 +287,10 @@ class StaticLayerCache(_Store):
         slots = self.capacity if self.growth is None else min(self.growth, self.capacity)
         bnsh = self.policy.layout == "BNSH"
         self._planes = [torch.zeros((batch, heads, slots, width) if bnsh else (batch, slots, heads, width), dtype=dt)
-                        for width, dt in self.policy.codec.planes(head_dim, dtype) * 2]  # K's planes, then V's
+                        for width, dt in self.policy.codec.kv_planes(head_dim, dtype)]  # K's planes, then V's
         self._pos = torch.full((slots,), -1, dtype=torch.long)
+        if self._residual is not None:
+            self._residual.allocate(batch, heads, head_dim, dtype)
 
     def reserve(self, tokens: int) -> None:
         """Grow a ``growth`` store by whole blocks (up to ``capacity`` slots) so that ``tokens`` positions fit.
@@ -258,12 +356,20 @@ class StaticLayerCache(_Store):
             self._show(view, view_positions, k.dtype)
             return
         self._write(new, positions)
+        self._kivi(k, v, positions, self.fixed_shape)
         n = len(self._pos) if self.fixed_shape else self._filled()
         self._show([self._load(p.narrow(sd, 0, n)) for p in self._planes], self._pos[:n], k.dtype)
 
+    def _rewrite(self, rows: list[torch.Tensor], positions: torch.Tensor) -> None:
+        # no window: slot = position.  The fixed-shape step re-encodes the block of t - R, which may reach
+        # past the buffer while incomplete; its rows are never read then, so they are clamped to its last slot
+        slots = positions.clamp(max=self._planes[0].shape[self._seq_dim] - 1)
+        for buffer, r in zip(self._planes[:2], rows, strict=True):
+            buffer.index_copy_(self._seq_dim, slots, self._store(r))
+
     @property
     def nbytes(self) -> int:
-        return self._bytes(self._planes)
+        return self._bytes(self._planes) + self._residual_bytes
 
     @property
     def tokens(self) -> int:
@@ -307,6 +413,7 @@ class PagedLayerCache(_Store):
             pp[self._used:self._used + n] = positions[done:done + n]
             self._used += n
             done += n
+        self._kivi(k, v, positions)
         self._show(*self._gather(), k.dtype)
         if self.policy.window is not None:
             latest = int(positions.max())
@@ -322,9 +429,16 @@ class PagedLayerCache(_Store):
                   for j in range(len(self._pages[0][0]))]
         return planes, torch.cat([pp[:n] for (_, pp), n in zip(self._pages, used, strict=True)])
 
+    def _rewrite(self, rows: list[torch.Tensor], positions: torch.Tensor) -> None:
+        pages, offsets = positions // self.block_size, positions % self.block_size  # no window: no page freed
+        for index in pages.unique().tolist():
+            sel = (pages == index).nonzero().squeeze(1)
+            for buffer, r in zip(self._pages[index][0][:2], rows, strict=True):
+                buffer.index_copy_(self._seq_dim, offsets[sel], self._store(r.index_select(2, sel)))
+
     @property
     def nbytes(self) -> int:
-        return sum(self._bytes(page) for page, _ in self._pages)
+        return sum(self._bytes(page) for page, _ in self._pages) + self._residual_bytes
 
     @property
     def tokens(self) -> int:

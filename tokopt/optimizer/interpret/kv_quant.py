@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tokopt.errors import UnsupportedOpError
-from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES
+from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES, kivi_key_param_width
 
 _SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -46,6 +46,17 @@ class KVCodec:
 
     def decode(self, planes: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return planes[0]
+
+    # K and V together: the store keeps K's planes, then V's (a KIVI cache stores K and V differently)
+    def kv_planes(self, head_dim: int, dtype: torch.dtype) -> list[PlaneSpec]:
+        return self.planes(head_dim, dtype) * 2
+
+    def encode_kv(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        return [*self.encode(k), *self.encode(v)]
+
+    def decode_kv(self, planes: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        half = len(planes) // 2
+        return self.decode(planes[:half], dtype), self.decode(planes[half:], dtype)
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,93 @@ class IntKVCodec(KVCodec):
         return (q * scale.unsqueeze(-1)).reshape(shape).to(dtype)
 
 
+@dataclass(frozen=True)
+class KiviKVCodec(KVCodec):
+    """KIVI (Liu et al. 2024): keys quantized per channel over blocks of ``token_group`` positions, values per token.
+
+    V is stored as :class:`IntKVCodec` stores it (``bits``, ``group_size``, ``symmetric``).  K's codes
+    are one ``bits``-bit code per element, like V's; its grid is per (head, channel, block of ``G``
+    positions ``[j*G, (j+1)*G)``): an asymmetric min/max grid, ``scale = (max - min) / (2**bits - 1)``
+    and ``min`` both rounded to ``scale_dtype``, ``code = clamp(round((x - min) / scale), 0, 2**bits - 1)``,
+    read back as ``code * scale + min``.  A block's ``2 * head_dim`` scale/min values are stored spread
+    over its ``G`` token rows (``ceil(2 * head_dim * scale bytes / G)`` bytes each), so every stored
+    plane stays one row per token, and the stores slice, page and copy it like any other.
+
+    A block can only be encoded once its ``G`` tokens exist: a store appends placeholder K rows,
+    keeps the newest tokens in full precision (``residual + token_group`` ring slots) and
+    rewrites a block's K rows with :meth:`encode_keys` once the read rule
+    (:func:`~tokopt.optimizer.ir.attrs.kivi_quantized_below`) first reads it quantized.
+    """
+
+    bits: int = 4
+    group_size: int | None = None  # V: head dims per scale (None: the whole head)
+    symmetric: bool = False  # V's grid (K's is always asymmetric)
+    scale_dtype: str = "float16"
+    token_group: int = 64
+    residual: int = 0
+
+    @property
+    def values(self) -> IntKVCodec:
+        return IntKVCodec(self.bits, self.group_size, self.symmetric, self.scale_dtype)
+
+    @property
+    def ring_slots(self) -> int:
+        return self.token_group + self.residual
+
+    def _width(self, head_dim: int) -> int:
+        return kivi_key_param_width(head_dim, self.token_group, self.scale_dtype)
+
+    def key_planes(self, head_dim: int) -> list[PlaneSpec]:
+        if head_dim * self.bits % 8:
+            raise UnsupportedOpError(f"an int{self.bits} KV cache cannot store head_dim {head_dim}")
+        return [(head_dim * self.bits // 8, torch.uint8), (self._width(head_dim), torch.uint8)]
+
+    def kv_planes(self, head_dim: int, dtype: torch.dtype) -> list[PlaneSpec]:
+        return [*self.key_planes(head_dim), *self.values.planes(head_dim, dtype)]
+
+    def encode_kv(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """Placeholder K rows (rewritten once their block is complete) and V's encoded rows."""
+        placeholder = [k.new_zeros((*k.shape[:-1], width), dtype=dt) for width, dt in self.key_planes(k.shape[-1])]
+        return [*placeholder, *self.values.encode(v)]
+
+    def decode_kv(self, planes: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode_keys(planes[0], planes[1], dtype), self.values.decode(planes[2:], dtype)
+
+    def encode_keys(self, k: torch.Tensor) -> list[torch.Tensor]:
+        """K rows (batch, heads, n, d) of whole blocks (``n`` a multiple of ``token_group``) -> [codes, params]."""
+        b, h, n, d = k.shape
+        g, maxq, sd = self.token_group, 2 ** self.bits - 1, _SCALE_DTYPES[self.scale_dtype]
+        x = k.float().reshape(b, h, n // g, g, d)
+        lo, hi = x.amin(3, keepdim=True), x.amax(3, keepdim=True)
+        scale = (hi - lo) / maxq
+        scale = scale.to(sd).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        low = lo.to(sd).float()
+        codes = torch.clamp(torch.round((x - low) / scale), 0, maxq).reshape(b, h, n, d).to(torch.uint8)
+        if self.bits == 4:
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        width, raw = self._width(d), 2 * d * sd.itemsize
+        blob = torch.cat([scale.to(sd), low.to(sd)], dim=-1).view(torch.uint8).reshape(b, h, n // g, raw)
+        blob = torch.nn.functional.pad(blob, (0, g * width - blob.shape[-1]))
+        return [codes, blob.reshape(b, h, n, width)]
+
+    def decode_keys(self, codes: torch.Tensor, params: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """K read back from [codes, params] rows that start at a block boundary; rows past the last whole
+        block (a block not complete yet: the read rule never reads it quantized) read as zeros."""
+        if self.bits == 4:
+            codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+        b, h, n, d = codes.shape
+        g, sd = self.token_group, _SCALE_DTYPES[self.scale_dtype]
+        full = n // g * g
+        blob = params[:, :, :full].reshape(b, h, n // g, g * params.shape[-1])[..., :2 * d * sd.itemsize]
+        grid = blob.contiguous().view(sd).float().reshape(b, h, n // g, 1, 2 * d)
+        q = codes[:, :, :full].float().reshape(b, h, n // g, g, d)
+        x = (q * grid[..., :d] + grid[..., d:]).reshape(b, h, full, d)
+        if full < n:
+            x = torch.cat([x, x.new_zeros(b, h, n - full, d)], dim=2)
+        return x.to(dtype)
+
+
 FLOAT_KV = KVCodec()
 
 
@@ -124,6 +222,9 @@ def kv_codec(kv_cache: dict[str, Any] | None) -> KVCodec:
     if bits is None:
         return FLOAT_KV
     spec = kv_cache.get("quant") or {}
+    if spec.get("key_axis") == "channel":
+        return KiviKVCodec(bits, spec.get("group_size"), spec.get("symmetric", False),
+                           spec.get("scale_dtype", "float16"), int(spec["token_group"]), int(spec.get("residual", 0)))
     return IntKVCodec(bits, spec.get("group_size"), spec.get("symmetric", True), spec.get("scale_dtype", "float16"))
 
 
@@ -142,4 +243,31 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: dict[str, Any]) -> t
     codec = kv_codec(kv_cache)
     if codec is FLOAT_KV:
         return k, v
+    if isinstance(codec, KiviKVCodec):
+        raise UnsupportedOpError("a KIVI (key_axis='channel') cache reads a per-query mix of quantized and "
+                                 "full-precision K/V: use kv_view")
     return codec.decode(codec.encode(k), k.dtype), codec.decode(codec.encode(v), v.dtype)
+
+
+def kv_view(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv_cache: dict[str, Any]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What attention reads from a ``kv_cache`` of this dtype, without a cache object (a whole-sequence forward).
+
+    Returns K, V (batch, kv_heads, slots, head_dim), the slots' positions and, for a KIVI cache, which
+    slots hold the dequantized copy of their position (the others the full-precision one): every position
+    appears twice and the attention mask (:func:`~tokopt.optimizer.interpret.kernels.attention_mask`) picks,
+    per query, the copy the read rule says a cache would hand it.  ``None``: one copy of each position.
+    """
+    codec = kv_codec(kv_cache)
+    if not isinstance(codec, KiviKVCodec):
+        k, v = quantize_kv(k, v, kv_cache)
+        return k, v, positions, None
+    n = positions.numel()
+    if n and not torch.equal(positions, torch.arange(n, device=positions.device)):
+        raise UnsupportedOpError("a whole-sequence forward over a KIVI KV cache must start at position 0")
+    full = n // codec.token_group * codec.token_group
+    kq = codec.decode_keys(*codec.encode_keys(k[:, :, :full]), k.dtype)
+    kq = torch.cat([kq, torch.zeros_like(k[:, :, full:])], dim=2)
+    vq = codec.values.decode(codec.values.encode(v), v.dtype)
+    quantized = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+    return torch.cat([kq, k], dim=2), torch.cat([vq, v], dim=2), torch.cat([positions, positions]), quantized

@@ -40,19 +40,72 @@ KV_STORAGES = ("dynamic", "static", "paged")
 _SCALE_BYTES = {"float16": 2, "float32": 4}
 
 
+KV_KEY_AXES = ("token", "channel")
+
+
 def kv_cache_quant_attrs(bits: int, num_kv_heads: int, head_dim: int, group_size: int | None = None,
-                         symmetric: bool = True, scale_dtype: str = "float16") -> dict[str, Any]:
-    """The ``kv_cache`` entries describing a quantized cache (merge into the Attention attrs)."""
+                         symmetric: bool = True, scale_dtype: str = "float16", key_axis: str = "token",
+                         token_group: int | None = None, residual: int = 0) -> dict[str, Any]:
+    """The ``kv_cache`` entries describing a quantized cache (merge into the Attention attrs).
+
+    ``key_axis="token"``: K and V alike get one scale (and, asymmetric, one uint8 zero point) per
+    token, per head and per ``group_size`` dims.  ``key_axis="channel"`` (KIVI): V as before, but
+    each head dimension of K gets its own ``scale_dtype`` scale and minimum (asymmetric min/max grid)
+    over each block of ``token_group`` consecutive positions (block ``j`` = positions
+    ``[j*G, (j+1)*G)``); a query at position ``t`` reads the positions below
+    :func:`kivi_quantized_below` dequantized and every newer one in full precision, from a
+    ring of ``residual + token_group`` full-precision slots per sequence (:func:`kv_residual_slots`).
+    ``scale_bytes_per_token`` is what is stored per cached token: a K block's
+    ``2 * head_dim`` scale/min values are spread over its ``G`` tokens as
+    ``ceil(2 * head_dim * scale bytes / G)`` bytes each.
+    """
     gs = group_size or head_dim
     if head_dim % gs:
         raise ValueError(f"kv group size {gs} does not divide head_dim {head_dim}")
-    per_group = _SCALE_BYTES[scale_dtype] + (0 if symmetric else 1)
-    return {
-        "dtype": f"int{bits}",
-        "scale_bytes_per_token": 2 * num_kv_heads * (head_dim // gs) * per_group,
-        "quant": {"bits": bits, "group_size": gs, "symmetric": symmetric, "scale_dtype": scale_dtype,
-                  "granularity": "per-token, per-head" + ("" if gs == head_dim else f", per {gs} dims")},
-    }
+    if key_axis not in KV_KEY_AXES:
+        raise ValueError(f"kv key_axis {key_axis!r} (valid: {', '.join(KV_KEY_AXES)})")
+    sb = _SCALE_BYTES[scale_dtype]
+    per_group = sb + (0 if symmetric else 1)
+    value_bytes = num_kv_heads * (head_dim // gs) * per_group
+    dims = "" if gs == head_dim else f", per {gs} dims"
+    quant: dict[str, Any] = {"bits": bits, "group_size": gs, "symmetric": symmetric, "scale_dtype": scale_dtype}
+    if key_axis == "channel":
+        if not token_group or token_group < 1 or residual < 0:
+            raise ValueError(f"kv token_group {token_group!r} / residual {residual!r}: need G >= 1 and R >= 0")
+        key_bytes = num_kv_heads * kivi_key_param_width(head_dim, token_group, scale_dtype)
+        quant.update(key_axis="channel", token_group=int(token_group), residual=int(residual),
+                     granularity=f"keys per channel over {token_group}-token groups (asym), values per token, "
+                                 f"per head{dims}; the newest {residual}..{residual + token_group - 1} tokens "
+                                 "in full precision")
+        return {"dtype": f"int{bits}", "scale_bytes_per_token": key_bytes + value_bytes, "quant": quant}
+    quant["granularity"] = "per-token, per-head" + dims
+    return {"dtype": f"int{bits}", "scale_bytes_per_token": 2 * value_bytes, "quant": quant}
+
+
+def kivi_key_param_width(head_dim: int, token_group: int, scale_dtype: str = "float16") -> int:
+    """Bytes per token (per head) holding a KIVI key block's per-channel scale and minimum."""
+    return -(-2 * head_dim * _SCALE_BYTES[scale_dtype] // token_group)
+
+
+def kivi_quantized_below(t: int, token_group: int, residual: int) -> int:
+    """The KIVI read rule: a query at position ``t`` reads cached positions ``s < G*floor(max(t+1-R, 0)/G)``
+    dequantized (whole completed blocks that are also older than the ``R`` newest tokens) and every
+    position from there to ``t`` in full precision — between ``R`` and ``R + G - 1`` tokens once
+    ``t >= R``.  Works on ints and on integer tensors alike."""
+    span = t + 1 - residual
+    span = span.clamp(min=0) if hasattr(span, "clamp") else max(span, 0)
+    return span // token_group * token_group
+
+
+def kv_residual_slots(kv_cache: dict[str, Any] | None) -> int:
+    """Full-precision slots one sequence's cache keeps beside the quantized ones (KIVI: ``R + G``; else 0).
+
+    ``R + G - 1`` tokens are the most a query reads in full precision; the ring has one slot more so that
+    a decode step writes its token before the block that leaves the ring is quantized."""
+    q = (kv_cache or {}).get("quant") or {}
+    if q.get("key_axis") != "channel":
+        return 0
+    return int(q["token_group"]) + int(q["residual"])
 
 
 def check_kv_cache(attrs: dict[str, Any]) -> list[str]:
@@ -69,7 +122,42 @@ def check_kv_cache(attrs: dict[str, Any]) -> list[str]:
         if q.get("bits") != KV_QUANT_DTYPES[dtype] or not q.get("group_size") or \
                 attrs["head_dim"] % q["group_size"] or q.get("scale_dtype") not in _SCALE_BYTES:
             problems.append(f"kv_cache.quant {q!r} does not describe a {dtype} cache of head_dim {attrs['head_dim']}")
+        else:
+            problems += _check_key_axis(attrs, q)
+    elif (kv.get("quant") or {}).get("key_axis", "token") != "token":
+        problems.append(f"kv_cache.quant.key_axis={kv['quant']['key_axis']!r} on a {dtype} cache (needs int8/int4)")
     return problems + check_kv_storage(attrs)
+
+
+def _check_key_axis(attrs: dict[str, Any], q: dict[str, Any]) -> list[str]:
+    """Why the key-axis part of a quantized ``kv_cache.quant`` is invalid (KIVI's token group and residual)."""
+    axis = q.get("key_axis", "token")
+    if axis not in KV_KEY_AXES:
+        return [f"kv_cache.quant.key_axis {axis!r} (valid: {', '.join(KV_KEY_AXES)})"]
+    if axis == "token":
+        extra = sorted({"token_group", "residual"} & set(q))
+        return [f"kv_cache.quant has {', '.join(extra)} but key_axis='token' (they belong to key_axis='channel')"] \
+            if extra else []
+    problems = []
+    tg, res = q.get("token_group"), q.get("residual")
+    if not isinstance(tg, int) or isinstance(tg, bool) or tg < 1:
+        problems.append(f"kv_cache.quant.token_group {tg!r} must be an integer >= 1 (tokens per key scale)")
+    if not isinstance(res, int) or isinstance(res, bool) or res < 0:
+        problems.append(f"kv_cache.quant.residual {res!r} must be an integer >= 0 (full-precision recent tokens)")
+    if attrs.get("window"):
+        problems.append(f"kv_cache.quant.key_axis='channel' (KIVI) with window={attrs['window']}: a sliding-window "
+                        "ring evicts tokens out of the per-channel key groups; use key_axis='token' on windowed "
+                        "layers")
+    if not problems:
+        kvh = attrs.get("num_kv_heads") or 0
+        gs = q["group_size"]
+        expected = kv_cache_quant_attrs(KV_QUANT_DTYPES[attrs["kv_cache"]["dtype"]], kvh, attrs["head_dim"], gs,
+                                        q.get("symmetric", True), q["scale_dtype"], "channel", tg, res)
+        stored = attrs["kv_cache"].get("scale_bytes_per_token")
+        if stored != expected["scale_bytes_per_token"]:
+            problems.append(f"kv_cache.scale_bytes_per_token={stored!r} but a KIVI cache of this shape stores "
+                            f"{expected['scale_bytes_per_token']} (keys' per-channel scale+min, values' scales)")
+    return problems
 
 
 def check_kv_storage(attrs: dict[str, Any]) -> list[str]:

@@ -11,12 +11,19 @@ differently for the same tokens:
 
 :func:`reserved_kv_bytes` computes the bytes for a batch of mixed lengths from the graph
 alone; the tests check it against the real cache's ``nbytes``.
+
+A KIVI cache (``kv_cache.quant.key_axis == "channel"``) also keeps, whatever its storage, a ring
+of ``residual + token_group`` full-precision K/V slots per sequence (float32, the IR's compute
+type; a session computing in another dtype keeps them in that one), allocated with its first
+token: a constant :func:`residual_kv_bytes` on top of the per-token figure, which
+``kv_bytes_per_token`` (the amortised cost of one more token) leaves out.
 """
 
 from __future__ import annotations
 
 import math
 
+from tokopt.optimizer.ir.attrs import kv_residual_slots
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.ops import kv_bytes_per_token
 
@@ -46,8 +53,16 @@ def _paged_slots(length: int, block: int, window: int | None, sinks: int) -> int
     return kept * block
 
 
+def residual_kv_bytes(attrs: dict, lengths: list[int]) -> int:
+    """Bytes of a KIVI layer's full-precision ring for a batch of ``lengths`` (0 for other caches, or no tokens)."""
+    slots = kv_residual_slots(attrs.get("kv_cache"))
+    if not slots or not any(lengths):
+        return 0
+    return len(lengths) * slots * 2 * attrs["num_kv_heads"] * attrs["head_dim"] * 4
+
+
 def reserved_kv_bytes(graph: Graph, lengths: list[int]) -> int:
     """Bytes the KV cache reserves for a batch of sequences of ``lengths`` tokens (all layers)."""
     max_pos = graph.meta.max_positions
     return int(sum(kv_bytes_per_token(n.attrs) * layer_slots(n.attrs, lengths, max_pos)
-                   for n in graph.nodes("Attention")))
+                   + residual_kv_bytes(n.attrs, lengths) for n in graph.nodes("Attention")))

@@ -209,7 +209,11 @@ def attended_span(attrs: dict[str, Any], context: int) -> int:
 
 
 def kv_bytes_per_token(attrs: dict[str, Any]) -> float:
-    """Bytes one cached token costs in this attention layer (K and V, all KV heads)."""
+    """Bytes one cached token costs in this attention layer (K and V, all KV heads).
+
+    Codes plus ``scale_bytes_per_token`` (for a KIVI cache, keys' per-channel scale/min spread over their
+    token block).  A KIVI cache's full-precision ring (``residual + token_group`` slots per sequence) is a
+    constant, not a per-token cost: :func:`~tokopt.optimizer.ir.kv_memory.reserved_kv_bytes` adds it."""
     cache = attrs["kv_cache"]
     elem = DTYPE_BYTES[cache["dtype"]]
     return 2 * attrs["num_kv_heads"] * attrs["head_dim"] * elem + cache.get("scale_bytes_per_token", 0)

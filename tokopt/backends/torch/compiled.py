@@ -7,7 +7,9 @@ construction.  What it adds is speed:
 
 - **KV buffers written in place** — every attention layer gets the reference's ``static`` store
   (:class:`~tokopt.optimizer.interpret.kv_cache.StaticLayerCache`) in its fixed-shape mode,
-  holding K/V as its ``kv_cache.dtype`` stores them (int8/int4: codes + scales).  A ``static``
+  holding K/V as its ``kv_cache.dtype`` stores them (int8/int4: codes + scales; KIVI's
+  per-channel key blocks with its ring of full-precision slots, the block re-encoded branch-free
+  inside the compiled step).  A ``static``
   layer pre-allocates its ``max_len`` slots (its ring of ``sinks + window`` when windowed); a
   ``dynamic`` one grows by blocks of :data:`GROWTH_BLOCK` tokens up to its ring, or up to the
   session's ``max_len`` when unbounded — so the memory follows the storage the IR names.  A

@@ -16,6 +16,10 @@ The Attention node's attributes choose the store (see :class:`CachePolicy`):
   scales (:class:`~tokopt.optimizer.interpret.kv_quant.IntKVCodec`) and dequantized on read.
   A store keeps *planes* — K's encoded tensors, then V's — each (batch, heads, seq, width)
   in the storage layout, so slicing, copying and eviction are the same for every dtype.
+  A KIVI cache (``kv_cache.quant.key_axis == "channel"``) adds a :class:`KiviResidual` ring of
+  full-precision slots, rewrites a key block's rows once it is read quantized, and its view
+  holds the dequantized slots then the full-precision ones, flagged by ``quantized`` for the
+  attention mask.  It refuses sliding windows (a ring would evict tokens out of a key block).
 
 Whatever the store, ``append(k, v, positions)`` takes this step's K/V in BNSH and the
 ``k``/``v``/``positions`` it leaves behind are what the step's queries may attend to:

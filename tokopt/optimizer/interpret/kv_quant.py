@@ -11,6 +11,13 @@ holds — unsigned 8-bit codes (int4: two codes packed per byte), scales in ``sc
 the format's.  Without a cache object (a whole-sequence forward) :func:`quantize_kv` applies
 the same encode→decode round trip, so attention reads the same values either way.  The cost
 model counts the codes through ``dtype`` and the scales/zeros through ``scale_bytes_per_token``.
+
+``kv_cache.quant.key_axis == "channel"`` is KIVI (:class:`KiviKVCodec`): keys get one grid per
+channel over each block of ``token_group`` positions, values stay per token, and a query at ``t``
+reads positions from ``kivi_quantized_below(t, G, R)`` on in full precision.  Since that mix
+depends on the query, a whole-sequence forward (:func:`kv_view`) hands attention both copies of
+every position and the mask picks one per query — the same slots and the same rule a cache's view
+gives, so cached decode equals recomputation.
 """
 
 from __future__ import annotations

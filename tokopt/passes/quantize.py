@@ -83,15 +83,15 @@ class QuantizePass(Pass):
         Option("kv_bits", "int", None, "Quantize the KV cache to this many bits (default: leave it).",
                choices=(8, 4)),
         Option("kv_group_size", "int", None, "Head dimensions sharing one V scale (and one K scale with "
-               "kv_key_axis=token); default: 32 with per-channel keys (4 bits), else the whole head (per token, "
-               "per head). Must divide head_dim.", check=at_least(1)),
+               "kv_key_axis=token); default: 64 with per-channel keys (4 bits; the whole head if 64 does not "
+               "divide it), else the whole head (per token, per head). Must divide head_dim.", check=at_least(1)),
         Option("kv_symmetric", "bool", None, "Symmetric KV grid; default: true for 8 bits, false for 4 (per-channel "
                "keys are always asymmetric: scale + min)."),
         Option("kv_key_axis", "str", None, "channel: KIVI keys, one scale + min per channel over kv_token_group "
                "positions, the newest tokens read in full precision; token: keys per token like values.  Default: "
                "channel for 4 bits on layers without a sliding window, token otherwise.",
                choices=("channel", "token")),
-        Option("kv_token_group", "int", None, "Per-channel keys: positions sharing one scale (G); default 64.",
+        Option("kv_token_group", "int", None, "Per-channel keys: positions sharing one scale (G); default 32.",
                check=at_least(1)),
         Option("kv_residual", "int", None, "Per-channel keys: newest tokens always read in full precision (R; "
                "G*floor((t+1-R)/G) is the first position a query at t reads in full precision); default 0.",

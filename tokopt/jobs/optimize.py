@@ -335,6 +335,7 @@ def _stage_record(stage: StageResult) -> dict[str, Any]:
                     if k not in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "kv_bytes_measured")},
         "bytes_per_token": stage.extra.get("bytes_per_token"),
         "mismatches": stage.extra.get("mismatches", []),
+        **({"tables": stage.tables} if stage.tables else {}),
     }
 
 

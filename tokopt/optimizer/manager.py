@@ -162,6 +162,7 @@ class StageResult:
     seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)  # filled by the caller's on_stage
     extra: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # the pass's PassResult.tables
 
 
 def _who(p: Pass) -> str:
@@ -211,7 +212,8 @@ def run_pass(p: Pass, graph: Graph, ctx: PassContext, index: int) -> StageResult
         new = graph.copy()
     if not new.history or new.history[-1] != spec:
         new.history.append(spec)
-    return StageResult(index, spec, new, p, changed, notes, time.perf_counter() - t0)
+    return StageResult(index, spec, new, p, changed, notes, time.perf_counter() - t0,
+                       tables=dict(getattr(result, "tables", {}) or {}))
 
 
 class StageObserver(Protocol):

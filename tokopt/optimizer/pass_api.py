@@ -154,16 +154,18 @@ class PassResult:
     """What a pass returns: the new graph, whether it modified anything, and notes for the report.
 
     ``modified`` is checked by the pass manager against the graphs themselves.  ``changed``
-    is its name in plugin API version 1 and is still accepted.
+    is its name in plugin API version 1 and is still accepted.  ``tables`` are named lists of
+    JSON-ready rows the report keeps beside the stage (e.g. quantize's per-tensor sensitivities).
     """
 
     def __init__(self, graph: Graph, modified: bool | None = None, notes: list[str] | None = None, *,
-                 changed: bool | None = None) -> None:
+                 changed: bool | None = None, tables: dict[str, list[dict]] | None = None) -> None:
         if modified is None and changed is None:
             raise TypeError("PassResult needs modified=True/False")
         self.graph = graph
         self.modified = bool(modified if modified is not None else changed)
         self.notes = list(notes or [])
+        self.tables = dict(tables or {})
 
     @property
     def changed(self) -> bool:

@@ -18,6 +18,7 @@ from tokopt.optimizer.ir.weights import QuantizedWeight, weight_nbytes, weight_s
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
 from tokopt.passes.quant.activations import quantize_activations
 from tokopt.passes.quant.kv import check_kv_options, quantize_kv_cache
+from tokopt.passes.quant.mixed import check_budget, plan_mixed
 from tokopt.passes.quant.weights import Target, planned_weight, quantize_weights, untie
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ AUTO_GROUP_SIZE = {8: -1, 4: 32}  # group_size when not given, by bits
 AUTO_ACT_BITS_BACKENDS = ("onnxruntime",)  # targets whose fast int4 kernel quantizes activations
 FLOAT32_SCALE_BACKENDS = ("onnxruntime",)  # targets that store quantization scales as float32
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be > 0"
 
 
 def _damp(value: float) -> str | None:
@@ -48,7 +53,8 @@ class QuantizePass(Pass):
     name = "quantize"
     summary = "int8/int4 weights (RTN or GPTQ, per-channel or grouped) and an int8/int4 KV cache"
     options = (
-        Option("bits", "int", 8, "Weight bits.", choices=(8, 4)),
+        Option("bits", "int", None, "Weight bits; default 8, or no weight quantization when only kv_bits is given.",
+               choices=(8, 4)),
         Option("group_size", "int", None,
                "Input columns sharing one scale: -1 or 0 = per output channel; must divide every selected "
                "layer's input width.  Default: per-channel for 8 bits, 32 for 4 (the block onnxruntime's and "
@@ -57,7 +63,16 @@ class QuantizePass(Pass):
         Option("method", "str", "auto",
                "rtn: round to nearest; gptq: calibrated, error-compensating; auto: rtn for 8 bits, gptq for 4.",
                choices=("auto", "rtn", "gptq")),
-        Option("weights", "bool", True, "Quantize weights at all (false: only the KV cache, with kv_bits)."),
+        Option("weights", "bool", None, "Quantize weights at all (false: only the KV cache, with kv_bits).  "
+               "Default: true, unless kv_bits is given without bits."),
+        Option("budget_bits", "float", None,
+               "Mixed precision: measure each tensor's sensitivity (estimated KL of quantizing it alone, on "
+               "calibration text) and move the most sensitive ones to int8 until the model averages this many "
+               "bits per parameter, scales and zeros included (e.g. bits=4,budget_bits=4.75).", check=_positive),
+        Option("max_kl", "float", None, "Mixed precision: the fewest bytes whose estimated KL (nats/token) is "
+               "within this; with budget_bits, both hold.", check=_positive),
+        Option("sensitivity_samples", "int", 4, "Mixed precision: calibration sequences for the sensitivities.",
+               check=at_least(1)),
         Option("include", "str_list", ["*"], "fnmatch patterns over node names to quantize, ';'-separated "
                "(e.g. 'layers.*.mlp.*')."),
         Option("exclude", "str_list", [], "fnmatch patterns over node names to keep in float, ';'-separated."),
@@ -101,10 +116,10 @@ class QuantizePass(Pass):
 
     def validate(self) -> None:
         o = self.opts
-        if not o["weights"] and o["kv_bits"] is None:
+        if o["weights"] is False and o["kv_bits"] is None:
             raise PassOptionError("quantize: weights=false and no kv_bits: nothing to do; set kv_bits=8 (or 4), "
                                   "or drop weights=false")
-        if o["act_bits"] and not o["weights"]:
+        if o["act_bits"] and not self.quantizes_weights:
             raise PassOptionError("quantize: act_bits quantizes the inputs of quantized Linears; it needs "
                                   "weights=true")
         kv_only = ("kv_group_size", "kv_symmetric", "kv_key_axis", "kv_token_group", "kv_residual")
@@ -117,14 +132,31 @@ class QuantizePass(Pass):
         o = self.opts
         if o["act_bits"] is not None:
             return o["act_bits"] or None
-        auto = o["weights"] and o["bits"] == 4 and ctx.backend in AUTO_ACT_BITS_BACKENDS
+        auto = self.quantizes_weights and self.bits == 4 and ctx.backend in AUTO_ACT_BITS_BACKENDS
         return 8 if auto else None
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.opts["bits"] is None else self.opts["bits"]
+
+    @property
+    def quantizes_weights(self) -> bool:
+        """The option, or (unset) true unless only the KV cache was asked for (``quantize:kv_bits=8``)."""
+        o = self.opts
+        if o["weights"] is not None:
+            return o["weights"]
+        return not (o["kv_bits"] is not None and o["bits"] is None and o["budget_bits"] is None
+                    and o["max_kl"] is None)
+
+    @property
+    def mixed(self) -> bool:
+        return self.opts["budget_bits"] is not None or self.opts["max_kl"] is not None
 
     @property
     def group_size(self) -> int:
         """The option, or (unset) per-channel for 8 bits and 32 for 4 (:data:`AUTO_GROUP_SIZE`)."""
         given = self.opts["group_size"]
-        return AUTO_GROUP_SIZE.get(self.opts["bits"], -1) if given is None else given
+        return AUTO_GROUP_SIZE.get(self.bits, -1) if given is None else given
 
     def scale_dtype(self, ctx: PassContext) -> str:
         """The scales' storage type: the option, or (unset) what the target stores, so the IR's bytes are the
@@ -138,7 +170,7 @@ class QuantizePass(Pass):
         o = self.opts
         if o["method"] != "auto":
             return o["method"]
-        return "gptq" if 4 in (o["bits"], o["embedding_bits"] or o["bits"]) else "rtn"
+        return "gptq" if 4 in (self.bits, o["embedding_bits"] or self.bits) or self.mixed else "rtn"
 
     # -- planning ---------------------------------------------------------------------
     def _selected_nodes(self, graph: Graph) -> dict[str, str]:
@@ -166,7 +198,7 @@ class QuantizePass(Pass):
         return chosen
 
     def _plan(self, graph: Graph) -> list[Target]:
-        if not self.opts["weights"]:
+        if not self.quantizes_weights:
             return []
         o = self.opts
         chosen = self._selected_nodes(graph)
@@ -178,9 +210,9 @@ class QuantizePass(Pass):
         targets = []
         for pname, nodes in by_param.items():
             roles = {chosen[n] for n in nodes}
-            bits = (o["embedding_bits"] or o["bits"]) if roles & {"embedding", "lm_head"} else o["bits"]
+            bits = (o["embedding_bits"] or self.bits) if roles & {"embedding", "lm_head"} else self.bits
             calibrate = calibrated and any(graph.node(n).op == "Linear" for n in nodes)
-            targets.append(Target(pname, tuple(nodes), bits, calibrate))
+            targets.append(Target(pname, tuple(nodes), bits, calibrate, self.group_size, o["symmetric"]))
         return targets
 
     def _check_group_size(self, graph: Graph, chosen: dict[str, str]) -> None:
@@ -202,7 +234,9 @@ class QuantizePass(Pass):
 
     def check(self, graph: Graph, ctx: PassContext) -> None:
         o = self.opts
-        self._plan(graph)  # selection and group-size errors surface before any expensive work
+        targets = self._plan(graph)  # selection and group-size errors surface before any expensive work
+        if o["budget_bits"] is not None and targets:
+            check_budget(graph, targets, o["budget_bits"], self.scale_dtype(ctx))
         attention = graph.nodes("Attention")
         if o["kv_bits"] is not None:
             if not attention:
@@ -219,8 +253,8 @@ class QuantizePass(Pass):
         if untie(g, targets):
             targets = self._plan(g)
         for t in targets:
-            g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, self.group_size,
-                                               o["symmetric"], self.scale_dtype(ctx))
+            g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, t.group_size, t.symmetric,
+                                               self.scale_dtype(ctx))
         act_bits = self.act_bits(ctx)
         if targets and act_bits:
             quantize_activations(g, targets, act_bits)
@@ -231,6 +265,7 @@ class QuantizePass(Pass):
         o = self.opts
         g = graph.copy()
         notes: list[str] = []
+        tables: dict[str, list[dict]] = {}
         if o["kv_bits"] is not None:
             notes.append(quantize_kv_cache(g, o))
         targets = self._plan(g)
@@ -244,9 +279,13 @@ class QuantizePass(Pass):
                 notes.append(f"untied {', '.join(untied)}: only some of its users were selected")
                 targets = self._plan(g)
             resolved = {**o, "group_size": self.group_size, "scale_dtype": self.scale_dtype(ctx)}
+            if self.mixed:
+                targets, tables["sensitivity"], note = plan_mixed(g, targets, ctx, resolved)
+                notes.append(note)
             quantized = quantize_weights(g, targets, ctx, resolved, self.method)
             after = sum(weight_nbytes(g.params[t.param]) for t in targets)
-            grid = f"int{o['bits']}" + (f" (embedding/lm_head int{o['embedding_bits']})" if o["embedding_bits"] else "")
+            grid = f"int{self.bits}" + (f" (embedding/lm_head int{o['embedding_bits']})" if o["embedding_bits"] else "")
+            grid += " (mixed with int8)" if self.mixed else ""
             group = "per-channel" if self.group_size <= 0 else f"group {self.group_size}"
             notes.append(
                 f"weights: {quantized} tensors → {grid} {group} {'sym' if o['symmetric'] else 'asym'} "
@@ -262,5 +301,5 @@ class QuantizePass(Pass):
                     notes.append(f"act_bits=8 chosen for the {ctx.backend} target (its fast int4 kernel quantizes "
                                  "activations); act_bits=0 keeps float inputs")
         g.reinfer()
-        return PassResult(g, True, notes)
+        return PassResult(g, True, notes, tables=tables)
 

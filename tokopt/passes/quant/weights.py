@@ -33,6 +33,8 @@ class Target:
     nodes: tuple[str, ...]
     bits: int
     calibrate: bool  # GPTQ through a Linear's inputs (False: grid fitted on the weight alone)
+    group_size: int = -1  # input columns per scale; -1: per output channel
+    symmetric: bool = True
 
 
 def planned_weight(shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool,
@@ -66,18 +68,17 @@ def untie(g: Graph, targets: list[Target]) -> list[str]:
 def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any], method: str) -> int:
     """Quantize every target in place in ``g`` (a copy the pass owns); returns how many."""
     sdtype = SCALE_DTYPES[o["scale_dtype"]]
-    common = dict(group_size=o["group_size"], symmetric=o["symmetric"], scale_dtype=o["scale_dtype"])
     calibrated = [t for t in targets if t.calibrate]
     for t in targets:
         if t in calibrated:
             continue
         w = materialize(g.params[t.param], torch.float32)
         if method == "gptq":  # no Linear reads it (an embedding): fit the grid on the weight itself
-            gs = o["group_size"] if o["group_size"] > 0 else w.shape[1]
-            scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, o["symmetric"], sdtype)
-            g.params[t.param] = _from_grid(w, scale, zero, t.bits, gs, o["symmetric"], o["scale_dtype"])
+            gs = resolve_group_size(t.group_size, w.shape[1])
+            scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, t.symmetric, sdtype)
+            g.params[t.param] = _from_grid(w, scale, zero, t.bits, gs, t.symmetric, o["scale_dtype"])
         else:
-            g.params[t.param] = quantize_rtn(w, t.bits, **common)
+            g.params[t.param] = quantize_rtn(w, t.bits, t.group_size, t.symmetric, o["scale_dtype"])
     if calibrated:
         _gptq(g, calibrated, ctx, o)
     return len(targets)
@@ -107,7 +108,7 @@ def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any]) 
             if t.param not in pending:
                 continue
             w = materialize(g.params[t.param], torch.float32)
-            q = gptq_quantize(w, hessian, t.bits, o["group_size"], o["symmetric"], o["scale_dtype"],
+            q = gptq_quantize(w, hessian, t.bits, t.group_size, t.symmetric, o["scale_dtype"],
                               damp=o["damp"], act_order=o["act_order"])
             g.params[t.param] = q
             runner.set_weight(t.param, q)

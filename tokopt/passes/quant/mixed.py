@@ -1,0 +1,101 @@
+"""Bits placed where they matter: the quantize pass's budgeted mix of 4- and 8-bit tensors.
+
+For each planned tensor this measures (on calibration text) the estimated KL of storing it in
+each candidate format — the base format the options ask for, and int8 with the same groups —
+then lets :func:`~tokopt.passes.quant.allocate.allocate` pick the mix that meets the budget
+(``budget_bits`` averaged over every weight of the model, scales and zeros included, or
+``max_kl``).  The per-tensor table goes to the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import Any
+
+from tokopt.errors import PassOptionError
+from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import weight_nbytes, weight_shape
+from tokopt.optimizer.pass_api import PassContext
+from tokopt.passes.quant.allocate import Allocation, Candidate, Format, allocate
+from tokopt.passes.quant.rtn import fake_quantize, resolve_group_size
+from tokopt.passes.quant.sensitivity import estimate_kl
+from tokopt.passes.quant.weights import Target
+
+log = logging.getLogger(__name__)
+
+SCALE_BYTES = {"float16": 2, "float32": 4}
+UPGRADE_BITS = 8
+
+
+def formats_for(t: Target, in_features: int) -> list[Format]:
+    """The candidates for one tensor: its planned format, and int8 on the same groups (symmetric)."""
+    gs = resolve_group_size(t.group_size, in_features)
+    base = Format(t.bits, gs, t.symmetric)
+    return [base] if t.bits >= UPGRADE_BITS else [base, Format(UPGRADE_BITS, gs, True)]
+
+
+def model_params(g: Graph) -> int:
+    return sum(math.prod(weight_shape(w)) for w in g.params.values())
+
+
+def byte_budget(g: Graph, targets: list[Target], budget_bits: float) -> int:
+    """Bytes the planned tensors may take so the whole model averages ``budget_bits`` per parameter."""
+    planned = {t.param for t in targets}
+    fixed = sum(weight_nbytes(w) for name, w in g.params.items() if name not in planned)
+    return int(budget_bits * model_params(g) / 8) - fixed
+
+
+def check_budget(g: Graph, targets: list[Target], budget_bits: float, scale_dtype: str) -> None:
+    """Refuse, before any calibration, a bit budget that even the all-base mix exceeds."""
+    sb = SCALE_BYTES[scale_dtype]
+    cheapest = sum(min(f.nbytes(weight_shape(g.params[t.param]), sb)
+                       for f in formats_for(t, weight_shape(g.params[t.param])[1])) for t in targets)
+    if cheapest > byte_budget(g, targets, budget_bits):
+        planned = {t.param for t in targets}
+        fixed = sum(weight_nbytes(w) for name, w in g.params.items() if name not in planned)
+        floor = 8 * (cheapest + fixed) / model_params(g)
+        raise PassOptionError(
+            f"quantize: budget_bits={budget_bits:g} is below what the model takes with every planned tensor in its "
+            f"cheapest format ({floor:.3f} bits/param with {scale_dtype} scales); raise budget_bits, or use larger "
+            "groups (group_size=64 or 128) for a cheaper base format")
+
+
+def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any]) -> tuple[list[Target],
+                                                                                            list[dict], str]:
+    """Targets with the allocated formats, the sensitivity table for the report, and the note."""
+    scale_dtype = o["scale_dtype"]
+    sb = SCALE_BYTES[scale_dtype]
+    shapes = {t.param: weight_shape(g.params[t.param]) for t in targets}
+    options = {t.param: formats_for(t, shapes[t.param][1]) for t in targets}
+
+    def quantizer(f: Format):
+        return lambda w: fake_quantize(w, f.bits, f.group_size, f.symmetric, scale_dtype)
+
+    batches = ctx.calibration(g, o["sensitivity_samples"], o["calibration_seq_len"], "quantize (sensitivity)")
+    est = estimate_kl(g, batches, {p: {f.label: quantizer(f) for f in fs} for p, fs in options.items()},
+                      seed=ctx.seed, progress=ctx.progress)
+    candidates = {p: [Candidate(f, f.nbytes(shapes[p], sb), est[p][f.label]) for f in fs]
+                  for p, fs in options.items()}
+    max_bytes = None if o["budget_bits"] is None else byte_budget(g, targets, o["budget_bits"])
+    chosen: Allocation = allocate(candidates, max_bytes=max_bytes, max_kl=o["max_kl"])
+    new = [replace(t, bits=chosen.choice[t.param].format.bits, group_size=chosen.choice[t.param].format.group_size,
+                   symmetric=chosen.choice[t.param].format.symmetric) for t in targets]
+    table = []
+    for t in targets:
+        n = math.prod(shapes[t.param])
+        c = chosen.choice[t.param]
+        table.append({"tensor": t.param, "params": n, "chosen": c.format.label,
+                      "bits_per_param": round(8 * c.nbytes / n, 4),
+                      "est_kl": {f.label: est[t.param][f.label] for f in options[t.param]}})
+    table.sort(key=lambda r: -max(r["est_kl"].values()))
+    upgraded = [t for t in new if t.bits == UPGRADE_BITS and options[t.param][0].bits != UPGRADE_BITS]
+    budget = f"budget_bits={o['budget_bits']:g}" if o["budget_bits"] is not None else f"max_kl={o['max_kl']:g}"
+    note = (f"mixed precision ({budget}, sensitivity on {len(batches)} × {batches[0].shape[-1]} calibration "
+            f"tokens): {len(upgraded)} of {len(new)} tensors in int{UPGRADE_BITS} "
+            f"({sum(math.prod(shapes[t.param]) for t in upgraded) / 1e6:.1f} M params: "
+            f"{', '.join(t.param for t in upgraded[:6])}{' …' if len(upgraded) > 6 else ''}); "
+            f"estimated KL {chosen.kl:.4f} nats/token")
+    log.info(note)
+    return new, table, note

@@ -52,6 +52,7 @@ ATTRIBUTES = {
     "weights int4 g16": "quantize:bits=4,group_size=16,method=rtn",
     "weights int4 g16 asym": "quantize:bits=4,group_size=16,method=rtn,symmetric=false",
     "act_quant 8": "quantize:bits=4,group_size=16,method=rtn,act_bits=8",
+    "weights mixed int4/int8 + act_quant": "quantize:bits=4,group_size=16,method=rtn,budget_bits=7,act_bits=8",
 }
 
 

@@ -103,6 +103,17 @@ def test_html_is_self_contained(report):
     assert page.count('<svg class="chart"') == 8  # 6 always + measured decode + long-context ppl
 
 
+def test_html_charts_a_stage_sensitivity_table(report):
+    rows = [{"tensor": "model.layers.11.mlp.down_proj.weight", "params": 884_736, "chosen": "int8 g32",
+             "bits_per_param": 8.5, "est_kl": {"int4 g32": 3e-2, "int8 g32": 3e-4}},
+            {"tensor": "model.layers.3.self_attn.q_proj.weight", "params": 331_776, "chosen": "int4 g32",
+             "bits_per_param": 4.5, "est_kl": {"int4 g32": 1e-4, "int8 g32": 1e-6}}]
+    report["stages"][1]["tables"] = {"sensitivity": rows}
+    page = render_html(report)
+    assert page.count('<svg class="chart"') == 9 and 'data-metric="sensitivity"' in page
+    assert "L11.down_proj→int8" in page and "L3.q_proj→int4" in page and "3.00e-02" in page
+
+
 # -- the page in a real browser -------------------------------------------------------------------
 def _png_pixels(path: Path) -> tuple[int, int, list[bytes]]:
     """Decode an 8-bit RGB/RGBA PNG (what Chromium writes) into rows of pixel bytes."""

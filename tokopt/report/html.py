@@ -75,6 +75,18 @@ def _rel(stages: list[dict[str, Any]], key: str) -> list[float | None]:
     return [None if (s["metrics"].get(key) is None or not base) else s["metrics"][key] / base for s in stages]
 
 
+def sensitivity_chart(stage: str, table: list[dict[str, Any]], top: int = 24) -> str:
+    """The tensors whose quantization costs most (estimated KL in their cheapest format), and what each got."""
+    rows = table[:top]
+    def short(tensor: str) -> str:
+        t = tensor.removeprefix("model.").removesuffix(".weight").replace("layers.", "L")
+        return t.replace("self_attn.", "").replace("mlp.", "")
+
+    labels = [f"{short(r['tensor'])}→{r['chosen'].split()[0]}" for r in rows]
+    return bar_chart(f"{stage}: most sensitive tensors (estimated KL alone, cheapest format)", "sensitivity",
+                     labels, [max(r["est_kl"].values()) for r in rows], ".2e", " nats")
+
+
 def charts(report: dict[str, Any]) -> list[str]:
     stages = report["stages"]
     if not stages:
@@ -95,6 +107,8 @@ def charts(report: dict[str, Any]) -> list[str]:
     if any(x.get("decode_tok_s") is not None for x in m):
         out.append(bar_chart("Measured decode speed vs baseline", "decode_tok_s", labels, _rel(stages, "decode_tok_s"),
                              ".2f", "x"))
+    out += [sensitivity_chart(s["name"], s["tables"]["sensitivity"]) for s in stages
+            if s.get("tables", {}).get("sensitivity")]
     if any("long_ppl_delta_pct" in x for x in m):
         ctx = report.get("eval", {}).get("long_context", "")
         out.append(bar_chart(f"Long-context perplexity change @ {ctx}", "long_ppl_delta_pct", labels,

@@ -73,8 +73,15 @@ def estimate_kl(graph: Graph, batches: Sequence[torch.Tensor], formats: dict[str
     gen = torch.Generator().manual_seed(seed)
     leaf = dense(grad_leaf).detach().clone().requires_grad_(True)
 
+    usable: dict[str, torch.Tensor] = {}
+
     def weights(name: str) -> torch.Tensor:
-        return leaf if name == grad_leaf else dense(name)
+        if name == grad_leaf:
+            return leaf
+        w = usable.get(name)
+        if w is None:  # a tensor loaded under an executor's inference_mode cannot be saved for backward
+            w = usable[name] = dense(name).clone() if dense(name).is_inference() else dense(name)
+        return w
 
     interpreter = Interpreter(graph, weights, grad=True)
     for batch in progress(batches, desc="sensitivity"):

@@ -243,7 +243,7 @@ def test_smollm2_static_metrics_follow_from_the_ir(smollm2_runs):
     assert base["kv_bytes_per_token"] == kv
     assert base["kv_bytes_at"] == {str(c): float(kv * c) for c in (512, 2048, 8192, 32768)}
     int8 = one["stages"][1]["metrics"]
-    assert one["stages"][1]["name"] == "quantize" and one["stages"][0]["metrics"] == base
+    assert one["stages"][1]["name"] == "quantize:bits=8" and one["stages"][0]["metrics"] == base
     graph = load_artifact_graph(root / "int8")
     expected = 0
     for w in graph.params.values():

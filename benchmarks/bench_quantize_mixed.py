@@ -64,10 +64,9 @@ def test_mixed_precision_beats_random_and_first_last():
     import tokopt
     from tokopt.optimizer import corpus
     from tokopt.optimizer.ir.cost import static_metrics
-    from tokopt.optimizer.ir.weights import weight_shape
     from tokopt.optimizer.pass_api import PassContext
-    from tokopt.passes.quant.allocate import Candidate, allocate_in_order
-    from tokopt.passes.quant.mixed import SCALE_BYTES, byte_budget, formats_for
+    from tokopt.passes.quant.allocate import allocate_in_order
+    from tokopt.passes.quant.mixed import byte_budget, candidates_for
     from tokopt.passes.quant.weights import quantize_weights
     from tokopt.passes.quantize import QuantizePass
 
@@ -107,9 +106,7 @@ def test_mixed_precision_beats_random_and_first_last():
 
         # the baselines at the allocator's budget, quantized the same way
         targets = p._plan(graph)
-        shapes = {t.param: weight_shape(graph.params[t.param]) for t in targets}
-        cands = {t.param: [Candidate(f, f.nbytes(shapes[t.param], SCALE_BYTES["float16"]), 0.0)
-                           for f in formats_for(t, shapes[t.param][1])] for t in targets}
+        cands = candidates_for(graph, targets, "float16")
         max_bytes = byte_budget(graph, targets, BUDGET)
         names = [t.param for t in targets]
         n_layers = 1 + max(_layer(n) for n in names)

@@ -49,9 +49,7 @@ def byte_budget(g: Graph, targets: list[Target], budget_bits: float) -> int:
 
 def check_budget(g: Graph, targets: list[Target], budget_bits: float, scale_dtype: str) -> None:
     """Refuse, before any calibration, a bit budget that even the all-base mix exceeds."""
-    sb = SCALE_BYTES[scale_dtype]
-    cheapest = sum(min(f.nbytes(weight_shape(g.params[t.param]), sb)
-                       for f in formats_for(t, weight_shape(g.params[t.param])[1])) for t in targets)
+    cheapest = sum(min(c.nbytes for c in cs) for cs in candidates_for(g, targets, scale_dtype).values())
     if cheapest > byte_budget(g, targets, budget_bits):
         planned = {t.param for t in targets}
         fixed = sum(weight_nbytes(w) for name, w in g.params.items() if name not in planned)
@@ -62,11 +60,22 @@ def check_budget(g: Graph, targets: list[Target], budget_bits: float, scale_dtyp
             "groups (group_size=64 or 128) for a cheaper base format")
 
 
+def candidates_for(g: Graph, targets: list[Target], scale_dtype: str,
+                   est: dict[str, dict[str, float]] | None = None) -> dict[str, list[Candidate]]:
+    """Each target's candidate formats with their stored bytes and estimated KL (0 when not estimated)."""
+    sb = SCALE_BYTES[scale_dtype]
+    out = {}
+    for t in targets:
+        shape = weight_shape(g.params[t.param])
+        out[t.param] = [Candidate(f, f.nbytes(shape, sb), est[t.param][f.label] if est else 0.0)
+                        for f in formats_for(t, shape[1])]
+    return out
+
+
 def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any]) -> tuple[list[Target],
                                                                                             list[dict], str]:
     """Targets with the allocated formats, the sensitivity table for the report, and the note."""
     scale_dtype = o["scale_dtype"]
-    sb = SCALE_BYTES[scale_dtype]
     shapes = {t.param: weight_shape(g.params[t.param]) for t in targets}
     options = {t.param: formats_for(t, shapes[t.param][1]) for t in targets}
 
@@ -76,8 +85,7 @@ def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, A
     batches = ctx.calibration(g, o["sensitivity_samples"], o["calibration_seq_len"], "quantize (sensitivity)")
     est = estimate_kl(g, batches, {p: {f.label: quantizer(f) for f in fs} for p, fs in options.items()},
                       seed=ctx.seed, progress=ctx.progress)
-    candidates = {p: [Candidate(f, f.nbytes(shapes[p], sb), est[p][f.label]) for f in fs]
-                  for p, fs in options.items()}
+    candidates = candidates_for(g, targets, scale_dtype, est)
     max_bytes = None if o["budget_bits"] is None else byte_budget(g, targets, o["budget_bits"])
     chosen: Allocation = allocate(candidates, max_bytes=max_bytes, max_kl=o["max_kl"])
     new = [replace(t, bits=chosen.choice[t.param].format.bits, group_size=chosen.choice[t.param].format.group_size,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from tokopt.optimizer.interpret.interpreter import Interpreter
 from tokopt.optimizer.ir.graph import Graph, Value
-from tokopt.optimizer.ir.weights import DenseWeights
+from tokopt.passes.attention.trainable import TrainableGraph
 
 log = logging.getLogger(__name__)
 
@@ -61,28 +61,16 @@ def estimate_kl(graph: Graph, batches: Sequence[torch.Tensor], formats: dict[str
     """
     params = list(formats)
     readers = readers_of(graph, params)
-    dense = DenseWeights(graph.params, torch.float32)
+    # the token embedding as a trainable leaf makes every activation after it track a gradient
+    grad_leaf = next(n.params["weight"] for n in graph.nodes("Embedding"))
+    weights = TrainableGraph(graph, {grad_leaf}).weight
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     for p in params:
-        w = dense(p)
+        w = weights(p).detach()
         deltas[p] = {label: (quant(w) - w).contiguous() for label, quant in formats[p].items()}
-    # the token embedding as a leaf needing a gradient makes every activation after it track one
-    grad_leaf = next(n.params["weight"] for n in graph.nodes("Embedding"))
     totals = {p: dict.fromkeys(formats[p], 0.0) for p in params}
     tokens = 0
     gen = torch.Generator().manual_seed(seed)
-    leaf = dense(grad_leaf).detach().clone().requires_grad_(True)
-
-    usable: dict[str, torch.Tensor] = {}
-
-    def weights(name: str) -> torch.Tensor:
-        if name == grad_leaf:
-            return leaf
-        w = usable.get(name)
-        if w is None:  # a tensor loaded under an executor's inference_mode cannot be saved for backward
-            w = usable[name] = dense(name).clone() if dense(name).is_inference() else dense(name)
-        return w
-
     interpreter = Interpreter(graph, weights, grad=True)
     for batch in progress(batches, desc="sensitivity"):
         batch = batch if batch.dim() == 2 else batch.unsqueeze(0)

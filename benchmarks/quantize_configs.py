@@ -1,0 +1,56 @@
+"""Try quantize-pass configurations on SmolLM2: bits/param and Δppl on docstrings and on English prose.
+
+Run:  python benchmarks/quantize_configs.py '{"bits": 4, "group_size": 32}' '{"bits": 4, "budget_bits": 4.75}'
+      --seqs 4 (sequences of 512 tokens per text; default 4, the benchmarks use 8)
+
+Each argument is the pass's options as JSON.  Every row is measured against the fp32 baseline on the
+same tokens: the default eval text (standard-library docstrings) and ``/usr/share/common-licenses/GPL-3``.
+The exploratory figures in the issue notes (damping, calibration size) come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import tokopt
+from tokopt.measure.quality import perplexity
+from tokopt.optimizer import corpus
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.cost import static_metrics
+from tokopt.optimizer.pass_api import PassContext
+from tokopt.passes.quantize import QuantizePass
+
+PROSE = "/usr/share/common-licenses/GPL-3"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+", help="quantize options as JSON")
+    parser.add_argument("--seqs", type=int, default=4)
+    args = parser.parse_args()
+    graph = tokopt.load("smollm2")
+    tok = corpus.tokenizer_for(graph)
+    texts = {"doc": corpus.default_eval_text(), "prose": corpus.file_text(PROSE)}
+    evals = {k: corpus.fixed_batches(corpus.tokenize(t, tok, graph.meta.vocab_size), args.seqs, 512, "eval")
+             for k, t in texts.items()}
+
+    def ppl(g) -> dict[str, float]:
+        forward = ReferenceExecutor(g).forward
+        return {k: perplexity(forward, b.split(2)) for k, b in evals.items()}
+
+    base = ppl(graph)
+    print(f"fp32: doc {base['doc']:.3f}, prose {base['prose']:.3f} ({args.seqs} x 512 tokens each)")
+    for spec in args.configs:
+        started = time.perf_counter()
+        q = QuantizePass(**json.loads(spec)).run(graph, PassContext(seed=0)).graph
+        seconds = time.perf_counter() - started
+        p = ppl(q)
+        print(f"{spec}: {static_metrics(q).bits_per_param:.3f} bits/param, "
+              f"doc {100 * (p['doc'] / base['doc'] - 1):+.2f} %, prose {100 * (p['prose'] / base['prose'] - 1):+.2f} % "
+              f"(quantize {seconds:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,10 +37,43 @@ def tiny_config(arch: str):
     if arch == "qwen2_moe":
         return tf.Qwen2MoeConfig(**TINY, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                  moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**TINY, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, norm_topk_prob=False)
+    alternating = ["sliding_attention", "full_attention"]
+    if arch == "gemma2":  # softcaps small enough to bite on random weights; head_dim != hidden/heads
+        return tf.Gemma2Config(**TINY, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                               attn_logit_softcapping=2.0, final_logit_softcapping=5.0, sliding_window=8,
+                               layer_types=alternating)
+    if arch == "gemma3_text":  # local and global layers on different RoPE bases (global scaled)
+        return tf.Gemma3TextConfig(**TINY, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32,
+                                   sliding_window=8, layer_types=alternating, rope_parameters={
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                          "rope_theta": 1000000.0}})
+    if arch == "phi3":  # LongRoPE switching at 64 tokens, partial rotary (3/4 of head_dim)
+        rd = int(16 * 0.75)
+        return tf.Phi3Config(**TINY, num_key_value_heads=2, original_max_position_embeddings=64, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * j for j in range(rd // 2)],
+            "long_factor": [2.0 + 0.5 * j for j in range(rd // 2)], "original_max_position_embeddings": 64},
+            pad_token_id=0)
+    if arch == "smollm3":  # the second layer has no positional encoding
+        return tf.SmolLM3Config(**TINY, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0)
+    if arch == "gpt_oss":
+        cfg = {**TINY, "intermediate_size": 32}
+        return tf.GptOssConfig(**cfg, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, sliding_window=8, layer_types=alternating)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**TINY, num_key_value_heads=2)
+    if arch == "granite":
+        return tf.GraniteConfig(**TINY, num_key_value_heads=2, embedding_multiplier=6.0, residual_multiplier=0.5,
+                                attention_multiplier=0.2, logits_scaling=0.5)
     raise ValueError(arch)
 
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe", "gemma2",
+                 "gemma3_text", "phi3", "smollm3", "gpt_oss", "olmo2", "granite")
 
 
 def build_tiny_model(arch: str, path: Path, seed: int = 0):

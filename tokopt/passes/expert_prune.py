@@ -11,8 +11,10 @@ original model with the pruned experts masked out of routing.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from tokopt.errors import PassOptionError, PreconditionError
+from tokopt.optimizer.interpret.kernels import route
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, in_unit_interval
@@ -98,10 +100,11 @@ def expert_usage(graph: Graph, names: set[str], ctx: PassContext, method: str) -
     for name in names:
         node = graph.node(name)
         router = materialize(graph.params[node.params["router"]]).float()
+        bias = node.params.get("router_bias")
+        bias = materialize(graph.params[bias]).float() if bias else None
         total = torch.zeros(node.attrs["num_experts"])
         for x in captured[name]:
-            probs = torch.softmax(x.reshape(-1, x.shape[-1]).float() @ router.T, dim=-1)
-            weights, chosen = torch.topk(probs, node.attrs["top_k"], dim=-1)
+            weights, chosen = route(F.linear(x.reshape(-1, x.shape[-1]).float(), router, bias), node.attrs)
             score = weights.flatten() if method == "weight" else torch.ones(chosen.numel())
             total.index_add_(0, chosen.flatten(), score)
         usage[name] = total
@@ -109,10 +112,13 @@ def expert_usage(graph: Graph, names: set[str], ctx: PassContext, method: str) -
 
 
 def prune_moe_node(graph: Graph, name: str, kept: torch.Tensor) -> None:
-    """Keep only experts ``kept`` in MoE node ``name`` (router rows and stacked weights)."""
+    """Keep only experts ``kept`` in MoE node ``name`` (router rows and bias, stacked weights and biases)."""
     node = graph.node(name)
-    for role in ("router", "experts.gate", "experts.up", "experts.down"):
-        pname = node.params[role]
+    for role in ("router", "router_bias", "experts.gate", "experts.up", "experts.down", "experts.gate_bias",
+                 "experts.up_bias", "experts.down_bias"):
+        pname = node.params.get(role)
+        if pname is None:
+            continue
         new_name = f"{pname}#experts={len(kept)}"
         graph.params[new_name] = materialize(graph.params[pname])[kept].contiguous()
         node.params[role] = new_name

@@ -13,7 +13,22 @@ from pathlib import Path
 
 from tokopt.errors import InputFileError, ModelSourceError, UnsupportedArchitectureError
 from tokopt.frontends.checkpoint import read_checkpoint
-from tokopt.frontends.hf import gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3
+from tokopt.frontends.hf import (
+    gemma,
+    gpt2,
+    gpt_oss,
+    granite,
+    llama,
+    mistral,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    smollm3,
+)
 from tokopt.frontends.hf.builder import HFSource
 from tokopt.frontends.hf.plugin_builder import PluginBuilder
 from tokopt.io_boundary import reading
@@ -30,6 +45,14 @@ ARCHITECTURES: dict[str, Builder] = {
     "gpt2": gpt2.build,
     "mixtral": mixtral.build,
     "qwen2_moe": qwen2_moe.build,
+    "qwen3_moe": qwen3_moe.build,
+    "gemma2": gemma.build_gemma2,
+    "gemma3_text": gemma.build_gemma3,
+    "phi3": phi3.build,
+    "smollm3": smollm3.build,
+    "gpt_oss": gpt_oss.build,
+    "olmo2": olmo2.build,
+    "granite": granite.build,
 }
 reserve_builtin_names("frontend", ARCHITECTURES)
 

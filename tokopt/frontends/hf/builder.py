@@ -84,8 +84,27 @@ class GraphBuilder:
     def embedding(self, name: str, ids: Value, weight: str) -> Value:
         return self.graph.add_node("Embedding", name, [ids], params={"weight": self.param(weight)})
 
-    def rms_norm(self, name: str, x: Value, weight: str, eps: float) -> Value:
-        return self.graph.add_node("RMSNorm", name, [x], {"eps": float(eps)}, {"weight": self.param(weight)})
+    def rms_norm(self, name: str, x: Value, weight: str, eps: float, offset: float = 0.0) -> Value:
+        return self.graph.add_node("RMSNorm", name, [x], {"eps": float(eps)},
+                                   {"weight": self.norm_weight(weight, offset)})
+
+    def norm_weight(self, key: str, offset: float = 0.0) -> str:
+        """A norm's weight; Gemma's ``x * (1 + w)`` norms get ``1 + w`` (computed in fp32, as Gemma does)."""
+        if not offset:
+            return self.param(key)
+        if key not in self.src.tensors:
+            self.param(key)  # raises, naming the missing tensor
+        name = f"{key}+{offset:g}"
+        if name not in self.graph.params:
+            src = self.src.tensors[key]
+            self.derived_param(name, LazyTensor(src.shape, "float32", lambda: src.materialize().float() + offset))
+        return name
+
+    def scale(self, name: str, x: Value, factor: float | None) -> Value:
+        """``x * factor`` as a Scale node; no node when there is no factor (or it is 1)."""
+        if factor is None or float(factor) == 1.0:
+            return x
+        return self.graph.add_node("Scale", name, [x], {"factor": float(factor)})
 
     def layer_norm(self, name: str, x: Value, weight: str, bias: str | None, eps: float) -> Value:
         params = {"weight": self.param(weight)}
@@ -135,14 +154,23 @@ class GraphBuilder:
         return self.graph
 
 
-def rope_attrs(src: HFSource, head_dim: int) -> dict[str, Any]:
+def rope_attrs(src: HFSource, head_dim: int, layer_type: str | None = None) -> dict[str, Any]:
     """RoPE attributes with inverse frequencies precomputed from the HF config.
 
     Storing ``inv_freq`` makes every executor and backend agree bit-for-bit on the
-    frequencies, whatever scaling recipe (linear, llama3, yarn) produced them.
+    frequencies, whatever scaling recipe (linear, llama3, yarn, longrope) produced them.
+    ``layer_type`` picks one layer type's parameters where the config has one set per type
+    (Gemma 3: local layers on one base, global layers on another).  LongRoPE (Phi-3) stores
+    both its frequency sets and the position where transformers switches between them.
     """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     cfg = src.config
     params = dict(getattr(cfg, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    else:
+        layer_type = None
     if not params:  # transformers 4.x layout
         params = dict(getattr(cfg, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -150,20 +178,26 @@ def rope_attrs(src: HFSource, head_dim: int) -> dict[str, Any]:
     theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     partial = float(params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)) or 1.0)
     rotary_dim = int(head_dim * partial)
+    by_type = {"layer_type": layer_type} if layer_type is not None else {}
+    extra: dict[str, Any] = {}
     if rope_type == "default":
         inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
         factor = 1.0
     elif rope_type in ("linear", "llama3", "yarn"):
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), **by_type)
+    elif rope_type == "longrope":
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), **by_type)
+        original = int(params.get("original_max_position_embeddings")
+                       or getattr(cfg, "original_max_position_embeddings", 0) or cfg.max_position_embeddings)
+        long, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"), seq_len=original + 1, **by_type)
+        extra = {"long_inv_freq": [float(f) for f in long.float()], "original_max_positions": original}
     else:
         raise UnsupportedArchitectureError(
             f"rope type {rope_type!r} is not supported (its frequencies depend on the sequence length); "
-            "supported: default, linear, llama3, yarn")
+            "supported: default, linear, llama3, yarn, longrope")
     return {
         "theta": theta, "type": rope_type, "rotary_dim": rotary_dim, "interleaved": False,
-        "inv_freq": [float(f) for f in inv_freq.float()], "attention_factor": float(factor),
+        "inv_freq": [float(f) for f in inv_freq.float()], "attention_factor": float(factor), **extra,
     }
 
 

@@ -11,5 +11,5 @@ from tokopt.optimizer.ir.graph import Graph
 
 def build(src: HFSource) -> Graph:
     bias = bool(src.get("attention_bias", False))
-    spec = LlamaLikeSpec(qkv_bias=bias, o_bias=bias, qk_norm=True, windows=sliding_windows_from_config(src))
+    spec = LlamaLikeSpec(qkv_bias=bias, o_bias=bias, qk_norm="head", windows=sliding_windows_from_config(src))
     return build_llama_like(src, "Qwen3ForCausalLM", spec)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tokopt.errors import UnsupportedOpError
 from tokopt.optimizer.interpret.activations import quantize_activations
 from tokopt.optimizer.interpret.kv_quant import kv_view
-from tokopt.optimizer.ir.attrs import kivi_quantized_below
+from tokopt.optimizer.ir.attrs import kivi_quantized_below, uses_long_rope
 from tokopt.optimizer.ir.graph import Node
 
 if TYPE_CHECKING:
@@ -130,9 +130,45 @@ def _add(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
     return ins[0] + ins[1]
 
 
+@kernel("Scale")
+def _scale(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return ins[0] * node.attrs["factor"]
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap), as Gemma computes it (divide, then multiply)."""
+    return torch.tanh(x / cap) * cap
+
+
+@kernel("Softcap")
+def _softcap(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    return softcap(ins[0], node.attrs["cap"])
+
+
 @kernel("Mul")
 def _mul(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
     return ins[0] * ins[1]
+
+
+def route(logits: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, experts) of each row's top_k experts, by the MoE's ``routing``."""
+    if attrs.get("routing", "softmax_topk") == "topk_softmax":  # gpt-oss: softmax over the top_k logits only
+        top, experts = torch.topk(logits.float(), attrs["top_k"], dim=-1)
+        return torch.softmax(top, dim=-1), experts
+    weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), attrs["top_k"], dim=-1)
+    if attrs["norm_topk_prob"]:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def gated_unit(attrs: dict, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """An expert's hidden activation from its gate and up projections (``glu``, default act(gate) * up)."""
+    glu = attrs.get("glu")
+    if glu is None:
+        return activation(attrs["activation"], gate) * up
+    limit = glu["limit"]  # clamped_swiglu (gpt-oss)
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * glu["alpha"]))
 
 
 @kernel("MoE")
@@ -140,17 +176,20 @@ def _moe(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
     a = node.attrs
     x = ins[0]
     flat = x.reshape(-1, x.shape[-1])
-    probs = torch.softmax(F.linear(flat, _w(node, ctx, "router")).float(), dim=-1)
-    weights, experts = torch.topk(probs, a["top_k"], dim=-1)
-    if a["norm_topk_prob"]:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights, experts = route(F.linear(flat, _w(node, ctx, "router"), _w(node, ctx, "router_bias")), a)
     weights = weights.to(x.dtype)
     gate, up, down = (_w(node, ctx, r) for r in ("experts.gate", "experts.up", "experts.down"))
+    biases = [_w(node, ctx, r) for r in ("experts.gate_bias", "experts.up_bias", "experts.down_bias")]
+
+    def bias(j: int, e: int) -> torch.Tensor | None:
+        return None if biases[j] is None else biases[j][e]
+
     out = torch.zeros_like(flat)
     for e in torch.unique(experts).tolist():
         rows, slot = torch.nonzero(experts == e, as_tuple=True)
         h = flat[rows]
-        y = F.linear(activation(a["activation"], F.linear(h, gate[e])) * F.linear(h, up[e]), down[e])
+        g, u = F.linear(h, gate[e], bias(0, e)), F.linear(h, up[e], bias(1, e))
+        y = F.linear(gated_unit(a, g, u), down[e], bias(2, e))
         out.index_add_(0, rows, y * weights[rows, slot, None])
     if "shared.gate" in node.params:
         gate = activation(a["activation"], F.linear(flat, _w(node, ctx, "shared.gate")))
@@ -163,8 +202,14 @@ def _moe(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
 
 
 def rope_tables(rope: dict, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (seq, rotary_dim) for absolute ``positions`` (HF half-rotation layout)."""
+    """cos/sin of shape (seq, rotary_dim) for absolute ``positions`` (HF half-rotation layout).
+
+    LongRoPE picks its frequency set for the whole step from the step's largest position
+    (:func:`~tokopt.optimizer.ir.attrs.uses_long_rope`), branch-free so a compiled step keeps one graph."""
     inv_freq = torch.tensor(rope["inv_freq"], dtype=torch.float32)
+    if uses_long_rope(rope):
+        long = positions.max() + 1 > rope["original_max_positions"]
+        inv_freq = torch.where(long, torch.tensor(rope["long_inv_freq"], dtype=torch.float32), inv_freq)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     factor = rope.get("attention_factor", 1.0)
@@ -173,7 +218,8 @@ def rope_tables(rope: dict, positions: torch.Tensor, dtype: torch.dtype) -> tupl
 
 def rope_key(rope: dict) -> tuple:
     """Layers whose RoPE has the same frequencies and scaling share one cos/sin table."""
-    return tuple(rope["inv_freq"]), rope.get("attention_factor", 1.0)
+    return (tuple(rope["inv_freq"]), rope.get("attention_factor", 1.0), tuple(rope.get("long_inv_freq") or ()),
+            rope.get("original_max_positions"))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -236,9 +282,15 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
     group = h // kvh
     scores = (q.reshape(bsz, kvh, group * seq, d) @ k.transpose(-1, -2)) * a["scale"]
     if a.get("softcap"):
-        scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
+        scores = softcap(scores, a["softcap"])
     mask = attention_mask(ctx.positions, k_pos, a, k_quantized).repeat(group, 1)
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    sink = _w(node, ctx, "sink_logits")
+    if sink is not None:  # one more logit per head that attends to nothing (gpt-oss): it only joins the softmax
+        column = sink.view(1, kvh, group, 1, 1).expand(bsz, kvh, group, seq, 1).reshape(bsz, kvh, group * seq, 1)
+        probs = torch.softmax(torch.cat([scores, column.to(scores.dtype)], dim=-1).float(), dim=-1)[..., :-1]
+        probs = probs.to(q.dtype)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = (probs @ v).view(bsz, h, seq, d)
     return out.transpose(1, 2).reshape(bsz, seq, h * d)

@@ -197,6 +197,17 @@ def check_span(attrs: dict[str, Any]) -> list[str]:
 
 # -- rope: rotary position embedding -------------------------------------------------------------------
 ROPE_KEYS = {"theta", "type", "rotary_dim", "interleaved", "inv_freq", "attention_factor"}
+#: LongRoPE (Phi-3): a second frequency set used for a whole step once it reaches past the pretraining length.
+LONG_ROPE_KEYS = {"long_inv_freq", "original_max_positions"}
+
+
+def uses_long_rope(rope: dict[str, Any] | None) -> bool:
+    """Whether ``rope`` switches to ``long_inv_freq`` for steps reaching past ``original_max_positions``.
+
+    The rule is transformers' for LongRoPE: a forward whose largest position ``p`` has ``p + 1 >
+    original_max_positions`` rotates every query and key it computes with the long frequencies; keys
+    cached by earlier steps keep the rotation they were cached with."""
+    return bool(rope and rope.get("long_inv_freq"))
 
 
 def check_rope(rope: dict[str, Any] | None, head_dim: int) -> list[str]:
@@ -204,7 +215,7 @@ def check_rope(rope: dict[str, Any] | None, head_dim: int) -> list[str]:
     if rope is None:
         return []
     problems = []
-    unknown = sorted(set(rope) - ROPE_KEYS)
+    unknown = sorted(set(rope) - ROPE_KEYS - LONG_ROPE_KEYS)
     if unknown:
         problems.append(f"rope has unknown key(s) {', '.join(unknown)}")
     rd = rope.get("rotary_dim")
@@ -212,7 +223,32 @@ def check_rope(rope: dict[str, Any] | None, head_dim: int) -> list[str]:
         problems.append(f"rope rotary_dim {rd!r} must be even and within 2..head_dim={head_dim}")
     elif len(rope.get("inv_freq") or []) * 2 != rd:
         problems.append(f"rope inv_freq has {len(rope.get('inv_freq') or [])} entries for rotary_dim {rd}")
+    if set(rope) & LONG_ROPE_KEYS:
+        long, orig = rope.get("long_inv_freq") or [], rope.get("original_max_positions")
+        if len(long) != len(rope.get("inv_freq") or []):
+            problems.append(f"rope long_inv_freq has {len(long)} entries, inv_freq {len(rope.get('inv_freq') or [])}")
+        if not isinstance(orig, int) or isinstance(orig, bool) or orig < 1:
+            problems.append(f"rope original_max_positions {orig!r} must be an integer >= 1 (LongRoPE's switch point)")
     if rope.get("interleaved"):
         problems.append("rope.interleaved (GPT-J style pairs) is not part of the IR's RoPE; the frontend must "
                         "permute q/k projections into the half-rotation layout")
+    return problems
+
+
+# -- MoE: routing and the experts' gated unit -----------------------------------------------------------
+MOE_ROUTINGS = ("softmax_topk", "topk_softmax")
+GLU_KINDS = ("clamped_swiglu",)
+
+
+def check_moe(attrs: dict[str, Any]) -> list[str]:
+    """Why an MoE's ``routing``/``glu`` attributes are invalid; empty when valid."""
+    problems = []
+    if attrs.get("routing", "softmax_topk") not in MOE_ROUTINGS:
+        problems.append(f"routing {attrs.get('routing')!r} (valid: {', '.join(MOE_ROUTINGS)})")
+    glu = attrs.get("glu")
+    if glu is not None:
+        if not isinstance(glu, dict) or glu.get("kind") not in GLU_KINDS or set(glu) != {"kind", "alpha", "limit"}:
+            problems.append(f"glu {glu!r} must be {{'kind': 'clamped_swiglu', 'alpha': a, 'limit': l}}")
+        elif not glu["limit"] > 0:
+            problems.append(f"glu limit {glu['limit']!r} must be > 0")
     return problems

@@ -176,6 +176,16 @@ register_op(OpSpec("Mul", ("a", "b"), ("out",), {}, (), _same_as_first, _element
                    "Elementwise product."))
 register_op(OpSpec("Add", ("a", "b"), ("out",), {}, (), _same_as_first, _elementwise_flops,
                    "Elementwise sum (residual connections)."))
+register_op(OpSpec(
+    "Scale", ("x",), ("out",), {"factor": 1.0}, (), _same_as_first, _elementwise_flops,
+    "x * factor, a constant multiplier: Gemma's sqrt(hidden) embedding scale, Granite's embedding, residual "
+    "and logit multipliers.  Kept as a node (not folded into a weight) because the weight it follows is often "
+    "tied to another use (the embedding is also the lm_head).",
+))
+register_op(OpSpec(
+    "Softcap", ("x",), ("out",), {"cap": None}, (), _same_as_first, lambda n, g, c=0: 3 * math.prod(n.outputs[0].shape),
+    "cap * tanh(x / cap): Gemma 2's final-logit soft-capping (attention logits carry their own softcap).",
+))
 
 
 # -- Attention ------------------------------------------------------------------------
@@ -224,6 +234,7 @@ register_op(OpSpec(
     {
         "num_heads": None, "num_kv_heads": None, "head_dim": None, "scale": None,
         "rope": None,  # {"theta", "type", "rotary_dim", "interleaved", "inv_freq", "attention_factor"}
+        #               + LongRoPE's {"long_inv_freq", "original_max_positions"}
         "qk_norm": None,  # {"eps"} when q_norm/k_norm params normalise each head
         "causal": True, "window": None, "sinks": 0, "softcap": None,
         "kv_cache": DEFAULT_KV_CACHE, "layer_index": 0,
@@ -231,8 +242,10 @@ register_op(OpSpec(
     (), _attention_infer, _attention_flops,
     "Scaled dot-product attention over projected q (heads*head_dim), k and v (kv_heads*head_dim), "
     "with RoPE, optional per-head q/k RMSNorm, causal mask, sliding window with sink tokens, "
-    "logit softcap, and a KV cache described by kv_cache.",
-    optional_params=("q_norm", "k_norm"),
+    "logit softcap, and a KV cache described by kv_cache.  The optional sink_logits param (num_heads,) is "
+    "gpt-oss's learned attention sink: one extra logit per head in the softmax's denominator, attending to "
+    "nothing (not the same thing as the window's `sinks`, which keep the first tokens).",
+    optional_params=("q_norm", "k_norm", "sink_logits"),
 ))
 
 
@@ -261,12 +274,16 @@ register_op(OpSpec(
     "MoE", ("x",), ("out",),
     {"num_experts": None, "top_k": None, "hidden_size": None, "intermediate_size": None,
      "norm_topk_prob": True, "activation": "silu", "shared_intermediate_size": None,
-     "shared_gate": False},
+     "shared_gate": False, "routing": "softmax_topk", "glu": None},
     ("router", "experts.gate", "experts.up", "experts.down"),
     _same_as_first, _moe_flops,
-    "Top-k routed mixture of gated-MLP experts: softmax router, top_k selection (renormalised "
-    "when norm_topk_prob), experts stacked as (E, I, H) gate/up and (E, H, I) down, and an "
-    "optional shared expert (shared.gate/up/down) scaled by sigmoid(shared_gate).",
-    optional_params=("shared.gate", "shared.up", "shared.down", "shared_gate"),
+    "Top-k routed mixture of gated-MLP experts: router logits (+ router_bias), routing 'softmax_topk' "
+    "(softmax over all experts, top_k kept, renormalised when norm_topk_prob) or 'topk_softmax' (top_k "
+    "logits, softmax over them: gpt-oss), experts stacked as (E, I, H) gate/up and (E, H, I) down with "
+    "optional (E, I)/(E, H) biases, act(gate) * up — or, with glu {'kind': 'clamped_swiglu', 'alpha', "
+    "'limit'}, gpt-oss's (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g) where g = min(gate, limit) — "
+    "and an optional shared expert (shared.gate/up/down) scaled by sigmoid(shared_gate).",
+    optional_params=("shared.gate", "shared.up", "shared.down", "shared_gate", "router_bias",
+                     "experts.gate_bias", "experts.up_bias", "experts.down_bias"),
     bytes_read=_moe_bytes,
 ))

@@ -41,7 +41,52 @@ def describe(graph: Graph) -> dict[str, Any]:
     if moe:
         info["num_experts"] = _uniform([n.attrs["num_experts"] for n in moe])
         info["experts_per_token"] = _uniform([n.attrs["top_k"] for n in moe])
+    info["features"] = features(graph)
     return info
+
+
+def features(graph: Graph) -> dict[str, Any]:
+    """What sets this model's graph apart, read from the IR itself (not from its model_type).
+
+    Per-layer values collapse to one when every layer agrees (:func:`_uniform`); a layer
+    without RoPE (NoPE) shows ``None`` in ``rope``."""
+    attn, moe = graph.nodes("Attention"), graph.nodes("MoE")
+    norms = [n for n in graph.nodes("RMSNorm") if n.name.startswith("layers.")]
+    per_layer = Counter(n.name.split(".")[1] for n in norms + graph.nodes("LayerNorm") if n.name.startswith("layers."))
+    out: dict[str, Any] = {
+        "rope": _uniform([_rope_label(n.attrs.get("rope")) for n in attn]),
+        "attention_scale": _uniform([n.attrs["scale"] for n in attn]),
+        "attention_softcap": _uniform([n.attrs.get("softcap") for n in attn]),
+        "qk_norm": _uniform([_qk_norm_label(graph, n) for n in attn]),
+        "learned_sink_logits": _uniform(["sink_logits" in n.params for n in attn]),
+        "norms_per_layer": _uniform(list(per_layer.values())),
+        "scales": {n.name: n.attrs["factor"] for n in graph.nodes("Scale")},
+        "final_softcap": _uniform([n.attrs["cap"] for n in graph.nodes("Softcap")]) or None,
+    }
+    if moe:
+        out["moe"] = _uniform([{"routing": n.attrs.get("routing", "softmax_topk"),
+                                "norm_topk_prob": n.attrs["norm_topk_prob"],
+                                "glu": n.attrs.get("glu") or n.attrs["activation"],
+                                "shared_expert": "shared.gate" in n.params,
+                                "biases": sorted(r for r in n.params if r.endswith("_bias"))} for n in moe])
+    return out
+
+
+def _rope_label(rope: dict[str, Any] | None) -> dict[str, Any] | None:
+    if rope is None:
+        return None
+    label = {"type": rope.get("type"), "theta": rope.get("theta"), "rotary_dim": rope["rotary_dim"]}
+    if rope.get("long_inv_freq"):
+        label["long_from"] = rope["original_max_positions"]
+    return label
+
+
+def _qk_norm_label(graph: Graph, node: Any) -> str | None:
+    """``per-head`` (the Attention's own q/k norms), ``projection`` (RMSNorm nodes on the q/k Linears), or None."""
+    if node.attrs.get("qk_norm"):
+        return "per-head"
+    q, k = (graph.producer(v) for v in graph.inputs_of(node.name)[:2])
+    return "projection" if q.op == "RMSNorm" and k.op == "RMSNorm" else None
 
 
 def _dtype_label(graph: Graph, name: str) -> str:

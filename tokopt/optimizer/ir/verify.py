@@ -6,10 +6,12 @@ and the error names the stage that produced it.
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 
 from tokopt.errors import UnsupportedOpError, VerificationError
-from tokopt.optimizer.ir.attrs import check_act_quant, check_kv_cache, check_rope, check_span
+from tokopt.optimizer.ir.attrs import check_act_quant, check_kv_cache, check_moe, check_rope, check_span
 from tokopt.optimizer.ir.graph import Graph, Node
 from tokopt.optimizer.ir.ops import get_op
 from tokopt.optimizer.ir.weights import weight_shape
@@ -88,13 +90,27 @@ def _check_shapes(graph: Graph, node: Node, ins: list) -> list[str]:
     elif node.op == "Attention":
         return _check_attention(graph, node, ins)
     elif node.op == "MoE":
-        a = node.attrs
-        e, i, h = weight_shape(p[node.params["experts.gate"]])
-        if (e, i, h) != (a["num_experts"], a["intermediate_size"], a["hidden_size"]):
-            return [f"{node.name}: expert weights {(e, i, h)} disagree with attributes"]
-        if not 0 < a["top_k"] <= e:
-            return [f"{node.name}: top_k={a['top_k']} outside 1..{e}"]
+        return _check_moe(graph, node)
+    elif node.op == "Scale" and not (isinstance(node.attrs["factor"], float) and math.isfinite(node.attrs["factor"])):
+        return [f"{node.name}: Scale factor {node.attrs['factor']!r} must be a finite float"]
+    elif node.op == "Softcap" and not (isinstance(node.attrs["cap"], float) and node.attrs["cap"] > 0):
+        return [f"{node.name}: Softcap cap {node.attrs['cap']!r} must be a float > 0"]
     return []
+
+
+def _check_moe(graph: Graph, node: Node) -> list[str]:
+    a, p = node.attrs, graph.params
+    e, i, h = weight_shape(p[node.params["experts.gate"]])
+    if (e, i, h) != (a["num_experts"], a["intermediate_size"], a["hidden_size"]):
+        return [f"{node.name}: expert weights {(e, i, h)} disagree with attributes"]
+    if not 0 < a["top_k"] <= e:
+        return [f"{node.name}: top_k={a['top_k']} outside 1..{e}"]
+    problems = [f"{node.name}: {why}" for why in check_moe(a)]
+    for role, shape in (("router_bias", (e,)), ("experts.gate_bias", (e, i)), ("experts.up_bias", (e, i)),
+                        ("experts.down_bias", (e, h))):
+        if role in node.params and weight_shape(p[node.params[role]]) != shape:
+            problems.append(f"{node.name}: {role} must have shape {shape}")
+    return problems
 
 
 def _check_attention(graph: Graph, node: Node, ins: list) -> list[str]:
@@ -112,7 +128,7 @@ def _check_attention(graph: Graph, node: Node, ins: list) -> list[str]:
             problems.append(f"{node.name}: {label} width {info.shape} != num_kv_heads*head_dim = {kvh * d}")
     problems.extend(f"{node.name}: {why}" for why in
                     (*check_span(a), *check_kv_cache(a), *check_rope(a.get("rope"), d)))
-    for role in ("q_norm", "k_norm"):
-        if role in node.params and weight_shape(graph.params[node.params[role]]) != (d,):
-            problems.append(f"{node.name}: {role} weight must have shape ({d},)")
+    for role, shape in (("q_norm", (d,)), ("k_norm", (d,)), ("sink_logits", (h,))):
+        if role in node.params and weight_shape(graph.params[node.params[role]]) != shape:
+            problems.append(f"{node.name}: {role} weight must have shape {shape}")
     return problems

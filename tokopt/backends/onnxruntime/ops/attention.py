@@ -24,8 +24,10 @@ import torch
 
 from tokopt.backends.onnxruntime.lower import KVSlot, LowerContext
 from tokopt.backends.onnxruntime.ops import register_lowering
-from tokopt.backends.onnxruntime.ops.basic import rms_norm
+from tokopt.backends.onnxruntime.ops.basic import rms_norm, softcap
 from tokopt.errors import UnsupportedOpError
+from tokopt.optimizer.interpret.kernels import rope_key
+from tokopt.optimizer.ir.attrs import uses_long_rope
 from tokopt.optimizer.ir.graph import Node
 
 KV_DTYPES = ("float32",)
@@ -39,6 +41,8 @@ def gqa_unsupported_reason(node: Node) -> str | None:
     d = a["head_dim"]
     if a.get("sinks"):
         return f"{node.name}: sink tokens (GroupQueryAttention's local window has no sinks)"
+    if "sink_logits" in node.params:
+        return f"{node.name}: learned attention-sink logits (lowered as an extra softmax column)"
     if a.get("window"):
         return f"{node.name}: a sliding window (GroupQueryAttention's buffer keeps every token, a ring the window)"
     if not a.get("causal", True):
@@ -64,18 +68,31 @@ def _kv_slot(ctx: LowerContext, node: Node) -> KVSlot:
 
 
 def rope_table(ctx: LowerContext, rope: dict, half: bool) -> tuple[str, str]:
-    """cos/sin tables (max_length, rotary_dim or rotary_dim/2), attention factor folded in."""
-    key = ("rope", tuple(rope["inv_freq"]), rope.get("attention_factor", 1.0), half)
+    """cos/sin tables (max_length, rotary_dim or rotary_dim/2), attention factor folded in.
+
+    LongRoPE stores both frequency sets' tables and picks one per step, as the reference does: the long one
+    once the step reaches past ``original_max_positions`` (the step's tokens end at the attention mask's width).
+    """
+    key = ("rope", rope_key(rope), half)
     if key not in ctx.cache:
-        inv_freq = torch.tensor(rope["inv_freq"], dtype=torch.float32)
-        freqs = torch.arange(ctx.max_length).float()[:, None] * inv_freq[None, :]
-        emb = freqs if half else torch.cat([freqs, freqs], dim=-1)
-        factor = rope.get("attention_factor", 1.0)
         idx = sum(1 for k in ctx.cache if isinstance(k, tuple) and k[0] == "rope")
-        cos = ctx.b.initializer(f"rope{idx}.cos_cache", (emb.cos() * factor).numpy())
-        sin = ctx.b.initializer(f"rope{idx}.sin_cache", (emb.sin() * factor).numpy())
-        ctx.cache[key] = (cos, sin)
+        tables = _rope_tables(ctx, rope["inv_freq"], rope.get("attention_factor", 1.0), half, f"rope{idx}")
+        if uses_long_rope(rope):
+            long = _rope_tables(ctx, rope["long_inv_freq"], rope.get("attention_factor", 1.0), half, f"rope{idx}.long")
+            _, total = _lengths(ctx)
+            past = ctx.b.op("Greater", [total, ctx.b.const(int(rope["original_max_positions"]))],
+                            name=f"rope{idx}.is_long")
+            tables = tuple(ctx.b.op("Where", [past, lt, st], name=f"rope{idx}.table")
+                           for lt, st in zip(long, tables, strict=True))
+        ctx.cache[key] = tables
     return ctx.cache[key]
+
+
+def _rope_tables(ctx: LowerContext, inv_freq: list[float], factor: float, half: bool, name: str) -> tuple[str, str]:
+    freqs = torch.arange(ctx.max_length).float()[:, None] * torch.tensor(inv_freq, dtype=torch.float32)[None, :]
+    emb = freqs if half else torch.cat([freqs, freqs], dim=-1)
+    return (ctx.b.initializer(f"{name}.cos_cache", (emb.cos() * factor).numpy()),
+            ctx.b.initializer(f"{name}.sin_cache", (emb.sin() * factor).numpy()))
 
 
 def _qk_norm(ctx: LowerContext, node: Node, x: str, heads: int, role: str) -> str:
@@ -212,7 +229,7 @@ def _key_positions(ctx: LowerContext) -> str:
 def _rope_bshd(ctx: LowerContext, x: str, rope: dict, head_dim: int, name: str) -> str:
     """Rotate the first rotary_dim features of x (B, S, heads, D), HF half-rotation layout."""
     b = ctx.b
-    key = ("rope_gathered", tuple(rope["inv_freq"]), rope.get("attention_factor", 1.0))
+    key = ("rope_gathered", rope_key(rope))
     if key not in ctx.cache:
         cos_t, sin_t = rope_table(ctx, rope, half=False)
         pos = ctx.position_ids()
@@ -268,9 +285,17 @@ def _decomposed(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
     scores = b.op("MatMul", [q5, b.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])], name=f"{node.name}/qk")
     scores = b.op("Mul", [scores, b.const(float(a["scale"]), "float32")])
     if a.get("softcap"):
-        cap = b.const(float(a["softcap"]), "float32")
-        scores = b.op("Mul", [b.op("Tanh", [b.op("Div", [scores, cap])]), cap])
-    probs = b.op("Softmax", [b.op("Add", [scores, _mask(ctx, a, k_pos)])], axis=-1)
+        scores = softcap(ctx, scores, a["softcap"], f"{node.name}/softcap")
+    scores = b.op("Add", [scores, _mask(ctx, a, k_pos)])
+    if "sink_logits" in node.params:  # one more column per head, dropped after the softmax
+        sink = ctx.weight_init(node.params["sink_logits"], "kvh_rep", lambda t: t.reshape(1, kvh, rep, 1, 1))
+        first = b.op("Slice", [scores, b.const([0]), b.const([1]), b.const([-1])])
+        scores = b.op("Concat", [scores, b.op("Expand", [sink, b.op("Shape", [first])])], axis=-1)
+        probs = b.op("Softmax", [scores], axis=-1)
+        keys = b.op("Shape", [k5], start=3, end=4)
+        probs = b.op("Slice", [probs, b.const([0]), keys, b.const([-1])], name=f"{node.name}/drop_sink")
+    else:
+        probs = b.op("Softmax", [scores], axis=-1)
     out = b.op("MatMul", [probs, v5], name=f"{node.name}/pv")  # (B, kvh, rep, S, D)
     out = b.op("Transpose", [b.op("Reshape", [out, b.const([0, h, -1, d])])], perm=[0, 2, 1, 3])
     return [b.op("Reshape", [out, b.const([0, 0, h * d])], name=node.name)]

@@ -71,6 +71,22 @@ def lower_activation(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
     return activation(ctx, node.attrs["kind"], inputs[0], node.name)
 
 
+@register_lowering("Scale")
+def lower_scale(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
+    return ctx.b.op("Mul", [inputs[0], ctx.b.const(float(node.attrs["factor"]), "float32")], name=node.name)
+
+
+def softcap(ctx: LowerContext, x: str, cap: float, name: str) -> str:
+    """cap * tanh(x / cap), in the reference's order (divide, tanh, multiply)."""
+    c = ctx.b.const(float(cap), "float32")
+    return ctx.b.op("Mul", [ctx.b.op("Tanh", [ctx.b.op("Div", [x, c])]), c], name=name)
+
+
+@register_lowering("Softcap")
+def lower_softcap(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
+    return softcap(ctx, inputs[0], node.attrs["cap"], node.name)
+
+
 @register_lowering("Mul")
 def lower_mul(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
     return ctx.b.op("Mul", inputs, name=node.name)

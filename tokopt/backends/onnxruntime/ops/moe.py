@@ -21,21 +21,30 @@ def lower_moe(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
     e, hidden, inter, top_k = a["num_experts"], a["hidden_size"], a["intermediate_size"], a["top_k"]
     x = inputs[0]
     flat = b.op("Reshape", [x, b.const([-1, hidden])], name=f"{node.name}/flatten")  # (N, H)
-    probs = b.op("Softmax", [linear(ctx, flat, p["router"], None, f"{node.name}/router")], axis=-1)
-    top_w, top_i = b.op("TopK", [probs, b.const([top_k])], axis=-1, outputs=2, name=f"{node.name}/topk")
-    if a["norm_topk_prob"]:
-        top_w = b.op("Div", [top_w, b.op("ReduceSum", [top_w, b.const([-1])], keepdims=1)])
-    zeros = b.op("ConstantOfShape", [b.op("Shape", [probs])])
+    logits = linear(ctx, flat, p["router"], p.get("router_bias"), f"{node.name}/router")
+    if a.get("routing", "softmax_topk") == "topk_softmax":
+        top_l, top_i = b.op("TopK", [logits, b.const([top_k])], axis=-1, outputs=2, name=f"{node.name}/topk")
+        top_w = b.op("Softmax", [top_l], axis=-1)
+    else:
+        probs = b.op("Softmax", [logits], axis=-1)
+        top_w, top_i = b.op("TopK", [probs, b.const([top_k])], axis=-1, outputs=2, name=f"{node.name}/topk")
+        if a["norm_topk_prob"]:
+            top_w = b.op("Div", [top_w, b.op("ReduceSum", [top_w, b.const([-1])], keepdims=1)])
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [logits])])
     routing = b.op("ScatterElements", [zeros, top_i, top_w], axis=1, name=f"{node.name}/routing")  # (N, E)
 
     def stacked_in(role: str) -> str:  # (E, I, H) → (H, E*I): one MatMul for all experts
         return ctx.weight_init(p[role], "stackedT", lambda t: t.reshape(e * inter, hidden).t())
 
-    gate = b.op("Reshape", [b.op("MatMul", [flat, stacked_in("experts.gate")]), b.const([-1, e, inter])])
-    up = b.op("Reshape", [b.op("MatMul", [flat, stacked_in("experts.up")]), b.const([-1, e, inter])])
-    h = b.op("Mul", [activation(ctx, a["activation"], gate, f"{node.name}/act"), up])  # (N, E, I)
+    def projected(role: str) -> str:  # (N, E, I), plus the experts' (E, I) bias
+        y = b.op("Reshape", [b.op("MatMul", [flat, stacked_in(role)]), b.const([-1, e, inter])])
+        return b.op("Add", [y, ctx.weight_init(p[f"{role}_bias"])]) if f"{role}_bias" in p else y
+
+    h = gated_unit(ctx, a, projected("experts.gate"), projected("experts.up"), node.name)  # (N, E, I)
     down = ctx.weight_init(p["experts.down"], "T", lambda t: t.transpose(1, 2))  # (E, I, H)
     y = b.op("MatMul", [b.op("Transpose", [h], perm=[1, 0, 2]), down])  # (E, N, H)
+    if "experts.down_bias" in p:
+        y = b.op("Add", [y, ctx.weight_init(p["experts.down_bias"], "E1H", lambda t: t.unsqueeze(1))])
     y = b.op("MatMul", [b.op("Unsqueeze", [routing, b.const([1])]), b.op("Transpose", [y], perm=[1, 0, 2])])
     out = b.op("Reshape", [y, b.const([-1, hidden])])  # (N, H)
     if "shared.gate" in p:
@@ -48,3 +57,15 @@ def lower_moe(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
             shared = b.op("Mul", [gate_w, shared])
         out = b.op("Add", [out, shared])
     return b.op("Reshape", [out, b.op("Shape", [x])], name=node.name)
+
+
+def gated_unit(ctx: LowerContext, a: dict, gate: str, up: str, name: str) -> str:
+    """The experts' hidden activation, as :func:`tokopt.optimizer.interpret.kernels.gated_unit` defines it."""
+    b, glu = ctx.b, a.get("glu")
+    if glu is None:
+        return b.op("Mul", [activation(ctx, a["activation"], gate, f"{name}/act"), up])
+    limit = b.const(float(glu["limit"]), "float32")
+    g = b.op("Min", [gate, limit])
+    u = b.op("Add", [b.op("Max", [b.op("Min", [up, limit]), b.op("Neg", [limit])]), b.const(1.0, "float32")])
+    glu_out = b.op("Mul", [g, b.op("Sigmoid", [b.op("Mul", [g, b.const(float(glu["alpha"]), "float32")])])])
+    return b.op("Mul", [u, glu_out], name=f"{name}/clamped_swiglu")

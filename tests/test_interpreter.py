@@ -116,7 +116,7 @@ def test_every_eager_policy_gives_the_reference_logits(graphs, arch, variant):
     check(logits, "capture")
     assert captured[attention].shape[:2] == ids.shape
 
-    head = g.node(g.outputs["logits"].node).params["weight"]
+    head = g.node("lm_head").params["weight"]
     trainable = TrainableGraph(g, {head})
     logits = trainable(ids)
     logits.float().square().mean().backward()

@@ -171,15 +171,14 @@ def gated_unit(attrs: dict, gate: torch.Tensor, up: torch.Tensor) -> torch.Tenso
     return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * glu["alpha"]))
 
 
-@kernel("MoE")
-def _moe(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-    a = node.attrs
-    x = ins[0]
-    flat = x.reshape(-1, x.shape[-1])
-    weights, experts = route(F.linear(flat, _w(node, ctx, "router"), _w(node, ctx, "router_bias")), a)
-    weights = weights.to(x.dtype)
-    gate, up, down = (_w(node, ctx, r) for r in ("experts.gate", "experts.up", "experts.down"))
-    biases = [_w(node, ctx, r) for r in ("experts.gate_bias", "experts.up_bias", "experts.down_bias")]
+Stacked = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Biases = list[torch.Tensor | None]
+
+
+def _routed_by_expert(a: dict, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                      stacked: Stacked, biases: Biases) -> torch.Tensor:
+    """The routed experts' sum, one expert at a time over the rows that chose it (eager: reads each expert once)."""
+    gate, up, down = stacked
 
     def bias(j: int, e: int) -> torch.Tensor | None:
         return None if biases[j] is None else biases[j][e]
@@ -191,6 +190,38 @@ def _moe(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
         g, u = F.linear(h, gate[e], bias(0, e)), F.linear(h, up[e], bias(1, e))
         y = F.linear(gated_unit(a, g, u), down[e], bias(2, e))
         out.index_add_(0, rows, y * weights[rows, slot, None])
+    return out
+
+
+def _routed_gathered(a: dict, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                     stacked: Stacked, biases: Biases) -> torch.Tensor:
+    """The same sum with each row's top_k experts gathered: no data-dependent loop, so a compiled decode step
+    keeps one graph whichever experts the tokens choose (the per-expert loop's trip count is data)."""
+    gate, up, down = stacked
+
+    def proj(w: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, spec: str) -> torch.Tensor:
+        y = torch.einsum(spec, x, w[experts])
+        return y if bias is None else y + bias[experts]
+
+    g, u = proj(gate, biases[0], flat, "nh,nkih->nki"), proj(up, biases[1], flat, "nh,nkih->nki")
+    y = proj(down, biases[2], gated_unit(a, g, u), "nki,nkhi->nkh")
+    return (y * weights[..., None]).sum(dim=1)
+
+
+@kernel("MoE")
+def _moe(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    a = node.attrs
+    x = ins[0]
+    flat = x.reshape(-1, x.shape[-1])
+    weights, experts = route(F.linear(flat, _w(node, ctx, "router"), _w(node, ctx, "router_bias")), a)
+    weights = weights.to(x.dtype)
+    gate, up, down = (_w(node, ctx, r) for r in ("experts.gate", "experts.up", "experts.down"))
+    biases = [_w(node, ctx, r) for r in ("experts.gate_bias", "experts.up_bias", "experts.down_bias")]
+
+    if torch.compiler.is_compiling():
+        out = _routed_gathered(a, flat, weights, experts, (gate, up, down), biases)
+    else:
+        out = _routed_by_expert(a, flat, weights, experts, (gate, up, down), biases)
     if "shared.gate" in node.params:
         gate = activation(a["activation"], F.linear(flat, _w(node, ctx, "shared.gate")))
         h = gate * F.linear(flat, _w(node, ctx, "shared.up"))

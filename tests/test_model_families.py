@@ -1,0 +1,181 @@
+"""The families beyond llama: each one's distinctive attribute is in the IR, matters, and is honoured.
+
+Logits parity with transformers and cached decode == recompute run for every family in
+``test_frontend_parity.py``, and onnxruntime parity in ``test_onnxruntime_backend.py`` (both
+parametrized over ``conftest.ARCHITECTURES``); this file adds what is particular to a family.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import ARCHITECTURES, tiny_config
+
+import tokopt
+from tokopt.cli import cli
+from tokopt.optimizer.interpret import ReferenceExecutor
+from tokopt.optimizer.ir.graph import Value
+from tokopt.optimizer.ir.summary import describe
+
+NEW_FAMILIES = ("qwen3_moe", "gemma2", "gemma3_text", "phi3", "smollm3", "gpt_oss", "olmo2", "granite")
+
+
+def _ids(seq: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_generation_matches_transformers(arch, tiny_model_dir):
+    path, hf = tiny_model_dir(arch)
+    ids = _ids(8, seed=4)
+    with torch.no_grad():
+        expected = hf.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = ReferenceExecutor(tokopt.load(path)).generate(ids, 32)
+    assert got[0].tolist() == expected[0, 8:].tolist()
+
+
+#: What ``tokopt inspect --json`` must show for each family (a subset of ``features``).
+EXPECTED_FEATURES = {
+    "gemma2": {"attention_softcap": 2.0, "final_softcap": 5.0, "norms_per_layer": 4, "qk_norm": None,
+               "scales": {"embed_scale": 8.0}, "attention_scale": 24 ** -0.5},
+    "gemma3_text": {"qk_norm": "per-head", "norms_per_layer": 4, "scales": {"embed_scale": 8.0},
+                    "rope": [{"type": "default", "theta": 10000.0, "rotary_dim": 32},
+                             {"type": "linear", "theta": 1000000.0, "rotary_dim": 32}]},
+    "phi3": {"rope": {"type": "longrope", "theta": 10000.0, "rotary_dim": 12, "long_from": 64}},
+    "smollm3": {"rope": [{"type": "default", "theta": 2000000.0, "rotary_dim": 16}, None]},
+    "gpt_oss": {"learned_sink_logits": True,
+                "moe": {"routing": "topk_softmax", "norm_topk_prob": False, "shared_expert": False,
+                        "glu": {"kind": "clamped_swiglu", "alpha": 1.702, "limit": 7.0},
+                        "biases": ["experts.down_bias", "experts.gate_bias", "experts.up_bias", "router_bias"]}},
+    "olmo2": {"qk_norm": "projection", "norms_per_layer": 4},
+    "granite": {"attention_scale": 0.2, "scales": {
+        "embed_scale": 6.0, "layers.0.attn_residual_scale": 0.5, "layers.0.mlp_residual_scale": 0.5,
+        "layers.1.attn_residual_scale": 0.5, "layers.1.mlp_residual_scale": 0.5, "logits_scale": 2.0}},
+    "qwen3_moe": {"qk_norm": "per-head", "moe": {"routing": "softmax_topk", "norm_topk_prob": False, "glu": "silu",
+                                                "shared_expert": False, "biases": []}},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED_FEATURES))
+def test_inspect_json_shows_what_is_distinctive(arch, tiny_model_dir):
+    result = CliRunner().invoke(cli, ["inspect", str(tiny_model_dir(arch)[0]), "--json"])
+    assert result.exit_code == 0, result.output
+    features = json.loads(result.stdout)["features"]
+    for key, value in EXPECTED_FEATURES[arch].items():
+        assert features[key] == pytest.approx(value) if isinstance(value, float) else features[key] == value, key
+
+
+def _without(graph, arch: str):
+    """The graph with its family's distinctive attribute removed (the logits must then change)."""
+    g = graph.copy()
+    attn = g.nodes("Attention")
+    if arch == "gemma2":
+        for n in attn:
+            n.attrs["softcap"] = None
+    elif arch == "gemma3_text":  # every layer on the local RoPE
+        for n in attn:
+            n.attrs["rope"] = dict(attn[0].attrs["rope"])
+    elif arch == "phi3":
+        for n in attn:
+            n.attrs["rope"] = {k: v for k, v in n.attrs["rope"].items()
+                               if k not in ("long_inv_freq", "original_max_positions")}
+    elif arch == "smollm3":
+        attn[1].attrs["rope"] = dict(attn[0].attrs["rope"])
+    elif arch == "gpt_oss":
+        for n in attn:
+            del n.params["sink_logits"]
+    elif arch in ("granite", "olmo2"):  # bypass the multipliers / the q and k projection norms
+        for n in g.nodes("Scale" if arch == "granite" else "RMSNorm"):
+            if arch == "granite" or ".attn." in n.name:
+                g.replace_uses(Value(n.name, 0), g.inputs_of(n.name)[0])
+        g.eliminate_dead_code()
+    return g
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "phi3", "smollm3", "gpt_oss", "granite", "olmo2"])
+def test_the_distinctive_attribute_matters(arch, tiny_model_dir):
+    """Dropping what makes the family different changes the logits (past phi3's 64-token switch point)."""
+    graph = tokopt.load(tiny_model_dir(arch)[0])
+    ids = _ids(80 if arch == "phi3" else 24, seed=5)
+    kept, dropped = ReferenceExecutor(graph).forward(ids), ReferenceExecutor(_without(graph, arch)).forward(ids)
+    assert (kept - dropped).abs().max() > 1e-3
+
+
+def test_longrope_past_the_switch_matches_transformers_and_onnxruntime(tiny_model_dir, tmp_path):
+    """Phi-3's LongRoPE: a forward reaching past original_max_positions (64) rotates with the long factors
+    (transformers' rule); cached steps keep their keys' rotation, on the reference and onnxruntime alike —
+    with partial rotary (standard-op attention) and full rotary (GroupQueryAttention, tables switched per step)."""
+    pytest.importorskip("onnxruntime")
+    from tokopt.backends.onnxruntime.external_data import write_model
+    from tokopt.backends.onnxruntime.lower import lower_graph
+    from tokopt.backends.onnxruntime.session import OnnxRuntimeSession
+
+    path, hf = tiny_model_dir("phi3")
+    ids = _ids(100, seed=6)
+    with torch.no_grad():
+        assert (ReferenceExecutor(tokopt.load(path)).forward(ids) - hf(ids).logits).abs().max() <= 1e-4
+    full = tmp_path / "phi3_full_rotary"
+    config = tiny_config("phi3")
+    config.rope_parameters["partial_rotary_factor"] = 1.0
+    config.rope_parameters["short_factor"] = config.rope_parameters["short_factor"] + [1.0, 1.0]
+    config.rope_parameters["long_factor"] = config.rope_parameters["long_factor"] + [4.0, 5.0]
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(full)
+    for source, mode in ((path, "decomposed"), (full, "gqa")):
+        graph = tokopt.load(source)
+        ctx = lower_graph(graph)
+        assert ctx.attention_mode == mode
+        write_model(ctx.b, tmp_path / f"{mode}.onnx")
+        session = OnnxRuntimeSession(tmp_path / f"{mode}.onnx", threads=1)
+        ref = ReferenceExecutor(graph)
+        rc, oc = ref.new_cache(), session.new_cache(1)
+        for chunk in (ids[:, :60], *(ids[:, t:t + 1] for t in range(60, 70)), ids[:, 70:100]):
+            assert (ref.forward(chunk, rc) - session.forward(chunk, oc)).abs().max() <= 1e-3, (mode, chunk.shape)
+
+
+@pytest.mark.parametrize("arch,norm_topk_prob", [("qwen3_moe", True), ("qwen2_moe", False)])
+def test_moe_routing_renormalisation_both_ways(arch, norm_topk_prob, tmp_path):
+    """The MoE families' default configs take one side of norm_topk_prob; this takes the other."""
+    pytest.importorskip("onnxruntime")
+    from tokopt.backends.onnxruntime.backend import OnnxRuntimeBackend
+
+    config = tiny_config(arch)
+    config.norm_topk_prob = norm_topk_prob
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path / "model")
+    graph = tokopt.load(tmp_path / "model")
+    assert {n.attrs["norm_topk_prob"] for n in graph.nodes("MoE")} == {norm_topk_prob}
+    ids = _ids(16, batch=2, seed=7)
+    with torch.no_grad():
+        assert (ReferenceExecutor(graph).forward(ids) - hf(ids).logits).abs().max() <= 1e-4
+    artifact = OnnxRuntimeBackend().lower(graph, tmp_path / "art")  # raises ParityError unless it matches
+    assert (artifact.path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("arch", NEW_FAMILIES)
+def test_optimize_quantize_int4_end_to_end(arch, tiny_model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["optimize", str(tiny_model_dir(arch)[0]), "--passes", "quantize:bits=4",
+                                      "--backend", "onnxruntime", "--speed", "off", "--eval-tokens", "2x16",
+                                      "--calib-tokens", "2x16", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["stages"][-1]["name"].startswith("quantize")
+    assert (out / "model.onnx").exists()
+
+
+def test_gemma3_alternates_windows_and_rope_bases(tiny_model_dir):
+    graph = tokopt.load(tiny_model_dir("gemma3_text")[0])
+    attn = graph.nodes("Attention")
+    assert [n.attrs["window"] for n in attn] == [8, None]
+    assert [n.attrs["rope"]["theta"] for n in attn] == [10000.0, 1000000.0]
+    assert describe(graph)["features"]["qk_norm"] == "per-head"

@@ -37,6 +37,14 @@ ARCH_ATTRIBUTES = {
     "MoE (mixtral)": ("mixtral", ""),
     "MoE + shared expert (qwen2_moe)": ("qwen2_moe", ""),
     "q/k/v bias + per-layer windows (qwen2)": ("qwen2", ""),
+    "MoE, no shared expert, norm_topk_prob=False (qwen3_moe)": ("qwen3_moe", ""),
+    "attention + final softcap, sandwich norms, Scale (gemma2)": ("gemma2", ""),
+    "RoPE per layer type, (1+w) per-head q/k norm (gemma3_text)": ("gemma3_text", ""),
+    "LongRoPE + partial rotary (phi3)": ("phi3", ""),
+    "NoPE layers (smollm3)": ("smollm3", ""),
+    "learned sink logits, clamped-SwiGLU MoE with biases (gpt_oss)": ("gpt_oss", ""),
+    "post-norm, q/k norm over the projection (olmo2)": ("olmo2", ""),
+    "embedding/residual/logit multipliers (granite)": ("granite", ""),
 }
 
 #: attribute -> the pipeline that sets it on the tiny llama (real passes)

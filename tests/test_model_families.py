@@ -106,8 +106,9 @@ def test_the_distinctive_attribute_matters(arch, tiny_model_dir):
 
 def test_longrope_past_the_switch_matches_transformers_and_onnxruntime(tiny_model_dir, tmp_path):
     """Phi-3's LongRoPE: a forward reaching past original_max_positions (64) rotates with the long factors
-    (transformers' rule); cached steps keep their keys' rotation, on the reference and onnxruntime alike —
-    with partial rotary (standard-op attention) and full rotary (GroupQueryAttention, tables switched per step)."""
+    (transformers' rule); cached steps keep their keys' rotation, on the reference, the compiled torch session
+    and onnxruntime alike — with partial rotary (standard-op attention) and full rotary (GroupQueryAttention,
+    tables switched per step)."""
     pytest.importorskip("onnxruntime")
     from tokopt.backends.onnxruntime.external_data import write_model
     from tokopt.backends.onnxruntime.lower import lower_graph
@@ -126,6 +127,14 @@ def test_longrope_past_the_switch_matches_transformers_and_onnxruntime(tiny_mode
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_config(config).eval().save_pretrained(full)
+    from tokopt.backends.torch.compiled import CompiledSession
+
+    chunks = (ids[:, :60], *(ids[:, t:t + 1] for t in range(60, 70)), ids[:, 70:100])
+    graph = tokopt.load(path)
+    ref, compiled = ReferenceExecutor(graph), CompiledSession(graph, compile=True, max_len=128)
+    rc, cc = ref.new_cache(), compiled.new_cache()
+    for chunk in chunks:
+        assert (ref.forward(chunk, rc) - compiled.forward(chunk, cc)).abs().max() <= 1e-3, ("compiled", chunk.shape)
     for source, mode in ((path, "decomposed"), (full, "gqa")):
         graph = tokopt.load(source)
         ctx = lower_graph(graph)
@@ -134,7 +143,7 @@ def test_longrope_past_the_switch_matches_transformers_and_onnxruntime(tiny_mode
         session = OnnxRuntimeSession(tmp_path / f"{mode}.onnx", threads=1)
         ref = ReferenceExecutor(graph)
         rc, oc = ref.new_cache(), session.new_cache(1)
-        for chunk in (ids[:, :60], *(ids[:, t:t + 1] for t in range(60, 70)), ids[:, 70:100]):
+        for chunk in chunks:
             assert (ref.forward(chunk, rc) - session.forward(chunk, oc)).abs().max() <= 1e-3, (mode, chunk.shape)
 
 

@@ -188,3 +188,30 @@ def test_gemma3_alternates_windows_and_rope_bases(tiny_model_dir):
     assert [n.attrs["window"] for n in attn] == [8, None]
     assert [n.attrs["rope"]["theta"] for n in attn] == [10000.0, 1000000.0]
     assert describe(graph)["features"]["qk_norm"] == "per-head"
+
+
+# -- passes on the families' attributes ---------------------------------------------------------
+def test_sparse_attention_keeps_a_trained_local_window(tiny_model_dir):
+    """Gemma 2's local layers (trained window 8) are never widened nor given sinks; its global layers get the
+    window; a window narrower than the trained one narrows it."""
+    from tokopt.optimizer.pass_api import PassContext
+    from tokopt.passes.sparse_attention import SparseAttention
+
+    graph = tokopt.load(tiny_model_dir("gemma2")[0])
+    wide = SparseAttention(window=16, sinks=2).run(graph, PassContext())
+    assert [(n.attrs["window"], n.attrs["sinks"]) for n in wide.graph.nodes("Attention")] == [(8, 0), (16, 2)]
+    assert any("keep their trained window" in note for note in wide.notes)
+    narrow = SparseAttention(window=4, sinks=0).run(graph, PassContext())
+    assert [n.attrs["window"] for n in narrow.graph.nodes("Attention")] == [4, 4]
+
+
+def test_gqa_on_families(tiny_model_dir, tmp_path):
+    """head_dim != hidden/heads (Gemma 3) merges like any other; OLMo 2's whole-projection q/k norms are refused
+    by name (a merge would mix what the norm keeps together)."""
+    result = CliRunner().invoke(cli, ["optimize", str(tiny_model_dir("gemma3_text")[0]), "--passes",
+                                      "gqa:num_kv_heads=1,method=mean", "--backend", "onnxruntime", "--speed", "off",
+                                      "--eval-tokens", "2x16", "-o", str(tmp_path / "g3")])
+    assert result.exit_code == 0, result.output
+    refused = CliRunner().invoke(cli, ["optimize", str(tiny_model_dir("olmo2")[0]), "--passes",
+                                       "gqa:num_kv_heads=1", "--dry-run"])
+    assert refused.exit_code == 2 and "q from RMSNorm layers.0.attn.q_norm" in refused.output

@@ -231,8 +231,11 @@ def _projections(graph: Graph, node: Node, pass_name: str) -> dict[str, Node]:
         proj["o"] = graph.node(users[0][0])
     bad = [r for r in ROLES if r not in proj or proj[r].op != "Linear"]
     if bad:
+        found = ", ".join(f"{r} from {proj[r].op} {proj[r].name}" if r in proj else f"{r}: no single consumer"
+                          for r in bad)
         raise PreconditionError(f"{pass_name}: {node.name} must read q/k/v from Linear nodes and feed one Linear "
-                                f"output projection; the {'/'.join(bad)} side does not (fused or unusual graph)")
+                                f"output projection; here {found} (a norm over the whole projection, as in OLMo 2, "
+                                "mixes the heads a merge would have to keep apart)")
     return proj
 
 

@@ -50,17 +50,24 @@ class SparseAttention(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         window, sinks = self.opts["window"], self.opts["sinks"]
         out = graph.copy()
-        changed, notes = [], []
+        changed, notes, kept = [], [], []
         for node in attention_nodes(out, self.opts["layers"], self.name):
             old = (node.attrs.get("window"), int(node.attrs.get("sinks") or 0))
             if old == (window, sinks):
                 continue
-            if old[0] is not None and old[0] < window:
-                notes.append(f"{node.name}: widened its trained window {old[0]} to {window}")
+            if old[0] is not None and old[0] <= window:  # a trained local layer (Gemma, Mistral, gpt-oss)
+                kept.append(node.attrs.get("layer_index"))
+                continue
+            if old[0] is not None:
+                notes.append(f"{node.name}: narrowed its trained window {old[0]} to {window}")
             node.attrs["window"], node.attrs["sinks"] = window, sinks
             changed.append(node.attrs.get("layer_index"))
+        if kept:
+            notes.append(f"layer(s) {_ranges(kept)} keep their trained window (at most {window}): widening it, or "
+                         "adding sinks, would show a local layer context it was never trained on")
         if not changed:
-            return PassResult(graph, False, [f"every selected layer already has window={window}, sinks={sinks}"])
+            return PassResult(graph, False, [f"every selected layer already has window={window}, sinks={sinks} "
+                                             "or a narrower trained window", *notes])
         max_pos = graph.meta.max_positions
         if sinks and max_pos:
             notes.append(f"keys keep original RoPE positions: sink distances stay in the trained range up to "

@@ -36,7 +36,7 @@ def tiny_config(arch: str):
         return tf.MixtralConfig(**TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     if arch == "qwen2_moe":
         return tf.Qwen2MoeConfig(**TINY, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                                 moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True)
+                                 moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=True)
     if arch == "qwen3_moe":
         return tf.Qwen3MoeConfig(**TINY, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                  moe_intermediate_size=32, norm_topk_prob=False)

@@ -24,7 +24,8 @@ def _ids(vocab: int, batch: int = 2, seq: int = 9, seed: int = 0) -> torch.Tenso
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2", "qwen2_moe", "gemma2", "gemma3_text", "phi3", "smollm3",
+                                  "gpt_oss", "olmo2", "granite", "qwen3_moe"])
 def test_roundtrip_own_artifact_is_exact(arch, tiny_model_dir, tmp_path):
     graph = tokopt.load(str(tiny_model_dir(arch)[0]))
     OnnxRuntimeBackend().lower(graph, tmp_path / "art")
@@ -36,10 +37,12 @@ def test_roundtrip_own_artifact_is_exact(arch, tiny_model_dir, tmp_path):
     assert torch.equal(ReferenceExecutor(back).forward(ids), ReferenceExecutor(graph).forward(ids))
 
 
-def test_roundtrip_quantized_weights_bit_identical(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_oss", "qwen2_moe"])
+def test_roundtrip_quantized_weights_bit_identical(arch, tiny_model_dir, tmp_path):
+    """Linears, and MoE expert stacks (gate/up row-stacked, down laid along the input), come back bit-identical."""
     from tokopt.passes.quantize import QuantizePass
 
-    graph = tokopt.load(str(tiny_model_dir("qwen2")[0]))
+    graph = tokopt.load(str(tiny_model_dir(arch)[0]))
     graph = QuantizePass(bits=4, group_size=16, symmetric=False, method="rtn").run(graph, PassContext()).graph
     OnnxRuntimeBackend().lower(graph, tmp_path / "art")
     back = tokopt.load(str(tmp_path / "art" / "model.onnx"))
@@ -48,6 +51,7 @@ def test_roundtrip_quantized_weights_bit_identical(tiny_model_dir, tmp_path):
             b = back.params[name]
             assert torch.equal(b.packed, w.packed) and torch.equal(b.scales, w.scales)
             assert b.scales.dtype == w.scales.dtype and torch.equal(b.zero_points, w.zero_points)
+            assert b.shape == w.shape
     # the round-tripped graph lowers again (passes and backends apply to it)
     OnnxRuntimeBackend().lower(back, tmp_path / "again")
 

@@ -72,7 +72,7 @@ def _attention(node: Node, caps: Capabilities) -> list[str]:
 
 
 def _weight(w: QuantizedWeight, caps: Capabilities) -> list[str]:
-    per_channel = w.group_size >= w.shape[1]
+    per_channel = w.group_size >= w.in_features
     if w.bits not in caps.weight_bits:
         return [f"int{w.bits} weights (stored natively: {_show(tuple(f'int{b}' for b in caps.weight_bits))})"]
     out = []

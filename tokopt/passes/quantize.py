@@ -47,7 +47,9 @@ class QuantizePass(Pass):
     embedding and ``lm_head`` are governed by their own switches; when they share one
     tensor (tied, as in SmolLM2) it is quantized once and both read the same codes — if
     only one of them is selected, that one gets its own quantized copy and the other
-    keeps the float tensor.  MoE expert stacks are left as they are.
+    keeps the float tensor.  MoE expert stacks (and shared experts) are quantized row by row in
+    the same format, their grid fitted on the weights (GPTQ calibrates the Linears: routed
+    experts see too few calibration tokens each); routers stay in float.
     """
 
     name = "quantize"
@@ -77,6 +79,8 @@ class QuantizePass(Pass):
                "(e.g. 'layers.*.mlp.*')."),
         Option("exclude", "str_list", [], "fnmatch patterns over node names to keep in float, ';'-separated."),
         Option("embeddings", "bool", True, "Quantize Embedding tables (rows are dequantized at lookup)."),
+        Option("experts", "bool", True, "Quantize MoE expert stacks and shared experts (grid fitted on the "
+               "weights; the router stays in float)."),
         Option("lm_head", "bool", True, "Quantize the Linear that produces the logits (tied to the embedding in "
                "many models: then both share one quantized tensor)."),
         Option("embedding_bits", "int", None, "Bits for the embedding and lm_head; default: bits.", choices=(8, 4)),
@@ -174,7 +178,7 @@ class QuantizePass(Pass):
 
     # -- planning ---------------------------------------------------------------------
     def _selected_nodes(self, graph: Graph) -> dict[str, str]:
-        """Node name → role (linear, lm_head, embedding) for every node whose weight is quantized."""
+        """Node name → role (linear, lm_head, embedding, experts) for every node whose weights are quantized."""
         o = self.opts
         outputs = set(graph.outputs.values())
         chosen: dict[str, str] = {}
@@ -183,16 +187,18 @@ class QuantizePass(Pass):
                 role = "lm_head" if Value(node.name, 0) in outputs else "linear"
             elif node.op == "Embedding":
                 role = "embedding"
+            elif node.op == "MoE":
+                role = "experts"
             else:
                 continue
-            if (role == "lm_head" and not o["lm_head"]) or (role == "embedding" and not o["embeddings"]):
+            if (role == "lm_head" and not o["lm_head"]) or (role == "embedding" and not o["embeddings"]) or \
+                    (role == "experts" and not o["experts"]):
                 continue
             if not any(fnmatch.fnmatchcase(node.name, p) for p in o["include"]):
                 continue
             if any(fnmatch.fnmatchcase(node.name, p) for p in o["exclude"]):
                 continue
-            w = graph.params[node.params["weight"]]
-            if isinstance(w, QuantizedWeight) or len(weight_shape(w)) != 2:
+            if not _weights_of(graph, node.name):
                 continue
             chosen[node.name] = role
         return chosen
@@ -206,7 +212,8 @@ class QuantizePass(Pass):
         calibrated = self.method == "gptq"
         by_param: dict[str, list[str]] = {}
         for name in chosen:
-            by_param.setdefault(graph.node(name).params["weight"], []).append(name)
+            for pname in _weights_of(graph, name):
+                by_param.setdefault(pname, []).append(name)
         targets = []
         for pname, nodes in by_param.items():
             roles = {chosen[n] for n in nodes}
@@ -219,7 +226,8 @@ class QuantizePass(Pass):
         gs = self.group_size
         if gs <= 0 or not chosen:
             return
-        widths = {n: weight_shape(graph.params[graph.node(n).params["weight"]])[1] for n in chosen}
+        widths = {f"{n} {p}" if graph.node(n).op == "MoE" else n: weight_shape(graph.params[p])[-1]
+                  for n in chosen for p in _weights_of(graph, n)}
         bad = [(n, w) for n, w in widths.items() if w % gs]
         if not bad:
             return
@@ -303,3 +311,14 @@ class QuantizePass(Pass):
         g.reinfer()
         return PassResult(g, True, notes, tables=tables)
 
+
+#: The MoE roles holding expert matrices (the router, the shared gate and the biases stay in float).
+EXPERT_ROLES = ("experts.gate", "experts.up", "experts.down", "shared.gate", "shared.up", "shared.down")
+
+
+def _weights_of(graph: Graph, name: str) -> list[str]:
+    """The not-yet-quantized weight parameters the pass would quantize in node ``name``."""
+    node = graph.node(name)
+    roles = EXPERT_ROLES if node.op == "MoE" else ("weight",)
+    names = [node.params[r] for r in roles if r in node.params]
+    return [p for p in names if not isinstance(w := graph.params[p], QuantizedWeight) and len(weight_shape(w)) >= 2]

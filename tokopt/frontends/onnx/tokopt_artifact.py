@@ -12,7 +12,7 @@ from tokopt.errors import InputFileError, ModelSourceError
 from tokopt.frontends.onnx.store import InitializerStore, restore_nbits
 from tokopt.optimizer.corpus import has_tokenizer
 from tokopt.optimizer.ir.graph import Graph, ModelMeta, Value
-from tokopt.optimizer.ir.weights import LazyTensor
+from tokopt.optimizer.ir.weights import LazyTensor, experts_from_input
 
 
 def from_tokopt(model, desc: dict[str, Any], model_path: Path) -> Graph:
@@ -50,7 +50,10 @@ def _restore_param(model_path: Path, pname: str, entry: dict[str, Any], stored) 
     """
     shape = tuple(entry["param_shape"])
     if entry["kind"] == "nbits":
-        return restore_nbits(entry, stored)
+        matrix = restore_nbits(entry, stored)
+        if entry.get("layout") == "experts_along_input":  # an MoE down stack laid side by side
+            return experts_from_input(matrix, entry["stack"][0])
+        return matrix.stacked(shape) if len(shape) > 2 else matrix
     src = stored(entry["init"])
     transform, cols = entry.get("transform", ""), entry.get("cols")
 
@@ -61,6 +64,8 @@ def _restore_param(model_path: Path, pname: str, entry: dict[str, Any], stored) 
             t = t.t() if t.dim() == 2 else t.transpose(1, 2)
         elif transform == "stackedT":
             t = t.t().reshape(shape)
+        elif transform == "reshape":  # stored with broadcast axes (sink logits, expert biases)
+            t = t.reshape(shape)
         elif transform:
             raise ModelSourceError(f"unknown parameter storage transform {transform!r}")
         return t.contiguous()

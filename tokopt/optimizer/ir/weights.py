@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,21 +57,23 @@ class LazyTensor:
 
 @dataclass
 class QuantizedWeight:
-    """A 2-D ``(out_features, in_features)`` weight stored as low-bit integers.
+    """A ``(out_features, in_features)`` weight — or a stack ``(E, out, in)`` of them (MoE experts) —
+    stored as low-bit integers.
 
     Codes ``q`` are unsigned in ``[0, 2**bits)`` and grouped along the input dimension:
     ``w[o, i] = (q[o, i] - zero[o, g]) * scale[o, g]`` with ``g = i // group_size``.
     For 4 bits two codes share a byte, element ``2j`` in the low nibble (the layout of
     onnxruntime's ``MatMulNBits``).  Symmetric quantization stores no zero points; the
-    implied zero is ``2**(bits-1)``.
+    implied zero is ``2**(bits-1)``.  A stack keeps its rows flattened (``rows`` = E·out):
+    every row is quantized on its own, so the stack is E matrices laid one after another.
     """
 
-    packed: torch.Tensor  # uint8, (out, in * bits / 8)
-    scales: torch.Tensor  # float, (out, n_groups)
-    zero_points: torch.Tensor | None  # uint8 (out, n_groups) or None when symmetric
+    packed: torch.Tensor  # uint8, (rows, in * bits / 8)
+    scales: torch.Tensor  # float, (rows, n_groups)
+    zero_points: torch.Tensor | None  # uint8 (rows, n_groups) or None when symmetric
     bits: int
     group_size: int  # == in_features for per-channel
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (out, in) or (E, out, in)
     method: str = "rtn"
     extra: dict = field(default_factory=dict)
 
@@ -80,8 +82,17 @@ class QuantizedWeight:
         return self.zero_points is None
 
     @property
+    def in_features(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        """Output rows over the whole stack (``E * out`` for experts)."""
+        return math.prod(self.shape[:-1])
+
+    @property
     def n_groups(self) -> int:
-        return math.ceil(self.shape[1] / self.group_size)
+        return math.ceil(self.in_features / self.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -92,8 +103,8 @@ class QuantizedWeight:
         return total
 
     def codes(self) -> torch.Tensor:
-        """Unpacked integer codes, ``(out, in)`` int16."""
-        return unpack_codes(self.packed, self.bits, self.shape[1])
+        """Unpacked integer codes, ``(rows, in)`` int16."""
+        return unpack_codes(self.packed, self.bits, self.in_features)
 
     def zeros(self) -> torch.Tensor:
         if self.zero_points is not None:
@@ -101,11 +112,48 @@ class QuantizedWeight:
         return torch.full_like(self.scales, float(2 ** (self.bits - 1)), dtype=torch.float32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out_f, in_f = self.shape
+        in_f = self.in_features
         q = self.codes().to(torch.float32)
         scale = self.scales.to(torch.float32).repeat_interleave(self.group_size, dim=1)[:, :in_f]
         zero = self.zeros().repeat_interleave(self.group_size, dim=1)[:, :in_f]
-        return ((q - zero) * scale).to(dtype).reshape(out_f, in_f)
+        return ((q - zero) * scale).to(dtype).reshape(self.shape)
+
+    def as_matrix(self) -> QuantizedWeight:
+        """The same codes as one ``(rows, in)`` matrix (a stack's experts laid one after another)."""
+        return replace(self, shape=(self.rows, self.in_features)) if len(self.shape) != 2 else self
+
+    def stacked(self, shape: tuple[int, ...]) -> QuantizedWeight:
+        """The inverse of :meth:`as_matrix`: the same rows read as a stack of ``shape``."""
+        if math.prod(shape[:-1]) != self.rows or shape[-1] != self.in_features:
+            raise ValueError(f"a {self.shape} quantized weight cannot be read as {shape}")
+        return replace(self, shape=tuple(shape))
+
+
+def experts_along_input(w: QuantizedWeight) -> QuantizedWeight:
+    """A stack ``(E, out, in)`` laid as one ``(out, E * in)`` matrix: row ``o`` holds expert 0's row ``o``, then
+    expert 1's, … — so ``sum_e x_e @ W_e.T`` is one matmul of the experts' inputs laid side by side.  Exact
+    (codes and their groups move whole) when ``in`` is a multiple of the group and, for 4 bits, even."""
+    e, out_f, in_f = w.shape
+    if in_f % w.group_size or (w.bits == 4 and in_f % 2):
+        raise ValueError(f"experts of width {in_f} cannot be laid along the input in groups of {w.group_size}")
+
+    def side_by_side(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(e, out_f, -1).transpose(0, 1).reshape(out_f, -1).contiguous()
+
+    return replace(w, packed=side_by_side(w.packed), scales=side_by_side(w.scales),
+                   zero_points=side_by_side(w.zero_points), shape=(out_f, e * in_f))
+
+
+def experts_from_input(w: QuantizedWeight, experts: int) -> QuantizedWeight:
+    """The inverse of :func:`experts_along_input`."""
+    out_f, width = w.shape
+
+    def stacked(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(out_f, experts, -1).transpose(0, 1).reshape(experts * out_f, -1) \
+            .contiguous()
+
+    return replace(w, packed=stacked(w.packed), scales=stacked(w.scales), zero_points=stacked(w.zero_points),
+                   shape=(experts, out_f, width // experts))
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ the allocator must beat (a random order, and "first and last layers first").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -27,9 +28,10 @@ class Format:
     def label(self) -> str:
         return f"int{self.bits} g{self.group_size}{'' if self.symmetric else ' asym'}"
 
-    def nbytes(self, shape: tuple[int, int], scale_bytes: int) -> int:
-        """Stored bytes of an ``(out, in)`` weight: packed codes, one scale (and uint8 zero) per group."""
-        out_f, in_f = shape
+    def nbytes(self, shape: tuple[int, ...], scale_bytes: int) -> int:
+        """Stored bytes of an ``(out, in)`` weight (or an ``(E, out, in)`` stack): packed codes, one scale (and
+        uint8 zero) per group."""
+        out_f, in_f = math.prod(shape[:-1]), shape[-1]
         groups = out_f * (in_f // self.group_size)
         return out_f * in_f * self.bits // 8 + groups * (scale_bytes + (0 if self.symmetric else 1))
 

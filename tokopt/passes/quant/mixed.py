@@ -62,22 +62,28 @@ def check_budget(g: Graph, targets: list[Target], budget_bits: float, scale_dtyp
 
 def candidates_for(g: Graph, targets: list[Target], scale_dtype: str,
                    est: dict[str, dict[str, float]] | None = None) -> dict[str, list[Candidate]]:
-    """Each target's candidate formats with their stored bytes and estimated KL (0 when not estimated)."""
+    """Each target's candidate formats with their stored bytes and estimated KL (0 when not estimated; a
+    tensor ``est`` leaves out keeps only its base format)."""
     sb = SCALE_BYTES[scale_dtype]
     out = {}
     for t in targets:
         shape = weight_shape(g.params[t.param])
-        out[t.param] = [Candidate(f, f.nbytes(shape, sb), est[t.param][f.label] if est else 0.0)
-                        for f in formats_for(t, shape[1])]
+        measured = est is not None and t.param in est
+        formats = formats_for(t, shape[-1]) if est is None or measured else formats_for(t, shape[-1])[:1]
+        out[t.param] = [Candidate(f, f.nbytes(shape, sb), est[t.param][f.label] if measured else 0.0)
+                        for f in formats]
     return out
 
 
 def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any]) -> tuple[list[Target],
                                                                                             list[dict], str]:
-    """Targets with the allocated formats, the sensitivity table for the report, and the note."""
+    """Targets with the allocated formats, the sensitivity table for the report, and the note.
+
+    MoE expert stacks keep the base format: they count against the budget, but the sensitivity is measured
+    per Linear (the allocator places the bits among the Linears and the embedding)."""
     scale_dtype = o["scale_dtype"]
     shapes = {t.param: weight_shape(g.params[t.param]) for t in targets}
-    options = {t.param: formats_for(t, shapes[t.param][1]) for t in targets}
+    options = {t.param: formats_for(t, shapes[t.param][-1]) for t in targets if len(shapes[t.param]) == 2}
 
     def quantizer(f: Format):
         return lambda w: fake_quantize(w, f.bits, f.group_size, f.symmetric, scale_dtype)
@@ -92,13 +98,16 @@ def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, A
                    symmetric=chosen.choice[t.param].format.symmetric) for t in targets]
     table = []
     for t in targets:
+        if t.param not in options:
+            continue
         n = math.prod(shapes[t.param])
         c = chosen.choice[t.param]
         table.append({"tensor": t.param, "params": n, "chosen": c.format.label,
                       "bits_per_param": round(8 * c.nbytes / n, 4),
                       "est_kl": {f.label: est[t.param][f.label] for f in options[t.param]}})
     table.sort(key=lambda r: -max(r["est_kl"].values()))
-    upgraded = [t for t in new if t.bits == UPGRADE_BITS and options[t.param][0].bits != UPGRADE_BITS]
+    upgraded = [t for t in new if t.param in options and t.bits == UPGRADE_BITS
+                and options[t.param][0].bits != UPGRADE_BITS]
     budget = f"budget_bits={o['budget_bits']:g}" if o["budget_bits"] is not None else f"max_kl={o['max_kl']:g}"
     note = (f"mixed precision ({budget}, sensitivity on {len(batches)} × {batches[0].shape[-1]} calibration "
             f"tokens): {len(upgraded)} of {len(new)} tensors in int{UPGRADE_BITS} "

@@ -9,6 +9,7 @@ block deep and later blocks are calibrated on the already quantized ones.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,14 +41,14 @@ class Target:
 def planned_weight(shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool,
                    scale_dtype: str = "float16") -> QuantizedWeight:
     """A :class:`QuantizedWeight` with the format quantization will produce and placeholder (meta) tensors."""
-    out_f, in_f = shape
+    out_f, in_f = math.prod(shape[:-1]), shape[-1]
     gs = resolve_group_size(group_size, in_f)
     meta = {"device": "meta"}
     groups = in_f // gs
     return QuantizedWeight(torch.empty(out_f, in_f * bits // 8, dtype=torch.uint8, **meta),
                            torch.empty(out_f, groups, dtype=SCALE_DTYPES[scale_dtype], **meta),
                            None if symmetric else torch.empty(out_f, groups, dtype=torch.uint8, **meta),
-                           bits, gs, (out_f, in_f), method="planned")
+                           bits, gs, tuple(shape), method="planned")
 
 
 def untie(g: Graph, targets: list[Target]) -> list[str]:
@@ -72,13 +73,15 @@ def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[
     for t in targets:
         if t in calibrated:
             continue
-        w = materialize(g.params[t.param], torch.float32)
-        if method == "gptq":  # no Linear reads it (an embedding): fit the grid on the weight itself
+        stacked = materialize(g.params[t.param], torch.float32)
+        w = stacked.reshape(-1, stacked.shape[-1])  # MoE experts: every row of every expert on its own
+        if method == "gptq":  # no Linear reads it (an embedding, experts): fit the grid on the weight itself
             gs = resolve_group_size(t.group_size, w.shape[1])
             scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, t.symmetric, sdtype)
-            g.params[t.param] = _from_grid(w, scale, zero, t.bits, gs, t.symmetric, o["scale_dtype"])
+            q = _from_grid(w, scale, zero, t.bits, gs, t.symmetric, o["scale_dtype"])
         else:
-            g.params[t.param] = quantize_rtn(w, t.bits, t.group_size, t.symmetric, o["scale_dtype"])
+            q = quantize_rtn(w, t.bits, t.group_size, t.symmetric, o["scale_dtype"])
+        g.params[t.param] = q.stacked(tuple(stacked.shape))
     if calibrated:
         _gptq(g, calibrated, ctx, o)
     return len(targets)

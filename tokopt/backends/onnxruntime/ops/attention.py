@@ -288,7 +288,7 @@ def _decomposed(ctx: LowerContext, node: Node, inputs: list[str]) -> list[str]:
         scores = softcap(ctx, scores, a["softcap"], f"{node.name}/softcap")
     scores = b.op("Add", [scores, _mask(ctx, a, k_pos)])
     if "sink_logits" in node.params:  # one more column per head, dropped after the softmax
-        sink = ctx.weight_init(node.params["sink_logits"], "kvh_rep", lambda t: t.reshape(1, kvh, rep, 1, 1))
+        sink = ctx.weight_init(node.params["sink_logits"], "reshape", lambda t: t.reshape(1, kvh, rep, 1, 1))
         first = b.op("Slice", [scores, b.const([0]), b.const([1]), b.const([-1])])
         scores = b.op("Concat", [scores, b.op("Expand", [sink, b.op("Shape", [first])])], axis=-1)
         probs = b.op("Softmax", [scores], axis=-1)

@@ -4,15 +4,21 @@ Every expert runs on every token and the router's top-k weights (zero elsewhere)
 them: E/k times the expert FLOPs of a sparse kernel, but exact and expressible for any
 expert count, activation and routing normalisation.  (onnxruntime's CPU ``MoE`` contrib
 op is fp32-only and wants gate/up interleaved for SwiGLU; it is a later fast path.)
+
+Quantized experts (int4/int8 stacks) run as two MatMulNBits for all experts: gate/up read the
+stack's rows as one ``(E*I, H)`` matrix, and down reads its experts laid side by side as one
+``(H, E*I)`` matrix applied to the routing-weighted hidden states — zero weight for the experts a
+token did not choose, so the sum is exactly the routed one.
 """
 
 from __future__ import annotations
 
 from tokopt.backends.onnxruntime.lower import LowerContext
-from tokopt.backends.onnxruntime.ops import register_lowering
+from tokopt.backends.onnxruntime.ops import nbits, register_lowering
 from tokopt.backends.onnxruntime.ops.basic import activation
 from tokopt.backends.onnxruntime.ops.linear import linear
 from tokopt.optimizer.ir.graph import Node
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 
 @register_lowering("MoE")
@@ -37,16 +43,29 @@ def lower_moe(ctx: LowerContext, node: Node, inputs: list[str]) -> str:
         return ctx.weight_init(p[role], "stackedT", lambda t: t.reshape(e * inter, hidden).t())
 
     def projected(role: str) -> str:  # (N, E, I), plus the experts' (E, I) bias
-        y = b.op("Reshape", [b.op("MatMul", [flat, stacked_in(role)]), b.const([-1, e, inter])])
+        if isinstance(ctx.raw(p[role]), QuantizedWeight):  # the stack's rows as one (E*I, H) MatMulNBits
+            y = nbits.matmul(ctx, nbits.store(ctx, p[role], [p[role]]), flat, f"{node.name}/{role}", 0)
+        else:
+            y = b.op("MatMul", [flat, stacked_in(role)])
+        y = b.op("Reshape", [y, b.const([-1, e, inter])])
         return b.op("Add", [y, ctx.weight_init(p[f"{role}_bias"])]) if f"{role}_bias" in p else y
 
     h = gated_unit(ctx, a, projected("experts.gate"), projected("experts.up"), node.name)  # (N, E, I)
-    down = ctx.weight_init(p["experts.down"], "T", lambda t: t.transpose(1, 2))  # (E, I, H)
-    y = b.op("MatMul", [b.op("Transpose", [h], perm=[1, 0, 2]), down])  # (E, N, H)
-    if "experts.down_bias" in p:
-        y = b.op("Add", [y, ctx.weight_init(p["experts.down_bias"], "E1H", lambda t: t.unsqueeze(1))])
-    y = b.op("MatMul", [b.op("Unsqueeze", [routing, b.const([1])]), b.op("Transpose", [y], perm=[1, 0, 2])])
-    out = b.op("Reshape", [y, b.const([-1, hidden])])  # (N, H)
+    if isinstance(ctx.raw(p["experts.down"]), QuantizedWeight):
+        # sum_e r_e * down_e(h_e) = [r_1 h_1 | … | r_E h_E] @ [down_1 | … | down_E]^T: one (H, E*I) MatMulNBits
+        weighted = b.op("Reshape", [b.op("Mul", [h, b.op("Unsqueeze", [routing, b.const([2])])]),
+                                    b.const([-1, e * inter])])
+        stored = nbits.store(ctx, p["experts.down"], [p["experts.down"]], layout="experts_along_input")
+        out = nbits.matmul(ctx, stored, weighted, f"{node.name}/experts.down", 0)
+        if "experts.down_bias" in p:
+            out = b.op("Add", [out, b.op("MatMul", [routing, ctx.weight_init(p["experts.down_bias"])])])
+    else:
+        down = ctx.weight_init(p["experts.down"], "T", lambda t: t.transpose(1, 2))  # (E, I, H)
+        y = b.op("MatMul", [b.op("Transpose", [h], perm=[1, 0, 2]), down])  # (E, N, H)
+        if "experts.down_bias" in p:
+            y = b.op("Add", [y, ctx.weight_init(p["experts.down_bias"], "reshape", lambda t: t.unsqueeze(1))])
+        y = b.op("MatMul", [b.op("Unsqueeze", [routing, b.const([1])]), b.op("Transpose", [y], perm=[1, 0, 2])])
+        out = b.op("Reshape", [y, b.const([-1, hidden])])  # (N, H)
     if "shared.gate" in p:
         sg = activation(ctx, a["activation"], linear(ctx, flat, p["shared.gate"], None, f"{node.name}/shared.gate"),
                         f"{node.name}/shared.act")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tokopt.backends.onnxruntime.lower import LowerContext
-from tokopt.optimizer.ir.weights import QuantizedWeight
+from tokopt.optimizer.ir.weights import QuantizedWeight, experts_along_input
 
 BITS = (4, 8)
 
@@ -45,8 +45,8 @@ def storage_problem(w: QuantizedWeight) -> str | None:
     if block_size(w) is None:
         return (f"int{w.bits} groups of {w.group_size} have no power-of-two divisor >= 16 "
                 "(MatMulNBits' smallest block)")
-    if w.group_size != block_size(w) and w.shape[1] % w.group_size:
-        return f"groups of {w.group_size} do not divide in_features {w.shape[1]}"
+    if w.group_size != block_size(w) and w.in_features % w.group_size:
+        return f"groups of {w.group_size} do not divide in_features {w.in_features}"
     return None
 
 
@@ -103,12 +103,17 @@ class StoredWeight:
         return self.groups * self.group // self.block
 
 
-def store(ctx: LowerContext, name: str, params: list[str]) -> StoredWeight:
-    """The file's tensors for ``params`` (alike quantized, stacked along N), recorded for the frontend; once."""
-    key = (name, "nbits")
+def store(ctx: LowerContext, name: str, params: list[str], layout: str = "") -> StoredWeight:
+    """The file's tensors for ``params`` (alike quantized, stacked along N), recorded for the frontend; once.
+
+    An MoE expert stack ``(E, out, in)`` is stored as one matrix: ``layout=""`` lays the experts' rows one
+    after another (``(E*out, in)``: gate/up, one matmul for every expert), ``"experts_along_input"`` lays them
+    side by side (``(out, E*in)``: down, one matmul over the routing-weighted inputs of every expert)."""
+    key = (name, "nbits", layout)
     if key in ctx.cache:
         return ctx.cache[key]
-    weights: list[QuantizedWeight] = [ctx.raw(p) for p in params]
+    raw: list[QuantizedWeight] = [ctx.raw(p) for p in params]
+    weights = [experts_along_input(w) if layout == "experts_along_input" else w.as_matrix() for w in raw]
     tensors = [file_tensors(w) for w in weights]
     w0 = weights[0]
     b = ctx.b
@@ -117,11 +122,12 @@ def store(ctx: LowerContext, name: str, params: list[str]) -> StoredWeight:
     zp = None if tensors[0][2] is None else b.initializer(f"{name}.zero_points",
                                                            np.concatenate([t[2] for t in tensors]))
     offset = 0
-    for p, w in zip(params, weights, strict=True):
+    for p, w, r in zip(params, weights, raw, strict=True):
         ctx.params[p] = {"kind": "nbits", "B": codes, "scales": scales, "zero_points": zp, "bits": w.bits,
                          "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
                          "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra,
-                         **({"rows": [offset, offset + w.shape[0]]} if len(params) > 1 else {})}
+                         **({"rows": [offset, offset + w.shape[0]]} if len(params) > 1 else {}),
+                         **({"layout": layout or "stacked", "stack": list(r.shape)} if len(r.shape) > 2 else {})}
         offset += w.shape[0]
     stored = StoredWeight(codes, scales, zp, offset, w0.shape[1], w0.bits, w0.group_size, block_size(w0))
     ctx.cache[key] = stored

@@ -250,3 +250,25 @@ def test_quantize_covers_moe_experts(arch, tiny_model_dir, tmp_path):
     assert torch.equal(ReferenceExecutor(back).forward(ids), ReferenceExecutor(quantized).forward(ids))
     session = OnnxRuntimeSession(artifact.path / "model.onnx", threads=1)
     assert (session.forward(ids, session.new_cache(2)) - ReferenceExecutor(quantized).forward(ids)).abs().max() <= 1e-3
+
+
+def test_gemma3_gguf_loads_with_transformers_parity(tmp_path):
+    """The issue's first user: a Gemma 3 GGUF (llama.cpp's layout, norms stored as 1 + w) is read through
+    transformers' GGUF reader and matches the model transformers builds from the same file."""
+    pytest.importorskip("gguf")
+    from tiny_models import save_tiny_gguf
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_gguf(tmp_path / "tiny-gemma3.gguf", arch="gemma3", layers=2)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    graph = tokopt.load(path)
+    assert graph.meta.model_type == "gemma3_text"
+    ids = _ids(24, batch=2, seed=9) % 61 + 3
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (ReferenceExecutor(graph).forward(ids) - expected).abs().max() <= 1e-4
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    features = info["features"]
+    assert info["window"] == 8 and features["qk_norm"] == "per-head" and features["norms_per_layer"] == 4

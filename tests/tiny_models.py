@@ -41,8 +41,10 @@ def sample_ids(batch: int = 2, seq: int = 16, vocab: int = 128, seed: int = 0) -
 
 
 def save_tiny_gguf(path: Path, vocab: int = 64, hidden: int = 32, layers: int = 1, heads: int = 4, kv_heads: int = 2,
-                   ffn: int = 48, seed: int = 0) -> Path:
-    """A ~50 KB llama GGUF (fp32 tensors, a SentencePiece-style vocabulary) written with ``gguf``.
+                   ffn: int = 48, seed: int = 0, arch: str = "llama") -> Path:
+    """A ~50 KB GGUF (fp32 tensors, a SentencePiece-style vocabulary) written with ``gguf``: ``arch`` llama,
+    or gemma3 (per-head q/k norms, sandwich norms stored as ``1 + w`` the way llama.cpp writes Gemma, tied
+    embedding, head_dim 16 != hidden/heads, a sliding window of 8).
 
     The vocabulary spells the words ``w1 … w{vocab - 16}``: besides them it holds the pieces they are
     merged from (``▁``, ``w``, the digits, ``▁w``), so the merges recovered from it encode such text.
@@ -51,7 +53,9 @@ def save_tiny_gguf(path: Path, vocab: int = 64, hidden: int = 32, layers: int = 
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    gemma = arch == "gemma3"
+    head_dim = 16 if gemma else hidden // heads
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny")
     writer.add_context_length(128)
     writer.add_embedding_length(hidden)
@@ -61,7 +65,11 @@ def save_tiny_gguf(path: Path, vocab: int = 64, hidden: int = 32, layers: int = 
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
-    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_dimension_count(head_dim)
+    if gemma:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(8)
     writer.add_vocab_size(vocab)
     writer.add_tokenizer_model("llama")
     pieces = ["\u2581", "w", *"0123456789", "\u2581w"]
@@ -72,17 +80,26 @@ def save_tiny_gguf(path: Path, vocab: int = 64, hidden: int = 32, layers: int = 
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
-    kv = kv_heads * (hidden // heads)
+    q, kv = heads * head_dim, kv_heads * head_dim
     shapes = {"token_embd.weight": (vocab, hidden)}
     for i in range(layers):
-        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.attn_q.weight": (hidden, hidden),
+        shapes.update({f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.attn_q.weight": (q, hidden),
                        f"blk.{i}.attn_k.weight": (kv, hidden), f"blk.{i}.attn_v.weight": (kv, hidden),
-                       f"blk.{i}.attn_output.weight": (hidden, hidden), f"blk.{i}.ffn_norm.weight": (hidden,),
+                       f"blk.{i}.attn_output.weight": (hidden, q), f"blk.{i}.ffn_norm.weight": (hidden,),
                        f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
                        f"blk.{i}.ffn_down.weight": (hidden, ffn)})
-    shapes.update({"output_norm.weight": (hidden,), "output.weight": (vocab, hidden)})
+        if gemma:
+            shapes.update({f"blk.{i}.attn_q_norm.weight": (head_dim,), f"blk.{i}.attn_k_norm.weight": (head_dim,),
+                           f"blk.{i}.post_attention_norm.weight": (hidden,),
+                           f"blk.{i}.post_ffw_norm.weight": (hidden,)})
+    shapes["output_norm.weight"] = (hidden,)
+    if not gemma:
+        shapes["output.weight"] = (vocab, hidden)
     for name, shape in shapes.items():
-        writer.add_tensor(name, (rng.standard_normal(shape) * 0.2).astype(np.float32))
+        data = rng.standard_normal(shape) * 0.2
+        if gemma and name.endswith("norm.weight"):
+            data = data + 1.0  # llama.cpp stores Gemma's norms as 1 + w
+        writer.add_tensor(name, data.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

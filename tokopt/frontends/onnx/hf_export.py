@@ -28,6 +28,8 @@ _HF_ROOTS = ("model.", "transformer.", "lm_head")
 
 
 _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)$")  # GPT-2's Conv1D modules store (in, out) weights
+#: Families whose RMSNorm multiplies by ``1 + weight``: an exporter folds that sum into the Mul's constant.
+_NORM_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}
 
 
 def _hf_name(raw: str) -> str | None:
@@ -114,8 +116,8 @@ def from_hf_export(model, model_path: Path) -> Graph:
                     tensors.setdefault(f"{module}.{role}", load(node.input[idx]))
         elif node.op_type == "Mul":
             const = [i for i in node.input if i in inits and len(inits[i].dims) == 1 and inits[i].dims[0] > 1]
-            if const:
-                tensors.setdefault(f"{module}.weight", load(const[0]))
+            if const:  # Gemma's folded 1 + w comes back as the checkpoint's w
+                tensors.setdefault(f"{module}.weight", load(const[0]) - _NORM_OFFSET.get(config.get("model_type"), 0.0))
     for name in inits:  # parameters the exporter kept by name (embeddings, norms)
         hf = _hf_name(name)
         if hf is not None and hf not in tensors and hf.endswith(("weight", "bias")):

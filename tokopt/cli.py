@@ -271,6 +271,60 @@ def optimize(model: str, passes: str | None, recipe: str | None, backend: str | 
         raise error
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--grid", required=True, metavar="GRID",
+              help='Pipelines to try: the --passes syntax with "|" between alternative values and "?" after a '
+                   'pass that may be left out, e.g. "quantize:bits=4|8,group_size=32|64,sparse-attention?:window='
+                   '128|256" (12 pipelines).')
+@click.option("-o", "--out", required=True, type=click.Path(), help="Sweep directory (re-runs resume from it).")
+@click.option("--backend", default="onnxruntime", show_default=True, help="Target backend of every trial.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Trials at a time; more than 1 runs them on a local Ray cluster (pip install "
+                   "'tokopt[distributed]').")
+@click.option("--address", metavar="ADDR", help='An existing Ray cluster (e.g. "ray://head:10001" or "auto"); '
+                                                "the model path and OUT must be reachable from its nodes.")
+@click.option("--max-ppl-increase", type=float, metavar="PCT",
+              help="recipe.yaml is the trial with the fewest weight bytes within this perplexity increase.")
+@click.option("--speed", "speed_mode", type=click.Choice(["artifact", "off"]), default="artifact", show_default=True,
+              help="Measure each finished artifact's speed, one at a time, after the trials.")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False), help="Evaluation text file.")
+@click.option("--calib-text", type=click.Path(exists=True, dir_okay=False), help="Calibration text file.")
+@_eval_tokens_option
+@click.option("--calib-tokens", metavar="NxLEN", help="Calibration sequences x tokens each (default 8x512).")
+@click.option("--keep-artifacts", is_flag=True, help="Keep every trial's model files (default: only its reports).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passes' RNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
+def sweep(model: str, grid: str, out: str, backend: str, workers: int, address: str | None,
+          max_ppl_increase: float | None, speed_mode: str, eval_text: str | None, calib_text: str | None,
+          eval_tokens: str | None, calib_tokens: str | None, keep_artifacts: bool, seed: int, as_json: bool) -> None:
+    """Run every pipeline of GRID on MODEL (one baseline, shared) and find the cheapest within a quality bar.
+
+    OUT receives sweep.json, sweep.html (Pareto fronts of quality against weight bytes, KV bytes per token
+    and decode tok/s), recipe.yaml (the chosen pipeline, ready for `tokopt optimize --recipe`) and
+    trials/<key>/ per pipeline.  A failing trial is reported and the others go on.
+    """
+    from tokopt.jobs.sweep import sweep as run_sweep
+
+    eval_options = {**_eval_tokens(eval_tokens), **_eval_tokens(calib_tokens, "--calib-tokens", "calib_")}
+    result = run_sweep(model, grid, out, backend=backend, workers=workers, address=address,
+                       max_ppl_increase=max_ppl_increase, speed=speed_mode, eval_text=eval_text,
+                       calib_text=calib_text, eval_options=eval_options or None, keep_artifacts=keep_artifacts,
+                       seed=seed)
+    if as_json:
+        _emit_json(result)
+        return
+    for t in result["trials"]:
+        m = t["metrics"]
+        figure = (f"Δppl {m['ppl_delta_pct']:+.2f}%  weights {m['weight_bytes']:,} B" if t["status"] != "failed"
+                  else f"failed: {t['error']}")
+        click.echo(f"  {t['status']:<7} {t['passes']:<60} {figure}")
+    best = result["best"]
+    click.echo(f"cheapest within the bar: {best['passes']} (wrote recipe.yaml)" if best
+               else "no trial within the bar: no recipe.yaml")
+    click.echo(f"wrote {result['out']}/sweep.json, sweep.html")
+
+
 @cli.command("eval")
 @click.argument("model_or_artifact")
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False),

@@ -57,6 +57,21 @@ SLOWER_WARNING = 0.95  # warn when a pass leaves decode below 95 % of the stage 
 
 
 @dataclass
+class SharedBaseline:
+    """A baseline measured once — stage 0's metrics and details, and the eval text's log-probabilities
+    (what KL is measured against) — that other ``optimize`` runs of the same model with the same eval,
+    speed and backend settings reuse instead of measuring it again (``tokopt sweep`` hands it to every
+    trial).  ``fingerprint`` says what it was measured on; a run with other settings refuses it."""
+
+    fingerprint: str
+    metrics: dict[str, Any]
+    extra: dict[str, Any]
+    log_probs: list[Any]  # torch tensors, one per eval batch
+    ppl: float
+    long_ppl: float | None = None
+
+
+@dataclass
 class OptimizeResult:
     """What ``optimize`` did.  ``passed`` is False when a gate failed (then nothing was written)."""
 
@@ -64,6 +79,7 @@ class OptimizeResult:
     out: Path | None
     gates: list[GateResult] = field(default_factory=list)
     plan: dict[str, Any] | None = None  # the checked pipeline (always; the only output of a dry run)
+    baseline: SharedBaseline | None = None  # with keep_baseline=True: the baseline, for other runs to share
 
     @property
     def passed(self) -> bool:
@@ -102,14 +118,18 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
              calib_text: str | Path | None = None, dry_run: bool = False, force: bool = False,
              gates: Gates | None = None, eval_options: dict[str, Any] | None = None,
              speed_options: dict[str, Any] | None = None, speed: str = "auto", seed: int = 0,
-             progress: bool | None = None) -> OptimizeResult:
+             progress: bool | None = None, baseline: SharedBaseline | None = None,
+             keep_baseline: bool = False, measure_long: bool = False) -> OptimizeResult:
     """Run a pipeline on ``model`` and write OUT; see the module docstring for the order of work.
 
     ``passes`` uses the ``--passes`` syntax (``None`` = take them from ``recipe``; ``""`` =
     none).  ``backend`` ``None`` takes the recipe's (default ``"torch"``); ``"none"`` lowers
     nothing.  ``speed``: ``auto`` (the artifact when there is a backend, else the reference
     executor), ``artifact``, ``reference`` or ``off``.  Gate failures do not raise: check
-    :attr:`OptimizeResult.passed` (the CLI exits 1).
+    :attr:`OptimizeResult.passed` (the CLI exits 1).  ``baseline``: a :class:`SharedBaseline` measured by
+    an earlier run with the same settings (``keep_baseline=True`` returns this run's) — stage 0 is then
+    taken from it, not measured again.  ``measure_long`` measures long-context perplexity even when no pass
+    moves it (a shared baseline for pipelines that do).
     """
     from tokopt.optimizer.interpret import ReferenceExecutor
 
@@ -161,13 +181,20 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     check_pipeline(pass_objs, graph, ctx)
     if backend_obj is not None:
         check_stages(backend_obj, pass_objs, graph, ctx)
-    with_long = any("long_ppl" in p.moves for p in pass_objs)
+    with_long = measure_long or any("long_ppl" in p.moves for p in pass_objs)
     data = build_eval_data(eval_src, eval_config, tokenizer, graph.meta.vocab_size, with_long=with_long)
     recipe_out = resolved_recipe(pass_objs, model=source, backend=backend_name or "none",
                                  eval=eval_config.as_dict(), speed=speed_config.as_dict(),
                                  gates={k: v for k, v in gates.as_dict().items() if v is not None} or None)
     plan = {"model": _model_section(graph), "backend": backend_name, "speed": mode, "recipe": recipe_out,
             "eval": data.source, "calibration": calib_info, "long_context": with_long, "checks": "passed"}
+    measured_on = baseline_fingerprint(source, backend_name, data.source, eval_config, seed)
+    if baseline is not None and baseline.fingerprint != measured_on:
+        raise UsageError("the shared baseline was measured with another model, backend, eval text or settings; "
+                         "measure it again with these")
+    if baseline is not None and with_long and baseline.long_ppl is None:
+        raise UsageError("this pipeline moves long-context perplexity but the shared baseline did not measure it; "
+                         "measure the baseline with measure_long=True")
     if dry_run:
         log.info("dry run: the pipeline of %d pass(es) checks out", len(pass_objs))
         return OptimizeResult(None, None, [], plan)
@@ -182,6 +209,10 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         machine = describe_machine()
         bandwidth = machine["memory_bandwidth_bytes_per_s"]
         evaluator = QualityEvaluator(data, show)
+        if baseline is not None:
+            evaluator.prime(baseline.log_probs, baseline.ppl, baseline.long_ppl)
+        shared = None if baseline is None else StageResult(0, "baseline", graph, metrics=baseline.metrics,
+                                                           extra=baseline.extra)
         warnings: list[str] = []
         artifact_info: dict[str, Any] | None = None
         last = len(pass_objs)
@@ -189,12 +220,14 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
 
             def on_stage(stage: StageResult, prev: StageResult | None) -> None:
                 nonlocal artifact_info
+                if stage.index == 0 and shared is not None:  # measured once, by another run: reused whole
+                    prev = shared
                 seconds: dict[str, float] = {"pass": round(stage.seconds, 3)}
                 values: dict[str, Any] = static_metrics(stage.graph).as_dict()
                 values["decode_tok_s_bound"] = bandwidth / values["bytes_per_token"]
                 if backend_obj is not None and stage.index:  # checked before it is measured
                     check_stage(backend_obj, stage.graph, f"the graph after {stage.name!r}")
-                reuse = prev is not None and stage.changed is False
+                reuse = prev is not None and (stage.changed is False or prev is shared)
                 t0 = time.perf_counter()
                 if reuse:
                     quality = {k: prev.metrics.get(k) for k in ("ppl", "kl", "top1_agreement", "long_ppl")}
@@ -242,6 +275,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                                     f"{prev.metrics['decode_tok_s']:.1f} -> {values['decode_tok_s']:.1f} tok/s")
                 if stage.changed is False:
                     warnings.append(f"{stage.name} changed nothing")
+                if prev is shared:
+                    stage.extra["shared_baseline"] = True
                 log.info("stage %d %s: ppl %.3f", stage.index, stage.name, values["ppl"])
 
             stages = run_pipeline(pass_objs, graph, ctx, on_stage, plugins.StageNotifier())
@@ -268,7 +303,24 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         plugins.notify_pipeline_end(report, None, exc)
         raise
     plugins.notify_pipeline_end(report, out_path, None)
-    return OptimizeResult(report, out_path, gate_results, plan)
+    kept = None
+    if keep_baseline:
+        base_lp, base_ppl, base_long = evaluator.baseline_state()
+        kept = SharedBaseline(measured_on, stages[0].metrics, stages[0].extra, base_lp, base_ppl, base_long)
+    return OptimizeResult(report, out_path, gate_results, plan, kept)
+
+
+def baseline_fingerprint(*settings: Any) -> str:
+    """What a baseline's quality and artifact depend on, as one digest (model, backend, eval text and config,
+    seed) — not how speed is measured, which a sharing run takes as it was."""
+    import hashlib
+    import json
+
+    def plain(v: Any) -> Any:
+        return v.as_dict() if hasattr(v, "as_dict") else v
+
+    text = json.dumps([plain(v) for v in settings], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def check_stages(backend: Backend, passes: list[Pass], graph: Graph, ctx: PassContext) -> None:

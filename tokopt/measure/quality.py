@@ -143,6 +143,17 @@ class QualityEvaluator:
         self.base_ppl: float | None = None
         self.base_long_ppl: float | None = None
 
+    def prime(self, log_probs: list[torch.Tensor], ppl: float, long_ppl: float | None = None) -> None:
+        """Take a baseline measured elsewhere (same eval data): every ``measure`` then compares with it."""
+        if len(log_probs) != len(list(self.data.batches())):
+            raise ValueError("the shared baseline was measured on other eval batches")
+        self._base_lp, self.base_ppl, self.base_long_ppl = list(log_probs), ppl, long_ppl
+
+    def baseline_state(self) -> tuple[list[torch.Tensor], float, float | None]:
+        """(log-probs per batch, ppl, long ppl) of the baseline this evaluator measured, to share."""
+        assert self._base_lp is not None and self.base_ppl is not None, "measure the baseline first"
+        return self._base_lp, self.base_ppl, self.base_long_ppl
+
     def measure(self, forward: Forward, long: bool = False, desc: str = "eval") -> dict[str, float]:
 
         baseline = self._base_lp is None

@@ -144,6 +144,9 @@ class OnnxRuntimeSession(GreedyGeneration):
         if cache.batch != bsz:
             raise ValueError(f"cache holds batch {cache.batch}, input has batch {bsz}")
         total = cache.seen + seq
+        if total > self.max_length:  # past the rotary tables (a windowed model's ring itself never fills)
+            raise KVCacheFullError(f"{total} tokens exceed the artifact's max_length {self.max_length} (the positions "
+                                   "its rotary tables and KV buffers were built for)")
         if self.shared_buffer and total > cache.capacity and self.grows and total <= self.max_length:
             self._grow(cache, total)
         if self.shared_buffer and total > cache.capacity:

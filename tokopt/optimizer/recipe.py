@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 RECIPE_VERSION = 1
 RECIPE_KEYS = ("version", "model", "backend", "passes", "eval", "speed", "gates")
+#: What a resolved recipe (the recipe.yaml tokopt writes) says of each pass for people: read back, not needed.
+RESOLVED_ONLY = ("plugin", "spec")
 
 
 @dataclass
@@ -126,7 +128,7 @@ def recipe_passes(entries: Any, known: Collection[str], where: str = "recipe") -
         if isinstance(entry, str):
             specs.extend(parse_passes(entry, known, f"{where}: passes[{i}]"))
         elif isinstance(entry, dict) and "name" in entry:
-            extra = sorted(set(entry) - {"name", "options"})
+            extra = sorted(set(entry) - {"name", "options", *RESOLVED_ONLY})
             if extra:
                 raise RecipeError(f"{where}: passes[{i}] has unknown key(s) {', '.join(extra)}; "
                                   "write {name: ..., options: {...}}")

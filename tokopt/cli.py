@@ -292,12 +292,14 @@ def optimize(model: str, passes: str | None, recipe: str | None, backend: str | 
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False), help="Calibration text file.")
 @_eval_tokens_option
 @click.option("--calib-tokens", metavar="NxLEN", help="Calibration sequences x tokens each (default 8x512).")
+@_long_context_option
 @click.option("--keep-artifacts", is_flag=True, help="Keep every trial's model files (default: only its reports).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passes' RNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
 def sweep(model: str, grid: str, out: str, backend: str, workers: int, address: str | None,
           max_ppl_increase: float | None, speed_mode: str, eval_text: str | None, calib_text: str | None,
-          eval_tokens: str | None, calib_tokens: str | None, keep_artifacts: bool, seed: int, as_json: bool) -> None:
+          eval_tokens: str | None, calib_tokens: str | None, long_context: int | None, keep_artifacts: bool, seed: int,
+          as_json: bool) -> None:
     """Run every pipeline of GRID on MODEL (one baseline, shared) and find the cheapest within a quality bar.
 
     OUT receives sweep.json, sweep.html (Pareto fronts of quality against weight bytes, KV bytes per token
@@ -306,7 +308,8 @@ def sweep(model: str, grid: str, out: str, backend: str, workers: int, address: 
     """
     from tokopt.jobs.sweep import sweep as run_sweep
 
-    eval_options = {**_eval_tokens(eval_tokens), **_eval_tokens(calib_tokens, "--calib-tokens", "calib_")}
+    eval_options = {**_eval_tokens(eval_tokens), **_eval_tokens(calib_tokens, "--calib-tokens", "calib_"),
+                    **({"long_context": long_context} if long_context else {})}
     result = run_sweep(model, grid, out, backend=backend, workers=workers, address=address,
                        max_ppl_increase=max_ppl_increase, speed=speed_mode, eval_text=eval_text,
                        calib_text=calib_text, eval_options=eval_options or None, keep_artifacts=keep_artifacts,

@@ -103,6 +103,11 @@ def _render(spec: PassSpec) -> str:
     return spec.name + (":" + ",".join(f"{k}={v}" for k, v in spec.options.items()) if spec.options else "")
 
 
+def _expected_cost(trial: Trial) -> tuple[int, int]:
+    """A rough order of trial durations: passes in the pipeline, then calibrated (4-bit) quantization."""
+    return trial.passes.count(":"), int("bits=4" in trial.passes)
+
+
 def trial_key(settings: str, passes: str) -> str:
     return hashlib.sha256(f"{__version__}\n{settings}\n{passes}".encode()).hexdigest()[:12]
 
@@ -164,11 +169,8 @@ def sweep(model: str | Path, grid: str, out: str | Path, *, backend: str = "onnx
     long = any("long_ppl" in q.moves for p in pipelines for q in resolve(parse_known(p)))
     baseline, base_metrics = _baseline(model, out_dir, settings, options, speed_options, long)
     trials = [Trial(p, trial_key(settings, p)) for p in pipelines]
-    todo = []
-    for t in trials:
-        cached = _read_cached(out_dir, t)
-        if cached is None:
-            todo.append(t)
+    # longest first (more passes, then 4-bit's calibration): two workers do not end on one long trial alone
+    todo = sorted((t for t in trials if _read_cached(out_dir, t) is None), key=_expected_cost, reverse=True)
     log.info("sweep: %d pipelines, %d cached, %d to run on %s", len(trials), len(trials) - len(todo), len(todo),
              f"Ray ({address or f'local, {workers} workers'})" if use_ray else "this process")
     threads = max(1, (os.cpu_count() or 1) // workers) if address is None else None

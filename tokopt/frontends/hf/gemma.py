@@ -19,6 +19,10 @@ from tokopt.frontends.hf.builder import GraphBuilder, HFSource, rope_attrs
 from tokopt.frontends.hf.llama_like import LlamaLikeSpec, build_llama_like
 from tokopt.optimizer.ir.graph import Graph, Value
 
+#: Gemma's RMSNorm multiplies by ``NORM_OFFSET + weight``; the model types that do.
+NORM_OFFSET = 1.0
+NORM_OFFSET_TYPES = ("gemma2", "gemma3_text")
+
 
 def _layer_types(src: HFSource) -> list[str]:
     n = src.get("num_hidden_layers")
@@ -40,7 +44,7 @@ def _spec(src: HFSource, qk_norm: bool) -> LlamaLikeSpec:
     return LlamaLikeSpec(
         qkv_bias=bool(src.get("attention_bias", False)), o_bias=bool(src.get("attention_bias", False)),
         qk_norm="head" if qk_norm else None, windows=windows, ropes=[ropes[t] for t in types],
-        norms="sandwich", norm_offset=1.0, embed_scale=math.sqrt(src.get("hidden_size")),
+        norms="sandwich", norm_offset=NORM_OFFSET, embed_scale=math.sqrt(src.get("hidden_size")),
         attention_scale=float(src.get("query_pre_attn_scalar")) ** -0.5,
         attn_softcap=src.get("attn_logit_softcapping"), final_softcap=src.get("final_logit_softcapping"))
 

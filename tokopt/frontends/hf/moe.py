@@ -35,3 +35,22 @@ def expert_params(b: GraphBuilder, ckpt: str, num_experts: int, names: tuple[str
 
 def moe_node(b: GraphBuilder, name: str, x: Value, params: dict[str, str], attrs: dict) -> Value:
     return b.graph.add_node("MoE", name, [x], attrs, params)
+
+
+def is_sparse_layer(cfg: object, i: int) -> bool:
+    """Whether decoder layer ``i`` of a Qwen-style MoE config routes experts: not in ``mlp_only_layers``, on the
+    ``decoder_sparse_step`` grid, and the model has experts (the others keep a dense MLP, as transformers builds)."""
+    step = getattr(cfg, "decoder_sparse_step", 1) or 1
+    return i not in (getattr(cfg, "mlp_only_layers", None) or []) and cfg.num_experts > 0 and (i + 1) % step == 0
+
+
+def qwen_routed_experts(b: GraphBuilder, i: int) -> tuple[dict[str, str], dict]:
+    """Router and stacked experts (params, attrs) of a Qwen-style MoE layer (Qwen2-MoE, Qwen3-MoE)."""
+    cfg = b.src.config
+    ck = f"model.layers.{i}.mlp"
+    params = {"router": b.param(f"{ck}.gate.weight"),
+              **expert_params(b, ck, cfg.num_experts, ("gate_proj", "up_proj", "down_proj"))}
+    attrs = {"num_experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok, "hidden_size": cfg.hidden_size,
+             "intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": bool(cfg.norm_topk_prob),
+             "activation": "silu"}
+    return params, attrs

@@ -11,21 +11,16 @@ from tokopt.frontends.hf.llama_like import (
     dense_mlp,
     sliding_windows_from_config,
 )
-from tokopt.frontends.hf.moe import expert_params, moe_node
+from tokopt.frontends.hf.moe import is_sparse_layer, moe_node, qwen_routed_experts
 from tokopt.optimizer.ir.graph import Graph, Value
 
 
 def _block(b: GraphBuilder, i: int, x: Value) -> Value:
     cfg = b.src.config
-    sparse = i not in (cfg.mlp_only_layers or []) and cfg.num_experts > 0 and (i + 1) % cfg.decoder_sparse_step == 0
-    if not sparse:
+    if not is_sparse_layer(cfg, i):
         return dense_mlp(b, i, x)
     ck = f"model.layers.{i}.mlp"
-    params = {"router": b.param(f"{ck}.gate.weight"),
-              **expert_params(b, ck, cfg.num_experts, ("gate_proj", "up_proj", "down_proj"))}
-    attrs = {"num_experts": cfg.num_experts, "top_k": cfg.num_experts_per_tok, "hidden_size": cfg.hidden_size,
-             "intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": bool(cfg.norm_topk_prob),
-             "activation": "silu"}
+    params, attrs = qwen_routed_experts(b, i)
     if b.has(f"{ck}.shared_expert.gate_proj.weight"):
         for role, n in (("shared.gate", "gate_proj"), ("shared.up", "up_proj"), ("shared.down", "down_proj")):
             params[role] = b.param(f"{ck}.shared_expert.{n}.weight")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tokopt.errors import ModelSourceError, UnsupportedArchitectureError
+from tokopt.frontends.hf.gemma import NORM_OFFSET, NORM_OFFSET_TYPES
 from tokopt.frontends.onnx.store import InitializerStore
 from tokopt.optimizer.ir.graph import Graph
 
@@ -28,8 +29,6 @@ _HF_ROOTS = ("model.", "transformer.", "lm_head")
 
 
 _CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)$")  # GPT-2's Conv1D modules store (in, out) weights
-#: Families whose RMSNorm multiplies by ``1 + weight``: an exporter folds that sum into the Mul's constant.
-_NORM_OFFSET = {"gemma2": 1.0, "gemma3_text": 1.0}
 
 
 def _hf_name(raw: str) -> str | None:
@@ -116,8 +115,9 @@ def from_hf_export(model, model_path: Path) -> Graph:
                     tensors.setdefault(f"{module}.{role}", load(node.input[idx]))
         elif node.op_type == "Mul":
             const = [i for i in node.input if i in inits and len(inits[i].dims) == 1 and inits[i].dims[0] > 1]
-            if const:  # Gemma's folded 1 + w comes back as the checkpoint's w
-                tensors.setdefault(f"{module}.weight", load(const[0]) - _NORM_OFFSET.get(config.get("model_type"), 0.0))
+            if const:  # Gemma's 1 + w, folded by the exporter into the Mul's constant, comes back as the checkpoint's w
+                offset = NORM_OFFSET if config.get("model_type") in NORM_OFFSET_TYPES else 0.0
+                tensors.setdefault(f"{module}.weight", load(const[0]) - offset)
     for name in inits:  # parameters the exporter kept by name (embeddings, norms)
         hf = _hf_name(name)
         if hf is not None and hf not in tensors and hf.endswith(("weight", "bias")):

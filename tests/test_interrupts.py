@@ -5,7 +5,9 @@ onnxruntime, speed measured on every stage's artifact, so there are stage direct
 ``$TMPDIR``, OUT's temporary sibling and speed-measurement child processes), waits until the run
 has reached a given point — a log line, a stage directory, a live measurement child, the final
 artifact written beside OUT — and only then signals it.  Waiting for a marker instead of sleeping
-makes the interrupt land where it is meant to; should the run still finish before the signal
+makes the interrupt land where it is meant to; a point whose window is milliseconds on a tiny model
+(the backend writing its files beside OUT's temporary sibling) runs on a slow disk, simulated in
+the child by holding each ``model.onnx`` write for a second; should the run still finish before the signal
 arrives (a loaded machine), the case is tried again, and it fails unless one attempt really was
 interrupted (exit ``128 + signal`` and the ``interrupted by`` line).
 
@@ -80,6 +82,18 @@ class Run:
         return any((s / "tokopt_artifact.json").is_file() for s in self.out_siblings() if s not in self.nested_tmp())
 
 
+# The child as on a slow disk: each model.onnx write held for a second once written (a tiny model's takes ms).
+SLOW_DISK = ("import time\n"
+             "import tokopt.backends.onnxruntime.external_data as ed\n"
+             "write = ed.write_model\n"
+             "def slow(*args, **kwargs):\n"
+             "    files = write(*args, **kwargs)\n"
+             "    time.sleep(1.0)\n"
+             "    return files\n"
+             "ed.write_model = slow\n"
+             "import runpy\n"
+             "runpy.run_module('tokopt', run_name='__main__')\n")
+
 # The points at which the run is signalled: (id, signal, whole process group?, marker).
 POINTS: list[tuple[str, int, bool, Callable[[Run], bool]]] = [
     ("sigint-after-load", signal.SIGINT, False, lambda r: any(" loaded " in line for line in r.stderr)),
@@ -90,16 +104,18 @@ POINTS: list[tuple[str, int, bool, Callable[[Run], bool]]] = [
      lambda r: r.final_artifact_written() and r.speed_child()),
     ("sigterm-speed-child", signal.SIGTERM, False, lambda r: bool(r.stage_dirs()) and r.speed_child()),
 ]
+SLOW_DISK_POINTS = {"sigint-lowering-beside-out"}
 ATTEMPTS = 3
 
 
-def _start(model: Path, recipe: Path, root: Path, mark: str) -> Run:
+def _start(model: Path, recipe: Path, root: Path, mark: str, slow_disk: bool) -> Run:
     tmpdir, parent = root / "tmp", root / "outparent"
     tmpdir.mkdir(parents=True)
     parent.mkdir()
     inherited = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}  # tokopt must set it itself
     env = {**inherited, "TMPDIR": str(tmpdir), ENV_MARK: mark, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "tokopt", "-v", "optimize", str(model), "--passes", "quantize:bits=8",
+    entry = ["-c", SLOW_DISK] if slow_disk else ["-m", "tokopt"]
+    cmd = [sys.executable, *entry, "-v", "optimize", str(model), "--passes", "quantize:bits=8",
            "--backend", "onnxruntime", "--recipe", str(recipe), "--speed", "artifact", "-o", str(parent / "out")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -135,10 +151,10 @@ def _describe(p: psutil.Process) -> str:
 
 
 def _attempt(model: Path, recipe: Path, root: Path, sig: int, group: bool,
-             marker: Callable[[Run], bool]) -> tuple[Run, bool]:
+             marker: Callable[[Run], bool], slow_disk: bool) -> tuple[Run, bool]:
     """One run signalled at ``marker``; returns it (finished) and whether the signal was sent before it ended."""
     mark = uuid.uuid4().hex
-    run = _start(model, recipe, root, mark)
+    run = _start(model, recipe, root, mark, slow_disk)
     sent = False
     deadline = time.monotonic() + 240
     try:
@@ -170,7 +186,8 @@ def _attempt(model: Path, recipe: Path, root: Path, sig: int, group: bool,
 def test_interrupt_exits_in_one_line_and_leaves_nothing(small_llama, recipe, tmp_path, point, sig, group, marker):
     tries = []
     for attempt in range(ATTEMPTS):
-        run, sent = _attempt(small_llama, recipe, tmp_path / f"attempt{attempt}", sig, group, marker)
+        run, sent = _attempt(small_llama, recipe, tmp_path / f"attempt{attempt}", sig, group, marker,
+                             slow_disk=point in SLOW_DISK_POINTS)
         code = run.proc.returncode
         tries.append((sent, code))
         if sent and code == 128 + sig:

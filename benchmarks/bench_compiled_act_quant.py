@@ -3,11 +3,11 @@
 For every tiny architecture and the two attribute sets of ``tests/test_interpreter.py`` that carry
 ``act_quant`` (plus int8/int4 KV, windows, static/paged storage), prints the compiled session's max
 |logit diff| from the reference executor over a prefill and decode steps, beside how far the
-reference moves from itself when its activations are jittered by 1e-6 (the bar the test uses for
-these graphs, since a rounding boundary is a discontinuity).  The issue's bar as written is 1e-3.
-Run::
+reference moves from itself when its activations are jittered by 1e-6 (what an ulp of difference
+upstream of a rounding would cost: the kernels' float64-accumulated reductions are what keep the
+compiled session off it).  The bar (issue 11, and ``tests/test_interpreter.py``) is 1e-3.  Run::
 
-    python benchmarks/bench_compiled_act_quant.py        # ~3 minutes on 2 cores
+    python benchmarks/bench_compiled_act_quant.py        # ~7 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> None:
     import tokopt
     from tokopt.backends.torch.compiled import CompiledSession
     from tokopt.optimizer.interpret import ReferenceExecutor
+    from tokopt.optimizer.interpret.activations import rounding_jitter
     from tokopt.optimizer.pass_api import PassContext
 
     torch.set_num_threads(1)
@@ -41,8 +42,13 @@ def main() -> None:
             expected = ti.cached_steps(ReferenceExecutor(graph), ids)
             got = ti.cached_steps(CompiledSession(graph, compile=True, max_len=32), ids)
             diff = float((got - expected).abs().max())
-            bar = ti.compiled_bar(graph, ids, expected)
-            print(f"{arch:10} {variant:14} compiled max|diff| {diff:.2e}   reference under 1e-6 jitter {bar:.2e}",
+            jittered = []
+            for seed in range(3):
+                with rounding_jitter(1e-6, seed):
+                    jittered.append(float((ti.cached_steps(ReferenceExecutor(graph), ids) - expected).abs().max()))
+            bar = max(jittered)
+            print(f"{arch:11} {variant:14} compiled max|diff| {diff:.2e} (bar 1e-3)   "
+                  f"reference under 1e-6 jitter {bar:.2e}",
                   flush=True)
 
 

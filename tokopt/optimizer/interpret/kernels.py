@@ -79,9 +79,24 @@ def _embedding(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
     return F.embedding(ins[0], _w(node, ctx, "weight"))
 
 
+# Reductions are accumulated in float64 and rounded to float32 once.  A float32 sum depends on the
+# order it is taken in, and torch.compile's fused kernels take another order than ATen's: the
+# results differ by an ulp, which is harmless until a later op rounds (``act_quant``), where an ulp
+# can flip a code and the compiled session would drift from the reference.  Summed in float64, every
+# order rounds to the same float32, so the compiled session computes the reference's bits.
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """mean(x**2) over the last dimension, in float32, the same whatever order the sum is taken in."""
+    return x.double().pow(2).mean(-1, keepdim=True).float()
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension in float32, the same whatever order its sum is taken in."""
+    return torch.softmax(x.double(), dim=-1).float()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xf = xf * torch.rsqrt(mean_square(xf) + eps)
     return weight * xf.to(x.dtype)
 
 
@@ -92,8 +107,11 @@ def _rms_norm(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Te
 
 @kernel("LayerNorm")
 def _layer_norm(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-    w = _w(node, ctx, "weight")
-    return F.layer_norm(ins[0], w.shape, w, _w(node, ctx, "bias"), node.attrs["eps"])
+    x, w, b = ins[0], _w(node, ctx, "weight"), _w(node, ctx, "bias")
+    xd = x.double()
+    centred = xd - xd.mean(-1, keepdim=True)
+    y = (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + node.attrs["eps"])).to(x.dtype) * w
+    return y if b is None else y + b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: dict | None) -> torch.Tensor:
@@ -154,8 +172,8 @@ def route(logits: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, torch.Tensor
     """(weights, experts) of each row's top_k experts, by the MoE's ``routing``."""
     if attrs.get("routing", "softmax_topk") == "topk_softmax":  # gpt-oss: softmax over the top_k logits only
         top, experts = torch.topk(logits.float(), attrs["top_k"], dim=-1)
-        return torch.softmax(top, dim=-1), experts
-    weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), attrs["top_k"], dim=-1)
+        return softmax(top), experts
+    weights, experts = torch.topk(softmax(logits.float()), attrs["top_k"], dim=-1)
     if attrs["norm_topk_prob"]:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts
@@ -319,9 +337,9 @@ def _attention(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.T
     sink = _w(node, ctx, "sink_logits")
     if sink is not None:  # one more logit per head that attends to nothing (gpt-oss): it only joins the softmax
         column = sink.view(1, kvh, group, 1, 1).expand(bsz, kvh, group, seq, 1).reshape(bsz, kvh, group * seq, 1)
-        probs = torch.softmax(torch.cat([scores, column.to(scores.dtype)], dim=-1).float(), dim=-1)[..., :-1]
+        probs = softmax(torch.cat([scores, column.to(scores.dtype)], dim=-1).float())[..., :-1]
         probs = probs.to(q.dtype)
     else:
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = softmax(scores.float()).to(q.dtype)
     out = (probs @ v).view(bsz, h, seq, d)
     return out.transpose(1, 2).reshape(bsz, seq, h * d)

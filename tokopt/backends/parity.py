@@ -103,7 +103,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
     decode_steps = decode_steps_for(graph, tokens.shape[1], decode_steps)
     calibrated = has_act_quant(graph)
     ref_cache, cache = ref.new_cache(), _new_cache(session, tokens.shape[0])
-    jittered = ReferenceExecutor(graph) if calibrated else None
+    jittered = ReferenceExecutor(graph, weights=getattr(ref, "weight", None)) if calibrated else None
     jit_cache = jittered.new_cache() if jittered else None
     step = tokens
     max_diff, agree, total, kl, jit_kl, jit_agree = 0.0, 0, 0, 0.0, 0.0, 0

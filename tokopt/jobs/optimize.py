@@ -33,6 +33,7 @@ from tokopt.errors import (
     GateError,
     PassContractError,
     PassOptionError,
+    PreconditionError,
     UsageError,
 )
 from tokopt.jobs.common import config_of, load_model, make_progress
@@ -40,10 +41,11 @@ from tokopt.measure.agreement import disagreements
 from tokopt.measure.gates import GateResult, Gates, check_gates
 from tokopt.measure.machine import bandwidth_override
 from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
-from tokopt.measure.speed import SpeedConfig, measure_artifact_speed, measure_speed
+from tokopt.measure.speed import SpeedConfig, measure_artifact_speed, measure_speed, peak_rss_bytes, reset_peak_rss
 from tokopt.optimizer.corpus import resolve_texts, tokenizer_for
 from tokopt.optimizer.ir.cost import static_metrics
 from tokopt.optimizer.ir.graph import Graph
+from tokopt.optimizer.ir.weights import dense_nbytes, memory_budget, streams
 from tokopt.optimizer.manager import StageResult, check_pipeline, run_pipeline
 from tokopt.optimizer.pass_api import Pass, PassContext
 from tokopt.optimizer.recipe import load_recipe, resolved_recipe
@@ -171,6 +173,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     if gates.min_decode_speedup is not None and mode == "off":
         raise UsageError("--min-decode-speedup needs speed measurement; do not turn it off")
 
+    reset_peak_rss()  # stage 0's peak memory counts from here: the model's loading is part of it
     graph = model if isinstance(model, Graph) else load_model(model)
     source = str(model) if not isinstance(model, Graph) else (graph.meta.source or "graph")
     tokenizer = tokenizer_for(graph)
@@ -179,6 +182,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     show = make_progress(progress)
     ctx = PassContext(calibration, seed=seed, backend=backend_name, progress=show, reference_graph=graph)
     check_pipeline(pass_objs, graph, ctx)
+    _check_streaming(pass_objs, graph)
     if backend_obj is not None:
         check_stages(backend_obj, pass_objs, graph, ctx)
     with_long = measure_long or any("long_ppl" in p.moves for p in pass_objs)
@@ -216,6 +220,9 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         warnings: list[str] = []
         artifact_info: dict[str, Any] | None = None
         last = len(pass_objs)
+        # past the memory budget only the final artifact is written and measured: an earlier stage's
+        # (the float32 baseline's above all) would not fit where the model itself does not
+        streamed = streams(graph.params)
         with atomic_directory(out_path, force) as tmp, tempfile.TemporaryDirectory(prefix="tokopt-stage-") as scratch:
 
             def on_stage(stage: StageResult, prev: StageResult | None) -> None:
@@ -239,7 +246,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 seconds["eval"] = round(time.perf_counter() - t0, 3)
                 values.update(quality)
                 artifact_dir = None
-                if backend_obj is not None and (stage.index == last or (mode == "artifact" and not reuse)):
+                measured_here = mode == "artifact" and not reuse and (stage.index == last or not streamed)
+                if backend_obj is not None and (stage.index == last or measured_here):
                     t0 = time.perf_counter()
                     artifact_dir = tmp if stage.index == last else Path(scratch) / f"stage{stage.index}"
                     # the final artifact's parity is checked below (_parity), on the same files: not twice
@@ -254,9 +262,12 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 if reuse:
                     speed_detail = dict(prev.extra.get("speed", {}))
                     values["artifact_bytes"] = prev.metrics.get("artifact_bytes")
-                elif mode == "artifact":
+                elif measured_here:
                     speed_detail = measure_artifact_speed(artifact_dir, speed_config)
                     speed_detail["measured_on"] = f"{backend_name} artifact, fresh process"
+                elif mode == "artifact":
+                    speed_detail = {"measured_on": "not measured: the model is past the weight memory budget "
+                                                   "(TOKOPT_WEIGHT_MEMORY), so only the final artifact is lowered"}
                 elif mode == "reference":
                     speed_detail = measure_speed(ReferenceExecutor(stage.graph), stage.graph.meta.vocab_size,
                                                  speed_config)
@@ -279,6 +290,9 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                     warnings.append(f"{stage.name} changed nothing")
                 if prev is shared:
                     stage.extra["shared_baseline"] = True
+                # this process's own high-water mark over the pass, its evaluation, lowering and parity
+                stage.extra["tokopt_peak_rss_bytes"] = peak_rss_bytes()
+                reset_peak_rss()
                 log.info("stage %d %s: ppl %.3f", stage.index, stage.name, values["ppl"])
 
             stages = run_pipeline(pass_objs, graph, ctx, on_stage, plugins.StageNotifier())
@@ -295,6 +309,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
             report["gates"] = [g.as_dict() for g in gate_results]
             report["passed"] = all(g.passed for g in gate_results)
             report["seconds"] = round(time.perf_counter() - t_start, 3)
+            report["tokopt_peak_rss_bytes"] = max(s.extra["tokopt_peak_rss_bytes"] for s in stages)
+            report["weights_streamed"] = streamed
             if not report["passed"]:
                 raise _GatesFailed()
             write_reports(report, tmp)
@@ -374,12 +390,35 @@ def _takes(fn: Any, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any) -> dict[str, Any]:
-    """Load the final artifact and compare its logits with the reference executor (ParityError: exit 4)."""
-    from tokopt.backends.parity import check_parity
+def _check_streaming(pass_objs: list[Pass], graph: Graph) -> None:
+    """A model past the weight memory budget runs only passes that stream; the others are refused now."""
+    if not streams(graph.params):
+        return
+    for p in pass_objs:
+        why = p.whole_model()
+        if why:
+            raise PreconditionError(
+                f"{p.spec()} cannot run on this model: {why}, and its float32 weights "
+                f"({dense_nbytes(graph.params) / 2**30:.1f} GiB) are past the weight memory budget "
+                f"({memory_budget() / 2**30:.1f} GiB); raise TOKOPT_WEIGHT_MEMORY if the machine has the "
+                "memory, or leave that option out")
 
-    session = backend_obj.load(path)
-    report = check_parity(graph, session, label=f"the {backend_obj.name} artifact")
+
+def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any) -> dict[str, Any]:
+    """Load the final artifact and compare its logits with the reference executor (ParityError: exit 4).
+
+    A graph past the memory budget is compared with its artifact loaded in a child process.
+    """
+    from tokopt.backends.parity import check_parity, is_quantized, sample_tokens
+    from tokopt.backends.process_session import ProcessSession
+
+    label = f"the {backend_obj.name} artifact"
+    if streams(graph.params):  # past the memory budget: the artifact's session must not share this process
+        with ProcessSession(backend_obj.name, path) as session:  # one sequence: each forward reads every weight
+            tokens = sample_tokens(graph, 1, 64 if is_quantized(graph) else 16)
+            report = check_parity(graph, session, tokens=tokens, label=label)
+    else:
+        report = check_parity(graph, backend_obj.load(path), label=label)
     files = list(getattr(lowered, "files", []) or [])
     return {"backend": backend_obj.name, "plugin": getattr(backend_obj, "plugin", "tokopt"), "files": files,
             "parity": report.to_dict()}
@@ -396,6 +435,7 @@ def _stage_record(stage: StageResult) -> dict[str, Any]:
                     if k not in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "kv_bytes_measured")},
         "bytes_per_token": stage.extra.get("bytes_per_token"),
         "mismatches": stage.extra.get("mismatches", []),
+        "tokopt_peak_rss_bytes": stage.extra.get("tokopt_peak_rss_bytes"),
         **({"tables": stage.tables} if stage.tables else {}),
     }
 

@@ -276,6 +276,14 @@ class Pass:
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def whole_model(self) -> str | None:
+        """Why this configuration needs every weight in float32 at once, or None when it streams.
+
+        A model past the weight memory budget runs only passes that stream (read a weight when its
+        node runs); the others are refused up front, before anything is measured, with this reason.
+        """
+        return None
+
     def preview(self, graph: Graph, ctx: PassContext) -> Graph | None:
         """The graph as :meth:`run` will leave it, as far as backends care (attributes, weight formats), cheaply.
 

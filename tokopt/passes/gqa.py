@@ -95,6 +95,11 @@ class GroupedQueryAttention(Pass):
             _projections(graph, node, self.name)
 
     # -- the rewrite -----------------------------------------------------------------
+    def whole_model(self) -> str | None:
+        if self.opts["heal_steps"]:
+            return "healing (heal_steps) trains the student against the teacher with every weight in float32"
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.check(graph, ctx)
         target = self.opts["num_kv_heads"]

@@ -269,6 +269,11 @@ class QuantizePass(Pass):
         return g
 
     # -- run ----------------------------------------------------------------------------
+    def whole_model(self) -> str | None:
+        if self.opts["budget_bits"] is not None or self.opts["max_kl"] is not None:
+            return "mixed precision's sensitivities backpropagate through the whole model (budget_bits, max_kl)"
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         o = self.opts
         g = graph.copy()

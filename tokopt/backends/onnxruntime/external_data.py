@@ -1,8 +1,9 @@
 """Write an ONNX model with every weight in one external-data file.
 
-Weights are streamed into ``<model>.data`` one initializer at a time and the protobuf
-only records (location, offset, length), so models past protobuf's 2 GB limit work and
-peak memory stays one tensor above the graph's own.  Large tensors start on 4 KiB
+Weights are streamed into ``<model>.data`` one initializer at a time (large ones copied
+from the builder's spill file in chunks) and the protobuf only records (location, offset,
+length), so models past protobuf's 2 GB limit work and peak memory stays one chunk above
+the graph's own.  Large tensors start on 4 KiB
 boundaries so onnxruntime can memory-map them.
 """
 
@@ -14,13 +15,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from tokopt.backends.onnxruntime.onnx_builder import NP_TO_ONNX, OnnxGraphBuilder
+from tokopt.backends.onnxruntime.onnx_builder import NP_TO_ONNX, OnnxGraphBuilder, Spilled
 
 _PAGE = 4096
 _SMALL = 1024  # bytes: tiny constants stay inline
 
 
-def _external_tensor(name: str, array: np.ndarray, location: str, offset: int) -> TensorProto:
+def _external_tensor(name: str, array: np.ndarray | Spilled, location: str, offset: int) -> TensorProto:
     tensor = TensorProto()
     tensor.name = name
     tensor.data_type = NP_TO_ONNX[array.dtype]
@@ -40,7 +41,7 @@ def write_model(builder: OnnxGraphBuilder, model_path: Path) -> list[str]:
     offset = 0
     with open(model_path.parent / data_name, "wb") as data:
         for name, array in builder.initializers.items():
-            if array.nbytes <= _SMALL:
+            if isinstance(array, np.ndarray) and array.nbytes <= _SMALL:
                 protos.append(onnx.numpy_helper.from_array(array, name))
                 continue
             align = _PAGE if array.nbytes >= _PAGE else 64
@@ -48,9 +49,14 @@ def write_model(builder: OnnxGraphBuilder, model_path: Path) -> list[str]:
             if pad:
                 data.write(b"\0" * pad)
                 offset += pad
-            data.write(memoryview(array).cast("B"))
+            if isinstance(array, Spilled):
+                for chunk in builder.spilled_chunks(array):
+                    data.write(chunk)
+            else:
+                data.write(memoryview(array).cast("B"))
             protos.append(_external_tensor(name, array, data_name, offset))
             offset += array.nbytes
+    builder.close()
     model = builder.model(protos)
     onnx.save_model(model, str(model_path))
     return [model_path.name, data_name]

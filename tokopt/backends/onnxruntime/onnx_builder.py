@@ -1,14 +1,19 @@
 """A small accumulator for ONNX nodes and initializers, on top of ``onnx.helper``.
 
-Lowering code asks for ``op("MatMul", [a, b])`` and gets a fresh tensor name back;
-initializers stay numpy arrays until the model is written, so the writer can stream
-them into the external-data file without ever holding a >2 GB protobuf in memory.
+Lowering code asks for ``op("MatMul", [a, b])`` and gets a fresh tensor name back.
+Small initializers stay numpy arrays until the model is written; a large one is spilled
+to an unnamed temporary file the moment it is made, so lowering holds one weight's copy
+at a time however large the model (a 7B model's int4 codes would otherwise sit in RAM
+twice: in the graph and in the builder), and the writer streams the spill into the
+external-data file without ever holding a >2 GB protobuf in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any
 
 import numpy as np
 import onnx
@@ -27,13 +32,27 @@ ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "in
                "int32": TensorProto.INT32, "int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
 
 
+SPILL_BYTES = 1 << 20  # initializers at least this large go to the spill file
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """An initializer's bytes in the builder's spill file."""
+
+    offset: int
+    nbytes: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
 class OnnxGraphBuilder:
     """Nodes, initializers, graph inputs/outputs and metadata of one model under construction."""
 
     def __init__(self, name: str = "tokopt") -> None:
         self.name = name
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: dict[str, np.ndarray] = {}
+        self.initializers: dict[str, np.ndarray | Spilled] = {}
+        self._spill: IO[bytes] | None = None
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.metadata: dict[str, str] = {}
@@ -49,8 +68,32 @@ class OnnxGraphBuilder:
         """Register a weight under ``name`` (names are kept: they map back to IR parameters)."""
         if name in self.initializers:
             raise ValueError(f"duplicate initializer {name!r}")
-        self.initializers[name] = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array)
+        if array.nbytes < SPILL_BYTES:
+            self.initializers[name] = array
+            return name
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile(prefix="tokopt-onnx-")  # unnamed: nothing to clean up
+        offset = self._spill.seek(0, 2)
+        self._spill.write(memoryview(array).cast("B"))
+        self.initializers[name] = Spilled(offset, array.nbytes, array.dtype, tuple(array.shape))
         return name
+
+    def spilled_chunks(self, entry: Spilled, chunk: int = 64 << 20) -> Iterator[bytes]:
+        """A spilled initializer's bytes, read back in chunks."""
+        assert self._spill is not None
+        self._spill.seek(entry.offset)
+        left = entry.nbytes
+        while left:
+            data = self._spill.read(min(chunk, left))
+            left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        """Drop the spill file (the model has been written)."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def const(self, value: Any, dtype: str = "int64") -> str:
         """A small constant, deduplicated: ``const([0, 0, -1])`` for reshape targets and the like."""

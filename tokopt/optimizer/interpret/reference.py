@@ -18,10 +18,11 @@ from tokopt.optimizer.ir.weights import DenseWeights
 
 
 class ReferenceExecutor(GreedyGeneration):
-    def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32, weights: DenseWeights | None = None) -> None:
+        """``weights``: another executor's, to share (two runs of one graph need one copy of its weights)."""
         self.graph = graph
         self.dtype = dtype
-        self.weight = DenseWeights(graph.params, dtype)
+        self.weight = weights if weights is not None else DenseWeights(graph.params, dtype)
         self.interpreter = Interpreter(graph, self.weight)
 
     def new_cache(self, batch: int | None = None) -> KVCache:

@@ -19,6 +19,7 @@ import torch
 from tokopt.optimizer.ir.weights import QuantizedWeight, pack_codes
 
 SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
+RTN_SLAB = 1 << 22  # elements quantized at a time
 
 
 def grid_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype = torch.float16,
@@ -105,8 +106,16 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int = -1, symmetric: bo
     if in_f % gs:
         raise ValueError(f"group_size {gs} does not divide in_features {in_f}")
     sdtype = SCALE_DTYPES[scale_dtype]
-    grouped = w.float().reshape(out_f, in_f // gs, gs)
-    scale, zero = grid_params(grouped, bits, symmetric, sdtype, shrink)
-    codes = quantize_codes(grouped, scale[..., None], zero[..., None], bits).reshape(out_f, in_f)
-    return quantized_weight(codes, scale, zero, bits, gs, symmetric, sdtype, method,
+    # a slab of rows at a time (rows are independent): a 7B model's embedding would otherwise need
+    # several float32 copies of itself at once; a per-row shrink tensor is applied whole
+    step = out_f if isinstance(shrink, torch.Tensor) else max(1, RTN_SLAB // in_f)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    scales, zeros = [], []
+    for r in range(0, out_f, step):
+        grouped = w[r:r + step].float().reshape(-1, in_f // gs, gs)
+        scale, zero = grid_params(grouped, bits, symmetric, sdtype, shrink)
+        codes[r:r + step] = quantize_codes(grouped, scale[..., None], zero[..., None], bits).reshape(-1, in_f)
+        scales.append(scale)
+        zeros.append(zero)
+    return quantized_weight(codes, torch.cat(scales), torch.cat(zeros), bits, gs, symmetric, sdtype, method,
                             {"scale_dtype": scale_dtype})

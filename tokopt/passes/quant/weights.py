@@ -73,9 +73,10 @@ def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[
     for t in targets:
         if t in calibrated:
             continue
-        stacked = materialize(g.params[t.param], torch.float32)
+        stacked = materialize(g.params[t.param])  # as stored (bf16 stays bf16): RTN converts a slab at a time
         w = stacked.reshape(-1, stacked.shape[-1])  # MoE experts: every row of every expert on its own
         if method == "gptq":  # no Linear reads it (an embedding, experts): fit the grid on the weight itself
+            w = w.float()
             gs = resolve_group_size(t.group_size, w.shape[1])
             scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, t.symmetric, sdtype)
             q = _from_grid(w, scale, zero, t.bits, gs, t.symmetric, o["scale_dtype"])

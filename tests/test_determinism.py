@@ -26,6 +26,7 @@ import pytest
 
 #: Report fields that measure the machine or the moment, not the model: left out of the comparison.
 VOLATILE_KEYS = frozenset({"created", "seconds", "machine", "prefill_tok_s", "decode_tok_s", "peak_rss_bytes",
+                           "tokopt_peak_rss_bytes",
                            "kv_bytes_measured", "decode_tok_s_bound", "speed"})
 #: The files of OUT that hold the report (it has timings); every other file must be byte-identical.
 REPORT_FILES = frozenset({"report.json", "report.md", "report.html"})

@@ -409,14 +409,13 @@ def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any) -> dict[st
 
     A graph past the memory budget is compared with its artifact loaded in a child process.
     """
-    from tokopt.backends.parity import check_parity, is_quantized, sample_tokens
+    from tokopt.backends.parity import check_parity
     from tokopt.backends.process_session import ProcessSession
 
     label = f"the {backend_obj.name} artifact"
     if streams(graph.params):  # past the memory budget: the artifact's session must not share this process
-        with ProcessSession(backend_obj.name, path) as session:  # one sequence: each forward reads every weight
-            tokens = sample_tokens(graph, 1, 64 if is_quantized(graph) else 16)
-            report = check_parity(graph, session, tokens=tokens, label=label)
+        with ProcessSession(backend_obj.name, path) as session:
+            report = check_parity(graph, session, label=label)
     else:
         report = check_parity(graph, backend_obj.load(path), label=label)
     files = list(getattr(lowered, "files", []) or [])

@@ -313,3 +313,17 @@ def test_smollm2_gptq_layer_error_below_rtn(smollm2_graph, smollm2_eval):
     err = {k: float(((x @ g.params[pname].dequantize().T) - ref).pow(2).mean()) for k, g in
            (("gptq", gptq), ("rtn", rtn))}
     assert err["gptq"] < 0.6 * err["rtn"], err
+
+
+def test_gptq_by_slabs_of_rows_is_gptq_on_the_whole(monkeypatch):
+    """Rows are independent given the Hessian: sweeping 5 rows at a time changes no code."""
+    from tokopt.passes.quant import gptq
+
+    w, h = _correlated_layer(2)
+    whole = gptq_quantize(w, h, 4, 16, False)
+    monkeypatch.setattr(gptq, "GPTQ_SLAB", 5 * w.shape[1])
+    slabs = gptq_quantize(w, h, 4, 16, False)
+    assert torch.equal(whole.packed, slabs.packed) and torch.equal(whole.scales, slabs.scales)
+    assert torch.equal(whole.zero_points, slabs.zero_points)
+    stored = gptq_quantize(w.to(torch.bfloat16), h, 4, 16, False)  # a bf16 checkpoint's tensor, as stored
+    assert torch.equal(stored.packed, gptq_quantize(w.to(torch.bfloat16).float(), h, 4, 16, False).packed)

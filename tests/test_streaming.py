@@ -130,3 +130,26 @@ def test_parity_against_a_session_in_a_child_process(small_llama, tmp_path):
     assert report.passed and report.positions > 0
     with pytest.raises(TokoptError, match="session process failed: .*no model.onnx"):
         ProcessSession("onnxruntime", tmp_path)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_past_the_budget_quantized_weights_wait_in_a_spill_file(tiny_model_dir, monkeypatch, method):
+    import pickle
+
+    from tokopt.optimizer.ir.spill import SpilledQuantizedWeight
+    from tokopt.optimizer.ir.weights import QuantizedWeight
+
+    path, _ = tiny_model_dir("llama")
+    quantize = QuantizePass(bits=4, group_size=16, method=method, calibration_samples=2, calibration_seq_len=16)
+    kept = quantize.run(tokopt.load(path), PassContext()).graph
+    monkeypatch.setenv("TOKOPT_WEIGHT_MEMORY", "1KB")
+    spilled = quantize.run(tokopt.load(path), PassContext()).graph
+    names = [n for n, w in kept.params.items() if isinstance(w, QuantizedWeight)]
+    assert names and all(isinstance(spilled.params[n], SpilledQuantizedWeight) for n in names)
+    for n in names:
+        a, b = kept.params[n], spilled.params[n]
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.scales, b.scales) and a.nbytes == b.nbytes
+        back = pickle.loads(pickle.dumps(b))  # a child process (sweep, parity) gets plain tensors
+        assert type(back) is QuantizedWeight and torch.equal(back.dequantize(), a.dequantize())
+    ids = torch.randint(0, kept.meta.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ReferenceExecutor(kept).forward(ids), ReferenceExecutor(spilled).forward(ids))

@@ -11,16 +11,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tokopt.optimizer.ir.graph import Graph, Node
-from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
+from tokopt.optimizer.ir.spill import SpilledQuantizedWeight, SpillFile
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, streams
 from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quant.calibration import BlockwiseRunner
-from tokopt.passes.quant.gptq import gptq_quantize, search_grid
+from tokopt.passes.quant.gptq import gptq_quantize, inverse_hessian, search_grid
 from tokopt.passes.quant.rtn import SCALE_DTYPES, quantize_codes, quantize_rtn, quantized_weight, resolve_group_size
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[
     """Quantize every target in place in ``g`` (a copy the pass owns); returns how many."""
     sdtype = SCALE_DTYPES[o["scale_dtype"]]
     calibrated = [t for t in targets if t.calibrate]
+    keep = _keeper(g)
     for t in targets:
         if t in calibrated:
             continue
@@ -82,12 +85,24 @@ def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[
             q = _from_grid(w, scale, zero, t.bits, gs, t.symmetric, o["scale_dtype"])
         else:
             q = quantize_rtn(w, t.bits, t.group_size, t.symmetric, o["scale_dtype"])
-        g.params[t.param] = q.stacked(tuple(stacked.shape))
+        g.params[t.param] = keep(q.stacked(tuple(stacked.shape)))
     if calibrated:
-        _gptq(g, calibrated, ctx, o)
+        _gptq(g, calibrated, ctx, o, keep)
     return len(targets)
 
-def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any]) -> None:
+
+def _keeper(g: Graph) -> Callable[[QuantizedWeight], QuantizedWeight]:
+    """Where the pass keeps what it quantizes: in memory, or — for a model past the memory budget, whose
+    codes alone would fill it — in a temporary file (:mod:`tokopt.optimizer.ir.spill`)."""
+    if not streams(g.params):
+        return lambda q: q
+    spill = SpillFile()
+    log.info("quantized weights are kept in a temporary file: the model is past the memory budget")
+    return lambda q: SpilledQuantizedWeight.of(q, spill)
+
+
+def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any],
+          keep: Callable[[QuantizedWeight], QuantizedWeight]) -> None:
     given = ctx.calibration_batches  # all of the pipeline's text, as cut; else the option's sizes
     batches = ctx.calibration(g, len(given) or o["calibration_samples"],
                               given[0].shape[-1] if given else o["calibration_seq_len"], "quantize")
@@ -106,15 +121,15 @@ def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any]) 
         if t is None or t.param not in pending:
             return False
         value = runner.input_value(node.name)
-        hessian = runner.hessian(value)
+        inverse = inverse_hessian(runner.hessian(value), o["damp"], o["act_order"])
         for name in [n for n in owner if runner.input_value(n) == value]:  # q/k/v share one Hessian
             t = owner[name]
             if t.param not in pending:
                 continue
-            w = materialize(g.params[t.param], torch.float32)
-            q = gptq_quantize(w, hessian, t.bits, t.group_size, t.symmetric, o["scale_dtype"],
+            w = materialize(g.params[t.param])  # as stored: GPTQ takes float32 slabs of it
+            q = gptq_quantize(w, inverse, t.bits, t.group_size, t.symmetric, o["scale_dtype"],
                               damp=o["damp"], act_order=o["act_order"])
-            g.params[t.param] = q
+            g.params[t.param] = q = keep(q)
             runner.set_weight(t.param, q)
             pending.discard(t.param)
         return False

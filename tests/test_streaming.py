@@ -80,7 +80,7 @@ def test_a_model_past_the_budget_streams_through_optimize(tmp_path, small_llama)
     fp32_bytes = 4 * params
     report = _optimize_peak(tmp_path / "model", tmp_path / "out")
     assert report["weights_streamed"] is True
-    assert report["artifact"]["parity"]["passed"]
+    assert report["artifact"]["parity"]["passed"] and report["artifact"]["parity"]["session_peak_rss_bytes"] > 0
     floor = _optimize_peak(small_llama, tmp_path / "toy")["tokopt_peak_rss_bytes"]  # imports, tokenizer, text
     peaks = {s["name"]: s["tokopt_peak_rss_bytes"] for s in report["stages"]}
     grown = report["tokopt_peak_rss_bytes"] - floor
@@ -127,7 +127,9 @@ def test_parity_against_a_session_in_a_child_process(small_llama, tmp_path):
     OnnxRuntimeBackend().lower(graph, tmp_path / "art", parity=False)
     with ProcessSession("onnxruntime", tmp_path / "art") as session:
         report = check_parity(graph, session, label="child")
+        child_peak = session.peak_rss_bytes()
     assert report.passed and report.positions > 0
+    assert 50 << 20 < child_peak < 4 << 30  # the child's own high-water mark: an interpreter with a session
     with pytest.raises(TokoptError, match="session process failed: .*no model.onnx"):
         ProcessSession("onnxruntime", tmp_path)
 

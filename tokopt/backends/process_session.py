@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ STOP_SECONDS = 30  # a child that does not leave when asked is killed
 
 
 def _serve(backend: str, path: str, requests: IO[bytes], answers: IO[bytes]) -> None:
-    """The child: load the artifact, then answer ``new_cache`` and ``forward`` until the pipe closes."""
+    """The child: load the artifact, then answer ``new_cache``, ``forward`` and ``peak_rss`` until the pipe closes."""
 
     def answer(status: str, value: Any) -> None:
         pickle.dump((status, value), answers, protocol=pickle.HIGHEST_PROTOCOL)
@@ -52,6 +53,8 @@ def _serve(backend: str, path: str, requests: IO[bytes], answers: IO[bytes]) -> 
                 except TypeError:  # sessions whose caches size themselves on first use
                     caches.append(session.new_cache())
                 answer("ok", len(caches) - 1)
+            elif kind == "peak_rss":
+                answer("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             else:
                 ids, cache = args
                 logits = session.forward(torch.from_numpy(ids), caches[cache] if cache is not None else None)
@@ -99,6 +102,10 @@ class ProcessSession:
 
     def forward(self, input_ids: torch.Tensor, cache: int | None = None) -> torch.Tensor:
         return torch.from_numpy(self._ask("forward", (input_ids.to(torch.int64).contiguous().numpy(), cache)))
+
+    def peak_rss_bytes(self) -> int:
+        """The child's peak resident set so far: what loading and running the artifact cost, on its own."""
+        return int(self._ask("peak_rss", None))
 
     def close(self) -> None:
         """Close the pipe (the child leaves); kill it if it does not, and reap it either way."""

@@ -413,14 +413,16 @@ def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any) -> dict[st
     from tokopt.backends.process_session import ProcessSession
 
     label = f"the {backend_obj.name} artifact"
+    child: dict[str, Any] = {}
     if streams(graph.params):  # past the memory budget: the artifact's session must not share this process
         with ProcessSession(backend_obj.name, path) as session:
             report = check_parity(graph, session, label=label)
+            child["session_peak_rss_bytes"] = session.peak_rss_bytes()
     else:
         report = check_parity(graph, backend_obj.load(path), label=label)
     files = list(getattr(lowered, "files", []) or [])
     return {"backend": backend_obj.name, "plugin": getattr(backend_obj, "plugin", "tokopt"), "files": files,
-            "parity": report.to_dict()}
+            "parity": {**report.to_dict(), **child}}
 
 
 def _stage_record(stage: StageResult) -> dict[str, Any]:

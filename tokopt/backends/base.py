@@ -33,6 +33,15 @@ class Session(Protocol):
                  eos_token_id: int | list[int] | None = None) -> torch.Tensor: ...
 
 
+def new_cache(session: Any, batch: int) -> Any:
+    """A cache for ``batch`` sequences from any session: a plugin's may size its caches on first use
+    and take no batch."""
+    try:
+        return session.new_cache(batch)
+    except TypeError:
+        return session.new_cache()
+
+
 @dataclass
 class Artifact:
     path: Path

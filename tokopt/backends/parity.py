@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from tokopt.backends.base import new_cache
 from tokopt.errors import ParityError
 from tokopt.optimizer.interpret.activations import rounding_jitter
 from tokopt.optimizer.ir.attrs import KV_QUANT_DTYPES
@@ -102,7 +103,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
         tokens = tokens.unsqueeze(0)
     decode_steps = decode_steps_for(graph, tokens.shape[1], decode_steps)
     calibrated = has_act_quant(graph)
-    ref_cache, cache = ref.new_cache(), _new_cache(session, tokens.shape[0])
+    ref_cache, cache = ref.new_cache(), new_cache(session, tokens.shape[0])
     jittered = ReferenceExecutor(graph, weights=getattr(ref, "weight", None)) if calibrated else None
     jit_cache = jittered.new_cache() if jittered else None
     step = tokens
@@ -169,10 +170,3 @@ def _kl_sum(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Sum over positions of KL(softmax(reference) || softmax(other))."""
     p = torch.log_softmax(reference, -1)
     return float((p.exp() * (p - torch.log_softmax(other, -1))).sum())
-
-
-def _new_cache(session: Any, batch: int) -> Any:
-    try:
-        return session.new_cache(batch)
-    except TypeError:  # sessions whose caches size themselves on first use
-        return session.new_cache()

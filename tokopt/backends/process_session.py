@@ -37,6 +37,7 @@ def _serve(backend: str, path: str, requests: IO[bytes], answers: IO[bytes]) -> 
         answers.flush()
 
     try:
+        from tokopt.backends.base import new_cache
         from tokopt.backends.registry import get_backend
 
         session = get_backend(backend).load(Path(path))
@@ -48,10 +49,7 @@ def _serve(backend: str, path: str, requests: IO[bytes], answers: IO[bytes]) -> 
             except EOFError:
                 return
             if kind == "new_cache":
-                try:
-                    caches.append(session.new_cache(args))
-                except TypeError:  # sessions whose caches size themselves on first use
-                    caches.append(session.new_cache())
+                caches.append(new_cache(session, args))
                 answer("ok", len(caches) - 1)
             elif kind == "peak_rss":
                 answer("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

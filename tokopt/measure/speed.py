@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokopt.backends.base import new_cache
 from tokopt.interrupts import deferred_interrupts
 from tokopt.optimizer.ir.cost import DEFAULT_CONTEXTS
 
@@ -81,7 +82,7 @@ def _prefill_decode(session: Any, ids, decode_tokens: int) -> tuple[float, float
     import torch
 
     with torch.inference_mode():
-        cache = _new_cache(session, ids.shape[0])
+        cache = new_cache(session, ids.shape[0])
         t0 = time.perf_counter()
         logits = session.forward(ids, cache)
         t1 = time.perf_counter()
@@ -149,7 +150,7 @@ def measure_kv(session: Any, vocab_size: int, contexts: list[int], seed: int = 0
     if not callable(getattr(session, "kv_nbytes", None)):
         return {}
     prompt = torch.randint(0, vocab_size, (1, max(contexts)), generator=torch.Generator().manual_seed(seed))
-    cache, done, out = _new_cache(session, 1), 0, {}
+    cache, done, out = new_cache(session, 1), 0, {}
     with torch.inference_mode():
         for context in sorted(contexts):
             try:
@@ -171,13 +172,6 @@ def artifact_vocab_size(manifest: dict[str, Any]) -> int:
     if not size:
         raise ModelSourceError("the artifact's tokopt_artifact.json does not record the vocabulary size")
     return int(size)
-
-
-def _new_cache(session: Any, batch: int) -> Any:
-    try:
-        return session.new_cache(batch)
-    except TypeError:  # sessions whose caches size themselves on first use
-        return session.new_cache()
 
 
 def measure_artifact_speed(path: Path, config: SpeedConfig = SpeedConfig(), timeout: float | None = None,

@@ -327,3 +327,13 @@ def test_gptq_by_slabs_of_rows_is_gptq_on_the_whole(monkeypatch):
     assert torch.equal(whole.zero_points, slabs.zero_points)
     stored = gptq_quantize(w.to(torch.bfloat16), h, 4, 16, False)  # a bf16 checkpoint's tensor, as stored
     assert torch.equal(stored.packed, gptq_quantize(w.to(torch.bfloat16).float(), h, 4, 16, False).packed)
+
+
+def test_gptq_with_a_shared_factorization_is_gptq_on_the_hessian():
+    """q/k/v share one ``inverse_hessian``: each weight's codes are those its own Hessian gives."""
+    from tokopt.passes.quant.gptq import inverse_hessian
+
+    w, h = _correlated_layer(3)
+    shared = inverse_hessian(h, damp=0.01, act_order=True)
+    for rows in (w, w[:20] * 2):
+        assert torch.equal(gptq_quantize(rows, shared, 4, 16, True).packed, gptq_quantize(rows, h, 4, 16, True).packed)

@@ -117,9 +117,10 @@ class QuantizedWeight:
         return unpack_codes(self.packed, self.bits, self.in_features)
 
     def zeros(self) -> torch.Tensor:
-        if self.zero_points is not None:
-            return self.zero_points.to(torch.float32)
-        return torch.full_like(self.scales, float(2 ** (self.bits - 1)), dtype=torch.float32)
+        zero_points = self.zero_points
+        if zero_points is not None:
+            return zero_points.to(torch.float32)
+        return torch.full((self.rows, self.n_groups), float(2 ** (self.bits - 1)), dtype=torch.float32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight, ``(q - zero) * scale`` per group, filled a slab of rows at a time so the only
@@ -127,10 +128,10 @@ class QuantizedWeight:
         rows, in_f, g = self.rows, self.in_features, self.group_size
         groups = self.n_groups
         out = torch.empty(rows, in_f, dtype=dtype)
-        scales, zeros = self.scales.to(torch.float32), self.zeros()
+        packed, scales, zeros = self.packed, self.scales.to(torch.float32), self.zeros()  # each read once
         step = max(1, DEQUANT_SLAB // max(in_f, 1))
         for r in range(0, rows, step):
-            q = unpack_codes(self.packed[r:r + step], self.bits, in_f).to(torch.float32)
+            q = unpack_codes(packed[r:r + step], self.bits, in_f).to(torch.float32)
             if groups * g != in_f:
                 q = torch.nn.functional.pad(q, (0, groups * g - in_f))
             q = q.view(-1, groups, g).sub_(zeros[r:r + step, :, None]).mul_(scales[r:r + step, :, None])

@@ -18,7 +18,13 @@ next tokens when its activations are jittered by 1e-6, so no correct backend can
 99 %.  For them the bar is calibrated: the reference is run once more under
 :func:`~tokopt.optimizer.interpret.activations.rounding_jitter`, and the backend must agree with the
 reference about as well as that run does — mean KL at most ``KL_FACTOR`` times the
-jittered run's (plus a floor) and top-1 within ``TOP1_SLACK`` of it.
+jittered run's (plus a floor) and top-1 within ``TOP1_SLACK`` of it.  There, a position
+counts as agreeing when the backend's choice is the reference's or within rounding noise
+of it: the reference's logit for it is below its best by no more than the jittered run
+moved any logit.  Near-ties are the common case on random-weight models (flat next-token
+distributions), where which of two tokens a correct kernel picks is a coin toss: a 40-layer
+random Llama measured 89 % strict top-1 on a VNNI CPU at 1.3x the jittered KL, 95 % on an
+AVX2 one.
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
     jittered = ReferenceExecutor(graph, weights=getattr(ref, "weight", None)) if calibrated else None
     jit_cache = jittered.new_cache() if jittered else None
     step = tokens
-    max_diff, agree, total, kl, jit_kl, jit_agree = 0.0, 0, 0, 0.0, 0.0, 0
+    max_diff, agree, total, kl, jit_kl, jit_agree, noise = 0.0, 0, 0, 0.0, 0.0, 0, 0.0
+    gaps: list[torch.Tensor] = []  # act_quant graphs: how far below its best the reference puts the backend's choice
     for _ in range(decode_steps + 1):
         expected = ref.forward(step, ref_cache).float()
         got = session.forward(step, cache).float()
@@ -122,15 +129,19 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
             kl += _kl_sum(expected, got)
             jit_kl += _kl_sum(expected, other)
             jit_agree += int((other.argmax(-1) == expected.argmax(-1)).sum())
+            noise = max(noise, float((other - expected).abs().max()))
+            gaps.append((expected.amax(-1) - expected.gather(-1, got.argmax(-1, keepdim=True)).squeeze(-1)).flatten())
         step = expected[:, -1:].argmax(-1)
     top1 = agree / total
     if calibrated:
         kl, jit_kl, jit_top1 = kl / total, jit_kl / total, jit_agree / total
+        within_noise = int((torch.cat(gaps) <= noise).sum()) / total
         kl_bar, top1_bar = KL_FACTOR * jit_kl + KL_FLOOR, min(min_top1, jit_top1 - TOP1_SLACK)
-        passed = kl <= kl_bar and top1 >= top1_bar
+        passed = kl <= kl_bar and within_noise >= top1_bar
         criterion = (f"run-time activation quantization, bar set by the reference under rounding jitter: mean KL "
-                     f"<= {kl_bar:.2g} and top-1 >= {top1_bar:.1%} (jittered reference: KL {jit_kl:.2g}, "
-                     f"top-1 {jit_top1:.1%}); measured KL {kl:.2g}")
+                     f"<= {kl_bar:.2g} and top-1 (ties within the jitter's {noise:.2g} logits) >= {top1_bar:.1%} "
+                     f"(jittered reference: KL {jit_kl:.2g}, top-1 {jit_top1:.1%}); measured KL {kl:.2g}, "
+                     f"top-1 within noise {within_noise:.1%}")
         report = ParityReport(max_diff, top1, total, quantized, passed, criterion, kl, jit_kl, jit_top1)
     else:
         if quantized:

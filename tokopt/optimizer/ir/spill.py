@@ -11,7 +11,6 @@ drops under pressure, so the bytes cost no process memory.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import threading
@@ -109,15 +108,7 @@ class SpilledQuantizedWeight(QuantizedWeight):
         return sum(torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
                    for _, shape, dtype in self._where.values())
 
-    def as_matrix(self) -> QuantizedWeight:
-        return self if len(self.shape) == 2 else self._reshaped((self.rows, self.in_features))
-
-    def stacked(self, shape: tuple[int, ...]) -> QuantizedWeight:
-        if math.prod(shape[:-1]) != self.rows or shape[-1] != self.in_features:
-            raise ValueError(f"a {self.shape} quantized weight cannot be read as {shape}")
-        return self._reshaped(tuple(shape))
-
-    def _reshaped(self, shape: tuple[int, ...]) -> SpilledQuantizedWeight:
+    def reshaped(self, shape: tuple[int, ...]) -> SpilledQuantizedWeight:
         """The same spilled bytes read with another logical shape (no copy, no rewrite)."""
         other = object.__new__(SpilledQuantizedWeight)
         other.__dict__.update(self.__dict__)

@@ -140,13 +140,17 @@ class QuantizedWeight:
 
     def as_matrix(self) -> QuantizedWeight:
         """The same codes as one ``(rows, in)`` matrix (a stack's experts laid one after another)."""
-        return replace(self, shape=(self.rows, self.in_features)) if len(self.shape) != 2 else self
+        return self.reshaped((self.rows, self.in_features)) if len(self.shape) != 2 else self
 
     def stacked(self, shape: tuple[int, ...]) -> QuantizedWeight:
         """The inverse of :meth:`as_matrix`: the same rows read as a stack of ``shape``."""
         if math.prod(shape[:-1]) != self.rows or shape[-1] != self.in_features:
             raise ValueError(f"a {self.shape} quantized weight cannot be read as {shape}")
-        return replace(self, shape=tuple(shape))
+        return self.reshaped(tuple(shape))
+
+    def reshaped(self, shape: tuple[int, ...]) -> QuantizedWeight:
+        """The same rows under another logical shape (callers check it fits)."""
+        return replace(self, shape=shape)
 
 
 def experts_along_input(w: QuantizedWeight) -> QuantizedWeight:

@@ -355,3 +355,46 @@ def test_smollm2_int4_artifact(smollm2_graph, tmp_path):
             gen.generate_next_token()
             tokens.append(int(gen.get_next_tokens()[0]))
         assert tokens == OnnxRuntimeBackend().load(out).generate(ids, 16)[0].tolist()
+
+
+# -- memory of the loaded session --------------------------------------------------------------------
+def _resident_mapped(directory: Path) -> int:
+    """Bytes of this process's mappings of files in ``directory`` that are resident (``/proc/self/smaps``)."""
+    prefix, total, inside = str(directory.resolve()) + "/", 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                inside = len(head) >= 6 and head[5].startswith(prefix)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_page_out_drops_resident_mapped_pages_and_keeps_their_content(tmp_path):
+    import mmap
+
+    from tokopt.backends.onnxruntime.mapped_pages import page_out_mapped
+
+    data = bytes(range(256)) * (4 << 12)  # 4 MiB
+    (tmp_path / "w.data").write_bytes(data)
+    with open(tmp_path / "w.data", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        assert mapped[:] == data  # every page touched
+        if page_out_mapped(tmp_path) < 0:
+            pytest.skip("this kernel has no MADV_PAGEOUT (Linux >= 5.4)")
+        assert _resident_mapped(tmp_path) < len(data) // 4
+        assert mapped[:] == data
+
+
+def test_the_session_keeps_no_external_data_resident_that_it_does_not_read(tiny_graph, tmp_path):
+    """MatMulNBits prepacks its codes and scales; the mapped originals leave the resident set (and the
+    artifact still matches the reference)."""
+    from tokopt.backends.onnxruntime.mapped_pages import page_out_mapped
+
+    if page_out_mapped(tmp_path) < 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT (Linux >= 5.4)")
+    graph = _quantize(tiny_graph("llama"), bits=4, group_size=16, act_bits=8)
+    session, _ = lowered_session(graph, tmp_path)
+    data = (tmp_path / "model.onnx.data").stat().st_size
+    assert _resident_mapped(tmp_path) <= data // 8
+    assert_parity(graph, session)

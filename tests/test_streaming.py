@@ -155,3 +155,21 @@ def test_past_the_budget_quantized_weights_wait_in_a_spill_file(tiny_model_dir, 
         assert type(back) is QuantizedWeight and torch.equal(back.dequantize(), a.dequantize())
     ids = torch.randint(0, kept.meta.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
     assert torch.equal(ReferenceExecutor(kept).forward(ids), ReferenceExecutor(spilled).forward(ids))
+
+
+@pytest.mark.parametrize("asked", [None, {"batch_size": 2}])
+def test_a_streamed_model_measures_its_artifact_lean_unless_asked(asked, small_llama, tmp_path, monkeypatch):
+    """Past the budget the artifact's speed is measured at batch 1 with KV memory to 512 tokens (the
+    defaults' batch of 4 and 2,048-token KV would cost a 7B's session 3 GiB); asked-for settings win."""
+    monkeypatch.setenv("TOKOPT_WEIGHT_MEMORY", "16KB")
+    result = tokopt.optimize(small_llama, "quantize:bits=4,method=rtn", backend="onnxruntime", out=tmp_path / "o",
+                             eval_options={"sequences": 1, "seq_len": 64}, speed_options=asked)
+    report = result.report
+    assert report["weights_streamed"] is True
+    speed = report["stages"][-1]["speed"]
+    if asked is None:
+        assert report["speed_config"]["batch_size"] == 1 and report["speed_config"]["kv_context"] == 512
+        assert "batch 1, KV memory to 512 tokens" in speed["measured_on"]
+    else:
+        assert report["speed_config"]["batch_size"] == 2 and report["speed_config"]["kv_context"] == 2048
+        assert "batch 1" not in speed["measured_on"]

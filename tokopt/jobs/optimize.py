@@ -144,6 +144,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
         gates = (gates or Gates()).merged(rec.get("gates"))
         eval_config: EvalConfig = config_of(EvalConfig, rec.get("eval"), eval_options, "eval options")
         speed_config: SpeedConfig = config_of(SpeedConfig, rec.get("speed"), speed_options, "speed options")
+        speed_asked = bool(rec.get("speed")) or any(v is not None for v in (speed_options or {}).values())
     if speed not in SPEED_MODES:
         raise UsageError(f"speed={speed!r}; choose one of {', '.join(SPEED_MODES)}")
     backend_name = backend if backend is not None else rec.get("backend", "torch")
@@ -183,6 +184,11 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     ctx = PassContext(calibration, seed=seed, backend=backend_name, progress=show, reference_graph=graph)
     check_pipeline(pass_objs, graph, ctx)
     _check_streaming(pass_objs, graph)
+    lean = streams(graph.params) and not speed_asked
+    if lean:
+        speed_config = speed_config.lean()
+        log.info("the model is past the weight memory budget: speed is measured at batch 1 and KV memory up to "
+                 "%d tokens (a recipe's speed section measures more)", speed_config.kv_context)
     if backend_obj is not None:
         check_stages(backend_obj, pass_objs, graph, ctx)
     with_long = measure_long or any("long_ppl" in p.moves for p in pass_objs)
@@ -264,7 +270,9 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                     values["artifact_bytes"] = prev.metrics.get("artifact_bytes")
                 elif measured_here:
                     speed_detail = measure_artifact_speed(artifact_dir, speed_config)
-                    speed_detail["measured_on"] = f"{backend_name} artifact, fresh process"
+                    speed_detail["measured_on"] = f"{backend_name} artifact, fresh process" + (
+                        f" (batch 1, KV memory to {speed_config.kv_context} tokens: the model is past the weight "
+                        "memory budget)" if lean else "")
                 elif mode == "artifact":
                     speed_detail = {"measured_on": "not measured: the model is past the weight memory budget "
                                                    "(TOKOPT_WEIGHT_MEMORY), so only the final artifact is lowered"}

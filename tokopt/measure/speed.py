@@ -16,7 +16,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from tokopt.optimizer.ir.cost import DEFAULT_CONTEXTS
 log = logging.getLogger(__name__)
 
 PEER_PROMPT = 9  # tokens of the prompt in the measurement llama.cpp, onnxruntime-genai and OpenVINO publish
-KV_CHUNK = 256  # prefill chunk while measuring KV memory (bounded attention scratch, as a server would)
+KV_CHUNK = 128  # prefill chunk while measuring KV memory (bounded activations, as a server would)
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,15 @@ class SpeedConfig:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+    def lean(self) -> SpeedConfig:
+        """The measurement for a model past the memory budget: batch 1, KV memory at the first report context.
+
+        The artifact's session then holds its weights and one sequence's cache up to
+        ``DEFAULT_CONTEXTS[0]`` tokens: on a Llama-2-7B-shaped int4 artifact the defaults' batch of 4
+        and 2,048-token KV measurement add 1 and 2 GiB of fp32 cache to 5.1 GiB of weights.
+        """
+        return replace(self, batch_size=1, kv_context=min(self.kv_context, DEFAULT_CONTEXTS[0]))
 
 
 def reset_peak_rss() -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tokopt.backends.onnxruntime import import_onnxruntime
+from tokopt.backends.onnxruntime.mapped_pages import paging_out
 from tokopt.errors import KVCacheFullError
 from tokopt.optimizer.interpret.decode import GreedyGeneration
 
@@ -78,7 +79,8 @@ class OnnxRuntimeSession(GreedyGeneration):
         for key, value in session_options.items():
             opts.add_session_config_entry(key, str(value))
         self.ort = ort
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        with paging_out(self.path.parent):
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         release_freed_memory()
         meta = self.session.get_modelmeta().custom_metadata_map
         if "tokopt.lowering" in meta:

@@ -398,3 +398,19 @@ def test_the_session_keeps_no_external_data_resident_that_it_does_not_read(tiny_
     data = (tmp_path / "model.onnx.data").stat().st_size
     assert _resident_mapped(tmp_path) <= data // 8
     assert_parity(graph, session)
+
+
+def test_a_cache_sized_by_the_caller(tiny_graph, tmp_path):
+    """Parity asks for the tokens it runs: a shared buffer reserves those slots, not a 256-slot block;
+    a session that takes no length (a plugin's) still gets its cache."""
+    from tokopt.backends.base import new_cache
+
+    session, mode = lowered_session(tiny_graph("llama"), tmp_path)
+    assert mode == "gqa"
+    assert new_cache(session, 2, 20).capacity == 20 and new_cache(session, 2).capacity > 20
+
+    class NoLength:
+        def new_cache(self, batch):
+            return ("cache", batch)
+
+    assert new_cache(NoLength(), 3, 20) == ("cache", 3)

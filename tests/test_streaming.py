@@ -159,7 +159,7 @@ def test_past_the_budget_quantized_weights_wait_in_a_spill_file(tiny_model_dir, 
 
 @pytest.mark.parametrize("asked", [None, {"batch_size": 2}])
 def test_a_streamed_model_measures_its_artifact_lean_unless_asked(asked, small_llama, tmp_path, monkeypatch):
-    """Past the budget the artifact's speed is measured at batch 1 with KV memory to 512 tokens (the
+    """Past the budget the artifact's speed is measured at batch 1 without a KV-memory measurement (the
     defaults' batch of 4 and 2,048-token KV would cost a 7B's session 3 GiB); asked-for settings win."""
     monkeypatch.setenv("TOKOPT_WEIGHT_MEMORY", "16KB")
     result = tokopt.optimize(small_llama, "quantize:bits=4,method=rtn", backend="onnxruntime", out=tmp_path / "o",
@@ -168,8 +168,9 @@ def test_a_streamed_model_measures_its_artifact_lean_unless_asked(asked, small_l
     assert report["weights_streamed"] is True
     speed = report["stages"][-1]["speed"]
     if asked is None:
-        assert report["speed_config"]["batch_size"] == 1 and report["speed_config"]["kv_context"] == 512
-        assert "batch 1, KV memory to 512 tokens" in speed["measured_on"]
+        assert report["speed_config"]["batch_size"] == 1 and report["speed_config"]["kv_context"] == 0
+        assert "batch 1, KV memory not measured" in speed["measured_on"]
+        assert not report["stages"][-1]["metrics"].get("kv_bytes_measured")
     else:
         assert report["speed_config"]["batch_size"] == 2 and report["speed_config"]["kv_context"] == 2048
         assert "batch 1" not in speed["measured_on"]

@@ -33,9 +33,16 @@ class Session(Protocol):
                  eos_token_id: int | list[int] | None = None) -> torch.Tensor: ...
 
 
-def new_cache(session: Any, batch: int) -> Any:
+def new_cache(session: Any, batch: int, length: int | None = None) -> Any:
     """A cache for ``batch`` sequences from any session: a plugin's may size its caches on first use
-    and take no batch."""
+    and take no batch.  ``length``: the tokens the caller will run, for a session that reserves its cache
+    up front (onnxruntime's shared buffer; a 7B's 256-slot first block is 0.25 GiB per sequence) —
+    a session that takes no length sizes the cache itself."""
+    if length is not None:
+        try:
+            return session.new_cache(batch, length=length)
+        except TypeError:
+            pass
     try:
         return session.new_cache(batch)
     except TypeError:

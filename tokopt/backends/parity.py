@@ -109,7 +109,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
         tokens = tokens.unsqueeze(0)
     decode_steps = decode_steps_for(graph, tokens.shape[1], decode_steps)
     calibrated = has_act_quant(graph)
-    ref_cache, cache = ref.new_cache(), new_cache(session, tokens.shape[0])
+    ref_cache, cache = ref.new_cache(), new_cache(session, tokens.shape[0], tokens.shape[1] + decode_steps)
     jittered = ReferenceExecutor(graph, weights=getattr(ref, "weight", None)) if calibrated else None
     jit_cache = jittered.new_cache() if jittered else None
     step = tokens

@@ -49,7 +49,7 @@ def _serve(backend: str, path: str, requests: IO[bytes], answers: IO[bytes]) -> 
             except EOFError:
                 return
             if kind == "new_cache":
-                caches.append(new_cache(session, args))
+                caches.append(new_cache(session, *args))
                 answer("ok", len(caches) - 1)
             elif kind == "peak_rss":
                 answer("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -95,8 +95,8 @@ class ProcessSession:
         self._proc.stdin.flush()
         return self._answer()
 
-    def new_cache(self, batch: int = 1) -> int:
-        return self._ask("new_cache", batch)
+    def new_cache(self, batch: int = 1, length: int | None = None) -> int:
+        return self._ask("new_cache", (batch, length))
 
     def forward(self, input_ids: torch.Tensor, cache: int | None = None) -> torch.Tensor:
         return torch.from_numpy(self._ask("forward", (input_ids.to(torch.int64).contiguous().numpy(), cache)))

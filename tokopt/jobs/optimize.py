@@ -187,8 +187,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
     lean = streams(graph.params) and not speed_asked
     if lean:
         speed_config = speed_config.lean()
-        log.info("the model is past the weight memory budget: speed is measured at batch 1 and KV memory up to "
-                 "%d tokens (a recipe's speed section measures more)", speed_config.kv_context)
+        log.info("the model is past the weight memory budget: its artifact's speed is measured at batch 1 and its "
+                 "KV memory is not measured (a recipe's speed section measures more)")
     if backend_obj is not None:
         check_stages(backend_obj, pass_objs, graph, ctx)
     with_long = measure_long or any("long_ppl" in p.moves for p in pass_objs)
@@ -271,8 +271,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 elif measured_here:
                     speed_detail = measure_artifact_speed(artifact_dir, speed_config)
                     speed_detail["measured_on"] = f"{backend_name} artifact, fresh process" + (
-                        f" (batch 1, KV memory to {speed_config.kv_context} tokens: the model is past the weight "
-                        "memory budget)" if lean else "")
+                        " (batch 1, KV memory not measured: the model is past the weight memory budget; a "
+                        "recipe's speed section measures more)" if lean else "")
                 elif mode == "artifact":
                     speed_detail = {"measured_on": "not measured: the model is past the weight memory budget "
                                                    "(TOKOPT_WEIGHT_MEMORY), so only the final artifact is lowered"}

@@ -32,6 +32,7 @@ class Capabilities:
     qk_norm: bool = False
     partial_rotary: bool = False  # rotary_dim < head_dim
     act_quant_bits: tuple[int, ...] = ()  # run-time activation quantization
+    act_dtypes: tuple[str, ...] = ()  # Linear inputs and products rounded to a narrower float (act_dtype)
     weight_bits: tuple[int, ...] = ()  # low-bit weights stored as low-bit codes
     weight_group_sizes: tuple[int, ...] | None = None  # quantization groups it stores (None: any)
     weight_per_channel: bool = False  # one group per output row (group_size == in_features)
@@ -98,6 +99,9 @@ def refusals(graph: Graph, caps: Capabilities) -> list[str]:
         act = node.attrs.get("act_quant") if node.op == "Linear" else None
         if act and act["bits"] not in caps.act_quant_bits:
             problems.append(f"act_quant bits={act['bits']} (supported: {_show(caps.act_quant_bits)})")
+        act_dtype = node.attrs.get("act_dtype") if node.op == "Linear" else None
+        if act_dtype and act_dtype not in caps.act_dtypes:
+            problems.append(f"act_dtype={act_dtype} (supported: {_show(caps.act_dtypes)})")
         for role, pname in node.params.items():
             w = graph.params[pname]
             if isinstance(w, QuantizedWeight):

@@ -16,7 +16,7 @@ from tokopt.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.ir.graph import Graph, Value
 from tokopt.optimizer.ir.weights import QuantizedWeight, weight_nbytes, weight_shape
 from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_least
-from tokopt.passes.quant.activations import quantize_activations
+from tokopt.passes.quant.activations import quantize_activations, round_activations
 from tokopt.passes.quant.kv import check_kv_options, quantize_kv_cache
 from tokopt.passes.quant.mixed import check_budget, plan_mixed
 from tokopt.passes.quant.weights import Target, planned_weight, quantize_weights, untie
@@ -27,6 +27,7 @@ GROUP_SIZES = (-1, 0, 16, 32, 64, 128, 256)
 AUTO_GROUP_SIZE = {8: -1, 4: 32}  # group_size when not given, by bits
 AUTO_ACT_BITS_BACKENDS = ("onnxruntime",)  # targets whose fast int4 kernel quantizes activations
 FLOAT32_SCALE_BACKENDS = ("onnxruntime",)  # targets that store quantization scales as float32
+AUTO_BF16_BACKENDS = ("torch-compile",)  # targets whose low-bit kernels take bfloat16 inputs and scales
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
 
 
@@ -86,8 +87,8 @@ class QuantizePass(Pass):
         Option("embedding_bits", "int", None, "Bits for the embedding and lm_head; default: bits.", choices=(8, 4)),
         Option("scale_dtype", "str", None, "Storage type of the scales.  Default: float32 when the target is "
                "onnxruntime (MatMulNBits reads float32 scales beside float32 activations, so the artifact stores "
-               "them so and the IR's bytes are the artifact's), float16 otherwise.",
-               choices=("float16", "float32")),
+               "them so and the IR's bytes are the artifact's), bfloat16 with act_dtype=bfloat16 (what torch's "
+               "low-bit kernels read), float16 otherwise.", choices=("float16", "float32", "bfloat16")),
         Option("damp", "float", 0.01, "GPTQ: Hessian dampening, as a fraction of its mean diagonal.", check=_damp),
         Option("act_order", "bool", True, "GPTQ: quantize columns in order of decreasing input energy."),
         Option("calibration_samples", "int", 8, "Sequences of calibration text, when the pipeline gives none.",
@@ -99,6 +100,13 @@ class QuantizePass(Pass):
                "(w4a8/w8a8): onnxruntime's fastest CPU path (MatMulNBits accuracy_level 4); its quality cost is "
                "measured like any other.  Default: 8 for 4-bit weights lowered to onnxruntime (float inputs there "
                "cost ~2.6x decode speed), float inputs otherwise; 0: float inputs always.", choices=(0, 8)),
+        Option("act_dtype", "str", None,
+               "Precision of each quantized Linear's input and product: bfloat16 rounds both (torch's low-bit CPU "
+               "kernels, _weight_int4pack_mm_for_cpu / _weight_int8pack_mm, take bfloat16 inputs; int4 needs "
+               "symmetric groups of 32-256, int8 per-channel); its quality cost is measured like any other.  "
+               "Default: bfloat16 for weights lowered to torch-compile (without it the compiled session runs "
+               "dequantized float32 weights), float32 otherwise; exclusive with act_bits.",
+               choices=("float32", "bfloat16")),
         Option("kv_bits", "int", None, "Quantize the KV cache to this many bits (default: leave it).",
                choices=(8, 4)),
         Option("kv_group_size", "int", None, "Head dimensions sharing one V scale (and one K scale with "
@@ -126,6 +134,11 @@ class QuantizePass(Pass):
         if o["act_bits"] and not self.quantizes_weights:
             raise PassOptionError("quantize: act_bits quantizes the inputs of quantized Linears; it needs "
                                   "weights=true")
+        if o["act_dtype"] == "bfloat16" and not self.quantizes_weights:
+            raise PassOptionError("quantize: act_dtype rounds the inputs of quantized Linears; it needs weights=true")
+        if o["act_dtype"] == "bfloat16" and o["act_bits"]:
+            raise PassOptionError("quantize: act_bits=8 and act_dtype=bfloat16 are exclusive (an input is either "
+                                  "quantized to int8 or rounded to bfloat16); drop one")
         kv_only = ("kv_group_size", "kv_symmetric", "kv_key_axis", "kv_token_group", "kv_residual")
         if o["kv_bits"] is None and any(o[k] is not None for k in kv_only):
             raise PassOptionError(f"quantize: {'/'.join(k for k in kv_only if o[k] is not None)} need kv_bits (8 or 4)")
@@ -138,6 +151,15 @@ class QuantizePass(Pass):
             return o["act_bits"] or None
         auto = self.quantizes_weights and self.bits == 4 and ctx.backend in AUTO_ACT_BITS_BACKENDS
         return 8 if auto else None
+
+    def act_dtype(self, ctx: PassContext) -> str | None:
+        """The Linears' input precision: the option, or (unset) bfloat16 for quantized weights on a target whose
+        low-bit kernels take bfloat16 inputs (unless act_bits asks for int8 inputs) — the IR then says so."""
+        o = self.opts
+        if o["act_dtype"] is not None:
+            return None if o["act_dtype"] == "float32" else o["act_dtype"]
+        auto = self.quantizes_weights and ctx.backend in AUTO_BF16_BACKENDS and not self.act_bits(ctx)
+        return "bfloat16" if auto else None
 
     @property
     def bits(self) -> int:
@@ -167,6 +189,8 @@ class QuantizePass(Pass):
         artifact's (a float16 scale widened to float32 on disk made a +13 % artifact_bytes mismatch)."""
         if self.opts["scale_dtype"] is not None:
             return self.opts["scale_dtype"]
+        if self.act_dtype(ctx) == "bfloat16":
+            return "bfloat16"
         return "float32" if ctx.backend in FLOAT32_SCALE_BACKENDS else "float16"
 
     @property
@@ -263,9 +287,11 @@ class QuantizePass(Pass):
         for t in targets:
             g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, t.group_size, t.symmetric,
                                                self.scale_dtype(ctx))
-        act_bits = self.act_bits(ctx)
+        act_bits, act_dtype = self.act_bits(ctx), self.act_dtype(ctx)
         if targets and act_bits:
             quantize_activations(g, targets, act_bits)
+        if targets and act_dtype:
+            round_activations(g, targets, act_dtype)
         return g
 
     # -- run ----------------------------------------------------------------------------
@@ -313,6 +339,12 @@ class QuantizePass(Pass):
                 if o["act_bits"] is None:
                     notes.append(f"act_bits=8 chosen for the {ctx.backend} target (its fast int4 kernel quantizes "
                                  "activations); act_bits=0 keeps float inputs")
+            act_dtype = self.act_dtype(ctx)
+            if act_dtype:
+                notes.append(round_activations(g, targets, act_dtype))
+                if o["act_dtype"] is None:
+                    notes.append(f"act_dtype=bfloat16 chosen for the {ctx.backend} target (its low-bit kernels take "
+                                 "bfloat16 inputs); act_dtype=float32 keeps float32 inputs")
         g.reinfer()
         return PassResult(g, True, notes, tables=tables)
 

@@ -20,7 +20,7 @@ from tokopt.backends.artifact import TOKENIZER_DIR, atomic_directory, copy_token
 from tokopt.backends.base import Artifact, Backend, Session
 from tokopt.backends.capabilities import Capabilities
 from tokopt.errors import InputFileError, ModelSourceError, VerificationError
-from tokopt.optimizer.ir.attrs import ACT_BITS, KV_LAYOUTS, KV_QUANT_DTYPES, KV_STORAGES
+from tokopt.optimizer.ir.attrs import ACT_BITS, ACT_DTYPES, KV_LAYOUTS, KV_QUANT_DTYPES, KV_STORAGES
 from tokopt.optimizer.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,10 @@ class TorchBackend(Backend):
         return Capabilities(
             ops=tuple(sorted(KERNELS)), kv_dtypes=("float32", *sorted(KV_QUANT_DTYPES)), kv_layouts=KV_LAYOUTS,
             kv_storages=KV_STORAGES, window=True, sinks=True, softcap=True, qk_norm=True, partial_rotary=True,
-            act_quant_bits=ACT_BITS, weight_bits=WEIGHT_BITS, weight_per_channel=True, weight_asymmetric=True,
-            notes=("the serialized IR is the artifact: quantized weights are stored as their codes and "
-                   "dequantized once at load (exact, not faster)",))
+            act_quant_bits=ACT_BITS, act_dtypes=ACT_DTYPES, weight_bits=WEIGHT_BITS, weight_per_channel=True,
+            weight_asymmetric=True,
+            notes=("the serialized IR is the artifact: quantized weights are stored as their codes; the eager "
+                   "executor dequantizes them once at load (exact, not faster)",))
 
     def lower(self, graph: Graph, out_dir: Path, *, parity: bool = True, parity_tokens: Any = None) -> Artifact:
         """Write the artifact directory atomically: graph, weights, tokenizer, manifest.
@@ -121,8 +122,11 @@ class TorchCompileBackend(TorchBackend):
 
         caps = super().capabilities()
         return replace(caps, kv_storages=("dynamic", "static"), notes=(
-            *caps.notes, f"static layers pre-allocate their slots; dynamic ones grow by blocks of {GROWTH_BLOCK} "
-            "tokens (up to their sinks + window ring); no pages, so no paged storage"))
+            *caps.notes, "act_dtype=bfloat16 Linears run on torch's low-bit CPU kernels (symmetric int4 groups of "
+            "32-256 with bfloat16 scales: _weight_int4pack_mm_for_cpu; per-channel int8: _weight_int8pack_mm); "
+            "other weights are dequantized once at load",
+            f"static layers pre-allocate their slots; dynamic ones grow by blocks of {GROWTH_BLOCK} tokens "
+            "(up to their sinks + window ring); no pages, so no paged storage"))
 
     def load(self, path: Path, **options: Any) -> Session:
         """The compiled session on the artifact at ``path`` (options: ``max_len``, ``compile``)."""

@@ -24,7 +24,9 @@ construction.  What it adds is speed:
   vary.  When the decoder blocks are identical
   (:func:`~tokopt.backends.torch.regions.find_regions`), one block is compiled and called for
   every layer with that layer's weights and cache ("regional compilation");
-- **weights materialized once**.  RoPE's cos/sin are computed inside the step for its positions,
+- **low-bit weights on torch's low-bit kernels** where the IR's ``act_dtype`` says the Linear
+  computes in bfloat16 (:mod:`tokopt.backends.torch.lowbit`); every other weight is
+  **materialized once**.  RoPE's cos/sin are computed inside the step for its positions,
   so nothing caps a generation whose cache is bounded by a window: only unbounded layers limit
   the tokens a sequence may hold.
 
@@ -39,6 +41,7 @@ from dataclasses import replace
 
 import torch
 
+from tokopt.backends.torch.lowbit import LowBitWeights
 from tokopt.backends.torch.regions import RegionWeights, find_regions, region_weights
 from tokopt.errors import KVCacheFullError
 from tokopt.optimizer.interpret.decode import GreedyGeneration
@@ -71,7 +74,7 @@ class CompiledSession(GreedyGeneration):
         self.graph = graph
         self.dtype = dtype
         self.max_len = int(max_len or graph.meta.max_positions or DEFAULT_MAX_LEN)
-        self._weights = DenseWeights(graph.params, dtype)
+        self._weights = LowBitWeights(graph, DenseWeights(graph.params, dtype))
         self.interpreter = Interpreter(graph, self._weights)
         self._attention = [n for n in self.interpreter.order if n.op == "Attention"]
         # tokens one sequence may hold: what its unbounded layers hold (windowed layers never fill up)

@@ -72,9 +72,15 @@ def _signature(interp: Interpreter, inputs: list[list[int]], weights: Callable[[
     for j in range(start, end):
         node = interp.order[j]
         attrs = {k: v for k, v in node.attrs.items() if k != "layer_index"}
-        shapes = sorted((role, tuple(weights(p).shape), weights(p).dtype) for role, p in node.params.items())
+        shapes = sorted((role, tuple(weights(p).shape), _layout(weights(p))) for role, p in node.params.items())
         sig.append((node.op, repr(attrs), tuple(-1 if s == entry else s - start for s in inputs[j]), shapes))
     return sig
+
+
+def _layout(w: Any) -> Any:
+    """What a block's compiled code specializes on besides the shape: a dense weight's dtype, a low-bit one's
+    kernel and group (:class:`~tokopt.backends.torch.lowbit.LowBitLinear`)."""
+    return (w.kernel, w.group_size) if hasattr(w, "kernel") else w.dtype
 
 
 class RegionWeights(dict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +24,32 @@ if TYPE_CHECKING:
     from tokopt.optimizer.interpret.kv_cache import KVCache
 
 
+class KernelWeight(Protocol):
+    """A weight an executor keeps in a low-bit kernel's own layout instead of a dense tensor.
+
+    Only ``act_dtype`` Linears and Embeddings read one (the compiled session hands them out,
+    :mod:`tokopt.backends.torch.lowbit`); it computes what the IR defines for them, so the
+    kernels below stay the definition and the executor chooses how fast it runs.
+    """
+
+    shape: tuple[int, ...]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` for ``x`` already in the act dtype, accumulated in float32, in the act dtype."""
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 rows ``ids`` of the dequantized weight (an embedding lookup)."""
+
+
+Weight = torch.Tensor | KernelWeight
+ACT_TORCH_DTYPES = {"bfloat16": torch.bfloat16}
+
+
 @dataclass
 class StepContext:
     """What a kernel may need beyond its inputs: weights, positions and the cache."""
 
-    weights: Callable[[str], torch.Tensor]
+    weights: Callable[[str], Weight]
     positions: torch.Tensor  # (seq,) absolute positions of this step's tokens
     input_ids: torch.Tensor
     cache: KVCache | None
@@ -60,7 +81,7 @@ def get_kernel(op: str) -> Kernel:
         raise UnsupportedOpError(f"the torch reference executor has no kernel for op {op!r}") from None
 
 
-def _w(node: Node, ctx: StepContext, role: str) -> torch.Tensor | None:
+def _w(node: Node, ctx: StepContext, role: str) -> Weight | None:
     name = node.params.get(role)
     return ctx.weights(name) if name is not None else None
 
@@ -76,7 +97,8 @@ def _input(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tenso
 
 @kernel("Embedding")
 def _embedding(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-    return F.embedding(ins[0], _w(node, ctx, "weight"))
+    table = _w(node, ctx, "weight")
+    return F.embedding(ins[0], table) if isinstance(table, torch.Tensor) else table.lookup(ins[0])
 
 
 # Reductions are accumulated in float64 and rounded to float32 once.  A float32 sum depends on the
@@ -114,16 +136,27 @@ def _layer_norm(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.
     return y if b is None else y + b
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act_quant: dict | None) -> torch.Tensor:
-    """A Linear as the IR defines it, run-time activation quantization included."""
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, act_quant: dict | None,
+           act_dtype: str | None = None) -> torch.Tensor:
+    """A Linear as the IR defines it, run-time activation quantization and rounding included."""
     if act_quant is not None:
         x = quantize_activations(x, act_quant["bits"], act_quant["block"])
-    return F.linear(x, weight, bias)
+    if act_dtype is None:
+        return F.linear(x, weight, bias)
+    dtype = ACT_TORCH_DTYPES[act_dtype]
+    rounded = x.to(dtype)
+    if isinstance(weight, torch.Tensor):
+        y = F.linear(rounded.to(x.dtype), weight).to(dtype)
+    else:
+        y = weight.matmul(rounded)
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
 
 
 @kernel("Linear")
 def _linear(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.Tensor:
-    return linear(ins[0], _w(node, ctx, "weight"), _w(node, ctx, "bias"), node.attrs.get("act_quant"))
+    return linear(ins[0], _w(node, ctx, "weight"), _w(node, ctx, "bias"), node.attrs.get("act_quant"),
+                  node.attrs.get("act_dtype"))
 
 
 def activation(kind: str, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,24 @@ def check_act_quant(spec: Any, in_features: int) -> str | None:
     return None
 
 
+# -- act_dtype: the precision a Linear's input and output are rounded to -----------------------------
+#: ``bfloat16``: the input is rounded to bfloat16, multiplied by the exact (dequantized) weight with
+#: float32 accumulation, and the product rounded to bfloat16 before the bias is added — what torch's
+#: low-bit CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``) compute.
+ACT_DTYPES = ("bfloat16",)
+
+
+def check_act_dtype(value: Any, act_quant: Any) -> str | None:
+    """Why ``value`` is not a valid ``act_dtype`` for a Linear (None: valid)."""
+    if value is None:
+        return None
+    if value not in ACT_DTYPES:
+        return f"act_dtype {value!r} (supported: {', '.join(ACT_DTYPES)}, or none for float32)"
+    if act_quant is not None:
+        return "act_dtype and act_quant are exclusive (an input is either rounded to bfloat16 or quantized to int8)"
+    return None
+
+
 # -- kv_cache: dtype, quantization, layout and storage of an Attention's cache ------------------------
 KV_QUANT_DTYPES = {"int8": 8, "int4": 4}
 KV_DTYPES = ("float32", "float16", "bfloat16", *KV_QUANT_DTYPES)

@@ -159,9 +159,11 @@ def _linear_flops(node: Node, graph: Graph, _context: int = 0) -> int:
 
 
 register_op(OpSpec(
-    "Linear", ("x",), ("out",), {"act_quant": None}, ("weight",), _linear_infer, _linear_flops,
+    "Linear", ("x",), ("out",), {"act_quant": None, "act_dtype": None}, ("weight",), _linear_infer,
+    _linear_flops,
     "y = x @ weight.T + bias; weight is (out_features, in_features), dense or quantized.  act_quant "
-    "{'bits': 8, 'block': B} first quantizes x per block of B columns (tokopt.optimizer.interpret.activations).",
+    "{'bits': 8, 'block': B} first quantizes x per block of B columns (tokopt.optimizer.interpret.activations); "
+    "act_dtype 'bfloat16' rounds x, and x @ weight.T before the bias, to bfloat16 (tokopt.optimizer.ir.attrs).",
     optional_params=("bias",),
 ))
 

@@ -11,7 +11,14 @@ import math
 import networkx as nx
 
 from tokopt.errors import UnsupportedOpError, VerificationError
-from tokopt.optimizer.ir.attrs import check_act_quant, check_kv_cache, check_moe, check_rope, check_span
+from tokopt.optimizer.ir.attrs import (
+    check_act_dtype,
+    check_act_quant,
+    check_kv_cache,
+    check_moe,
+    check_rope,
+    check_span,
+)
 from tokopt.optimizer.ir.graph import Graph, Node
 from tokopt.optimizer.ir.ops import get_op
 from tokopt.optimizer.ir.weights import weight_shape
@@ -80,6 +87,8 @@ def _check_shapes(graph: Graph, node: Node, ins: list) -> list[str]:
         if "bias" in node.params and weight_shape(p[node.params["bias"]]) != (w[0],):
             return [f"{node.name}: bias shape does not match out_features {w[0]}"]
         if (why := check_act_quant(node.attrs.get("act_quant"), w[1])) is not None:
+            return [f"{node.name}: {why}"]
+        if (why := check_act_dtype(node.attrs.get("act_dtype"), node.attrs.get("act_quant"))) is not None:
             return [f"{node.name}: {why}"]
     elif node.op in ("RMSNorm", "LayerNorm"):
         if weight_shape(p[node.params["weight"]]) != ins[0].shape[-1:]:

@@ -18,7 +18,8 @@ import torch
 
 from tokopt.optimizer.ir.weights import QuantizedWeight, pack_codes
 
-SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32}
+SCALE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32,
+                                        "bfloat16": torch.bfloat16}
 RTN_SLAB = 1 << 22  # elements quantized at a time
 
 

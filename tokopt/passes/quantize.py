@@ -287,12 +287,25 @@ class QuantizePass(Pass):
         for t in targets:
             g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, t.group_size, t.symmetric,
                                                self.scale_dtype(ctx))
-        act_bits, act_dtype = self.act_bits(ctx), self.act_dtype(ctx)
-        if targets and act_bits:
-            quantize_activations(g, targets, act_bits)
-        if targets and act_dtype:
-            round_activations(g, targets, act_dtype)
+        if targets:
+            self._mark_activations(g, targets, ctx)
         return g
+
+    def _mark_activations(self, g: Graph, targets: list[Target], ctx: PassContext) -> list[str]:
+        """Mark the quantized Linears' input format (``act_quant`` or ``act_dtype``); notes on what was chosen."""
+        o, notes = self.opts, []
+        act_bits, act_dtype = self.act_bits(ctx), self.act_dtype(ctx)
+        if act_bits:
+            notes.append(quantize_activations(g, targets, act_bits))
+            if o["act_bits"] is None:
+                notes.append(f"act_bits=8 chosen for the {ctx.backend} target (its fast int4 kernel quantizes "
+                             "activations); act_bits=0 keeps float inputs")
+        if act_dtype:
+            notes.append(round_activations(g, targets, act_dtype))
+            if o["act_dtype"] is None:
+                notes.append(f"act_dtype=bfloat16 chosen for the {ctx.backend} target (its low-bit kernels take "
+                             "bfloat16 inputs); act_dtype=float32 keeps float32 inputs")
+        return notes
 
     # -- run ----------------------------------------------------------------------------
     def whole_model(self) -> str | None:
@@ -333,18 +346,7 @@ class QuantizePass(Pass):
             tied = [t.param for t in targets if len(t.nodes) > 1]
             if tied:
                 notes.append(f"shared tensors quantized once: {', '.join(tied)}")
-            act_bits = self.act_bits(ctx)
-            if act_bits:
-                notes.append(quantize_activations(g, targets, act_bits))
-                if o["act_bits"] is None:
-                    notes.append(f"act_bits=8 chosen for the {ctx.backend} target (its fast int4 kernel quantizes "
-                                 "activations); act_bits=0 keeps float inputs")
-            act_dtype = self.act_dtype(ctx)
-            if act_dtype:
-                notes.append(round_activations(g, targets, act_dtype))
-                if o["act_dtype"] is None:
-                    notes.append(f"act_dtype=bfloat16 chosen for the {ctx.backend} target (its low-bit kernels take "
-                                 "bfloat16 inputs); act_dtype=float32 keeps float32 inputs")
+            notes += self._mark_activations(g, targets, ctx)
         g.reinfer()
         return PassResult(g, True, notes, tables=tables)
 

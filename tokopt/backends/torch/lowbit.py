@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from tokopt.optimizer.ir.graph import Graph
-from tokopt.optimizer.ir.weights import QuantizedWeight, unpack_codes
+from tokopt.optimizer.ir.weights import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,9 @@ class LowBitLinear:
         return y.reshape(*x.shape[:-1], self.shape[0])
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self._source
-        rows = ids.reshape(-1)
-        q = unpack_codes(w.packed[rows], w.bits, w.in_features).to(torch.float32)
-        groups = q.view(len(rows), w.n_groups, w.group_size) - float(2 ** (w.bits - 1))
-        dense = (groups * w.scales[rows].to(torch.float32)[..., None]).view(len(rows), w.in_features)
-        return dense.reshape(*ids.shape, w.in_features)
+        w, rows = self._source, ids.reshape(-1)
+        picked = replace(w, packed=w.packed[rows], scales=w.scales[rows], shape=(len(rows), w.in_features))
+        return picked.dequantize().reshape(*ids.shape, w.in_features)
 
 
 class LowBitWeights:

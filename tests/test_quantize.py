@@ -30,13 +30,14 @@ from tokopt.passes.registry import get_pass_class
 
 # -- the format: codes, scales, packing ---------------------------------------------------
 def test_rtn_symmetric_int4_codes_and_scales_match_the_definition():
-    w = torch.tensor([[7.0, -3.4, 2.6, 0.49], [14.0, -14.0, 3.1, -0.9]])
+    w = torch.tensor([[7.0, -3.4, 2.6, 0.49], [14.0, -14.0, 3.1, -0.9], [-8.0, 3.0, 1.4, -0.6]])
     q = quantize_rtn(w, bits=4, group_size=-1, symmetric=True, scale_dtype="float32")
-    # scale = absmax / 7; code = round(w / scale) + 8, clamped to [0, 15]
-    assert q.scales.flatten().tolist() == [1.0, 2.0]
+    # scale = max(max / 7, -min / 8): the whole signed grid -8..7; code = round(w / scale) + 8
+    assert q.scales.flatten().tolist() == [1.0, 2.0, 1.0]
     assert q.zero_points is None and q.group_size == 4 and q.bits == 4
-    assert q.codes().tolist() == [[15, 5, 11, 8], [15, 1, 10, 8]]
-    assert torch.equal(q.dequantize(), torch.tensor([[7.0, -3.0, 3.0, 0.0], [14.0, -14.0, 4.0, 0.0]]))
+    assert q.codes().tolist() == [[15, 5, 11, 8], [15, 1, 10, 8], [0, 11, 9, 7]]
+    assert torch.equal(q.dequantize(), torch.tensor([[7.0, -3.0, 3.0, 0.0], [14.0, -14.0, 4.0, 0.0],
+                                                     [-8.0, 3.0, 1.0, -1.0]]))
 
 
 def test_rtn_asymmetric_codes_zero_points_and_groups():

@@ -55,16 +55,21 @@ def planned_weight(shape: tuple[int, ...], bits: int, group_size: int, symmetric
 
 def untie(g: Graph, targets: list[Target]) -> list[str]:
     """Give selected readers of a tensor also read by unselected nodes their own copy."""
+    readers: dict[str, set[str]] = {}
+    for name in g.nx.nodes:
+        for param in g.node(name).params.values():
+            readers.setdefault(param, set()).add(name)
     untied = []
     for t in targets:
-        readers = [n.name for n in g.nodes() if t.param in n.params.values()]
-        if set(readers) <= set(t.nodes):
+        if readers.get(t.param, set()) <= set(t.nodes):
             continue
         copy_name = f"{t.param}.int{t.bits}"
         g.params[copy_name] = g.params[t.param]
         for name in t.nodes:
             node = g.node(name)
             node.params = {r: (copy_name if p == t.param else p) for r, p in node.params.items()}
+        readers[t.param] -= set(t.nodes)
+        readers.setdefault(copy_name, set()).update(t.nodes)
         untied.append(t.param)
     return untied
 

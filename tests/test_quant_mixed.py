@@ -141,3 +141,21 @@ def test_kv_bits_alone_leaves_the_weights_alone(tiny):
     assert all(n.attrs["kv_cache"]["dtype"] == "int8" for n in result.graph.nodes("Attention"))
     both = QuantizePass(bits=8, kv_bits=8).run(tiny, PassContext())
     assert any(isinstance(w, QuantizedWeight) for w in both.graph.params.values())
+
+
+def test_a_budget_below_the_asked_groups_is_met_with_larger_groups_on_the_least_sensitive(tiny):
+    def bits(group: int) -> float:
+        return static_metrics(QuantizePass(bits=4, group_size=group).preview(tiny, PassContext())).bits_per_param
+
+    budget = (bits(32) + bits(64)) / 2  # too few bits for g32 everywhere, more than g64 everywhere needs
+    result = QuantizePass(bits=4, group_size=32, budget_bits=budget, method="rtn").run(
+        tiny, PassContext(calibration_batches=_calib()))
+    verify(result.graph, "quantize")
+    assert static_metrics(result.graph).bits_per_param <= budget
+    table = {r["tensor"]: r for r in result.tables["sensitivity"]}
+    wider = {t for t, r in table.items() if r["chosen"] != "int4 g32" and r["chosen"].startswith("int4")}
+    kept = {t for t, r in table.items() if r["chosen"] == "int4 g32"}
+    assert wider and kept and all(result.graph.params[t].group_size > 32 for t in wider)
+    # a tensor moved to larger groups loses less (estimated) than one kept at g32 would, per byte saved
+    loss = {t: (r["est_kl"]["int4 g64"] - r["est_kl"]["int4 g32"]) / r["params"] for t, r in table.items()}
+    assert max(loss[t] for t in wider if table[t]["chosen"] == "int4 g64") <= min(loss[t] for t in kept) + 1e-12

@@ -11,7 +11,9 @@ Two choices make it fit tokopt's storage format:
   every backend that reads ``QuantizedWeight`` can run the result unchanged;
 - *clip search*: each grid is fitted by trying a few range shrinks and keeping the one
   with the smallest input-energy-weighted error ``sum_i H_ii (w_i - q_i)^2``, which
-  matters most at 4 bits where the absmax grid wastes levels on a single outlier.
+  matters most at 4 bits where the absmax grid wastes levels on a single outlier;
+- *mirrored symmetric grids* (``±absmax``, not RTN's whole signed range): the sweep pushes
+  weights past their group's extremes on either side and needs room for them.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ SEARCH_ROWS = 1 << 18  # elements per row chunk of the clip search: its temporar
 
 
 def search_grid(w: torch.Tensor, importance: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                scale_dtype: torch.dtype, shrinks: tuple[float, ...] = CLIP_GRID,
+                scale_dtype: torch.dtype, shrinks: tuple[float, ...] = CLIP_GRID, mirrored: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(row, group) scale and zero minimising ``importance``-weighted squared rounding error.
 
     ``w`` is ``(out, in)``, ``importance`` ``(in,)`` (the Hessian diagonal: mean squared
-    input of each column).  Returns ``(out, n_groups)`` scale and zero tensors.  Rows are
+    input of each column); ``mirrored`` as :func:`~tokopt.passes.quant.rtn.grid_params` takes
+    it.  Returns ``(out, n_groups)`` scale and zero tensors.  Rows are
     searched a chunk at a time: every shrink re-reads the chunk, and a chunk that fits in
     cache makes the 13 passes cost little more than one (a 4096 x 11008 weight: 13.5 s
     whole, a few seconds chunked).
@@ -48,7 +51,7 @@ def search_grid(w: torch.Tensor, importance: torch.Tensor, bits: int, group_size
         grouped = w[r:r + rows].float().reshape(-1, in_f // group_size, group_size)
         best_err = best_scale = best_zero = None
         for shrink in shrinks:
-            scale, zero = grid_params(grouped, bits, symmetric, scale_dtype, shrink)
+            scale, zero = grid_params(grouped, bits, symmetric, scale_dtype, shrink, mirrored)
             q = quantize_codes(grouped, scale[..., None], zero[..., None], bits)
             err = (((q - zero[..., None]) * scale[..., None] - grouped) ** 2 * weight).sum(-1)
             if best_err is None:
@@ -145,9 +148,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor | InverseHessian, bits:
         slab = w[r:r + step].detach().to(torch.float32, copy=True)
         slab[:, inv.dead] = 0.0
         if clip_search:
-            scale, zero = search_grid(slab, inv.importance, bits, gs, symmetric, sdtype)
+            scale, zero = search_grid(slab, inv.importance, bits, gs, symmetric, sdtype, mirrored=True)
         else:
-            scale, zero = grid_params(slab.reshape(-1, in_f // gs, gs), bits, symmetric, sdtype)
+            scale, zero = grid_params(slab.reshape(-1, in_f // gs, gs), bits, symmetric, sdtype, mirrored=True)
         codes[r:r + step, inv.perm] = _sweep(slab.T[inv.perm], inv.hinv, scale, zero, inv.perm // gs, bits,
                                              block_size).T
         scales.append(scale)

@@ -1,8 +1,8 @@
 """Bits placed where they matter: the quantize pass's budgeted mix of 4- and 8-bit tensors.
 
 For each planned tensor this measures (on calibration text) the estimated KL of storing it in
-each candidate format — the base format the options ask for, and int8 with the same groups —
-then lets :func:`~tokopt.passes.quant.allocate.allocate` pick the mix that meets the budget
+each candidate format (:func:`formats_for`: the base format the options ask for, the same bits
+in larger groups, int8) — then lets :func:`~tokopt.passes.quant.allocate.allocate` pick the mix that meets the budget
 (``budget_bits`` averaged over every weight of the model, scales and zeros included, or
 ``max_kl``).  The per-tensor table goes to the report.
 """
@@ -29,11 +29,25 @@ SCALE_BYTES = {"float16": 2, "float32": 4}
 UPGRADE_BITS = 8
 
 
+#: The largest group a cheaper candidate may use: past it one scale spans too many weights to be worth its bytes.
+MAX_GROUP = 128
+
+
 def formats_for(t: Target, in_features: int) -> list[Format]:
-    """The candidates for one tensor: its planned format, and int8 on the same groups (symmetric)."""
+    """The candidates for one tensor, its planned format first.
+
+    Below 8 bits: the planned format; the same bits in groups 2x and 4x as large (up to
+    :data:`MAX_GROUP`), cheaper for tensors that barely notice; int8 on the planned groups and
+    int8 per channel (symmetric) for those that do.  The allocator picks along each tensor's hull,
+    so a group size that buys nothing over its neighbours is simply never chosen.
+    """
     gs = resolve_group_size(t.group_size, in_features)
     base = Format(t.bits, gs, t.symmetric)
-    return [base] if t.bits >= UPGRADE_BITS else [base, Format(UPGRADE_BITS, gs, True)]
+    if t.bits >= UPGRADE_BITS:
+        return [base]
+    wider = [Format(t.bits, g, t.symmetric) for g in (2 * gs, 4 * gs) if g <= MAX_GROUP and in_features % g == 0]
+    upgrades = [Format(UPGRADE_BITS, g, True) for g in dict.fromkeys((gs, in_features))]
+    return [base, *wider, *upgrades]
 
 
 def model_params(g: Graph) -> int:
@@ -108,11 +122,14 @@ def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, A
     table.sort(key=lambda r: -max(r["est_kl"].values()))
     upgraded = [t for t in new if t.param in options and t.bits == UPGRADE_BITS
                 and options[t.param][0].bits != UPGRADE_BITS]
+    wider = [t for t in new if t.param in options and t.bits == options[t.param][0].bits
+             and t.group_size > options[t.param][0].group_size]
     budget = f"budget_bits={o['budget_bits']:g}" if o["budget_bits"] is not None else f"max_kl={o['max_kl']:g}"
     note = (f"mixed precision ({budget}, sensitivity on {len(batches)} × {batches[0].shape[-1]} calibration "
             f"tokens): {len(upgraded)} of {len(new)} tensors in int{UPGRADE_BITS} "
             f"({sum(math.prod(shapes[t.param]) for t in upgraded) / 1e6:.1f} M params: "
-            f"{', '.join(t.param for t in upgraded[:6])}{' …' if len(upgraded) > 6 else ''}); "
+            f"{', '.join(t.param for t in upgraded[:6])}{' …' if len(upgraded) > 6 else ''}), {len(wider)} in "
+            f"larger groups than asked; "
             f"estimated KL {chosen.kl:.4f} nats/token")
     log.info(note)
     return new, table, note

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import statistics
 
 import pytest
 import torch
@@ -123,9 +124,11 @@ def test_budget_places_int8_on_the_most_sensitive_tensors_and_meets_the_budget(t
     assert {r["tensor"] for r in table} == {t for t, w in result.graph.params.items() if isinstance(w, QuantizedWeight)}
     chosen8 = {r["tensor"] for r in table if r["chosen"].startswith("int8")}
     assert chosen8 and all(result.graph.params[t].bits == 8 for t in chosen8)
-    # the upgraded tensors are those whose int4 costs the most KL per byte saved by int8
-    gain = {r["tensor"]: (r["est_kl"]["int4 g32"] - r["est_kl"]["int8 g32"]) / r["params"] for r in table}
-    assert min(gain[t] for t in chosen8) >= sorted(gain.values())[-len(chosen8)] - 1e-12
+    # the upgraded tensors are among the most sensitive: each loses more (estimated, per parameter) in int4
+    # than the typical tensor kept in 4 bits (the exact choice is the knapsack's, checked above by brute force)
+    loss = {r["tensor"]: r["est_kl"]["int4 g32"] / r["params"] for r in table}
+    kept = sorted(loss[t] for t in loss if t not in chosen8)
+    assert min(loss[t] for t in chosen8) > kept[len(kept) // 2]
     assert any("mixed precision" in n for n in result.notes)
 
 
@@ -153,9 +156,9 @@ def test_a_budget_below_the_asked_groups_is_met_with_larger_groups_on_the_least_
     verify(result.graph, "quantize")
     assert static_metrics(result.graph).bits_per_param <= budget
     table = {r["tensor"]: r for r in result.tables["sensitivity"]}
-    wider = {t for t, r in table.items() if r["chosen"] != "int4 g32" and r["chosen"].startswith("int4")}
-    kept = {t for t, r in table.items() if r["chosen"] == "int4 g32"}
-    assert wider and kept and all(result.graph.params[t].group_size > 32 for t in wider)
-    # a tensor moved to larger groups loses less (estimated) than one kept at g32 would, per byte saved
+    group = {t: int(r["chosen"].split()[1][1:]) for t, r in table.items() if r["chosen"].startswith("int4")}
+    wider, kept = [t for t, g in group.items() if g > 32], [t for t, g in group.items() if g == 32]
+    assert wider and kept and all(result.graph.params[t].group_size == group[t] for t in group)
+    # the tensors moved to larger groups are, typically, those that lose less to them
     loss = {t: (r["est_kl"]["int4 g64"] - r["est_kl"]["int4 g32"]) / r["params"] for t, r in table.items()}
-    assert max(loss[t] for t in wider if table[t]["chosen"] == "int4 g64") <= min(loss[t] for t in kept) + 1e-12
+    assert statistics.median(loss[t] for t in wider) <= statistics.median(loss[t] for t in kept)

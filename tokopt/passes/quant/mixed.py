@@ -37,17 +37,21 @@ def formats_for(t: Target, in_features: int) -> list[Format]:
     """The candidates for one tensor, its planned format first.
 
     Below 8 bits: the planned format; the same bits in groups 2x and 4x as large (up to
-    :data:`MAX_GROUP`), cheaper for tensors that barely notice; int8 on the planned groups and
-    int8 per channel (symmetric) for those that do.  The allocator picks along each tensor's hull,
-    so a group size that buys nothing over its neighbours is simply never chosen.
+    :data:`MAX_GROUP`), cheaper for tensors that barely notice; each of those with the other
+    symmetry (zero points cost a byte per group and often buy more than a smaller group: GPTQ
+    int4 g64 with zero points measured +10.8 % ppl on SmolLM2 at 4.38 bits/param, symmetric g32
+    +13.0 % at 4.51); int8 on the planned groups and int8 per channel (symmetric) for the
+    tensors that need it.  The allocator picks along each tensor's hull, so a format that buys
+    nothing over its neighbours is simply never chosen.
     """
     gs = resolve_group_size(t.group_size, in_features)
     base = Format(t.bits, gs, t.symmetric)
     if t.bits >= UPGRADE_BITS:
         return [base]
-    wider = [Format(t.bits, g, t.symmetric) for g in (2 * gs, 4 * gs) if g <= MAX_GROUP and in_features % g == 0]
+    groups = [gs, *(g for g in (2 * gs, 4 * gs) if g <= MAX_GROUP and in_features % g == 0)]
+    low = [Format(t.bits, g, sym) for sym in (t.symmetric, not t.symmetric) for g in groups]
     upgrades = [Format(UPGRADE_BITS, g, True) for g in dict.fromkeys((gs, in_features))]
-    return [base, *wider, *upgrades]
+    return [*low, *upgrades]
 
 
 def model_params(g: Graph) -> int:

@@ -86,3 +86,20 @@ def test_a_refused_attribute_fails_the_dry_run_in_seconds_naming_the_node(tiny_d
     assert "backends that can: torch" in result.stderr
     assert time.perf_counter() - started < 10
     assert not (tmp_path / "o").exists()
+
+
+def test_the_kv_is_measured_past_the_first_context_only_where_the_ir_bends_it(tiny_dir):
+    """A linearly growing cache is measured at 512 tokens; a window, a static reservation, to 2,048 too."""
+    import tokopt
+    from tokopt.measure.speed import informative_kv_context
+    from tokopt.optimizer.pass_api import PassContext
+    from tokopt.passes.kv_layout import KVLayout
+    from tokopt.passes.sparse_attention import SparseAttention
+
+    graph = tokopt.load(str(tiny_dir))
+    assert informative_kv_context(graph, 2048) == 512
+    assert informative_kv_context(graph, 0) == 0 and informative_kv_context(graph, 100) == 100
+    windowed = SparseAttention(window=256, sinks=4).run(graph, PassContext()).graph
+    assert informative_kv_context(windowed, 2048) == 2048
+    static = KVLayout(storage="static").run(graph, PassContext()).graph
+    assert informative_kv_context(static, 2048) == 2048

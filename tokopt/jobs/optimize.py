@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,14 @@ from tokopt.measure.agreement import disagreements
 from tokopt.measure.gates import GateResult, Gates, check_gates
 from tokopt.measure.machine import bandwidth_override
 from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
-from tokopt.measure.speed import SpeedConfig, measure_artifact_speed, measure_speed, peak_rss_bytes, reset_peak_rss
+from tokopt.measure.speed import (
+    SpeedConfig,
+    informative_kv_context,
+    measure_artifact_speed,
+    measure_speed,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
 from tokopt.optimizer.corpus import resolve_texts, tokenizer_for
 from tokopt.optimizer.ir.cost import static_metrics
 from tokopt.optimizer.ir.graph import Graph
@@ -264,12 +271,14 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                     if stage.index == last:
                         artifact_info = _parity(backend_obj, stage.graph, tmp, lowered)
                 speed_detail: dict[str, Any] = {}
+                stage_speed = replace(speed_config, kv_context=informative_kv_context(stage.graph,
+                                                                                      speed_config.kv_context))
                 t0 = time.perf_counter()
                 if reuse:
                     speed_detail = dict(prev.extra.get("speed", {}))
                     values["artifact_bytes"] = prev.metrics.get("artifact_bytes")
                 elif measured_here:
-                    speed_detail = measure_artifact_speed(artifact_dir, speed_config)
+                    speed_detail = measure_artifact_speed(artifact_dir, stage_speed)
                     speed_detail["measured_on"] = f"{backend_name} artifact, fresh process" + (
                         " (batch 1, KV memory not measured: the model is past the weight memory budget; a "
                         "recipe's speed section measures more)" if lean else "")
@@ -278,7 +287,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                                                    "(TOKOPT_WEIGHT_MEMORY), so only the final artifact is lowered"}
                 elif mode == "reference":
                     speed_detail = measure_speed(ReferenceExecutor(stage.graph), stage.graph.meta.vocab_size,
-                                                 speed_config)
+                                                 stage_speed)
                     speed_detail["measured_on"] = "reference executor, in process"
                 if artifact_dir is not None and stage.index != last:
                     shutil.rmtree(artifact_dir, ignore_errors=True)

@@ -18,11 +18,14 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokopt.backends.base import new_cache
 from tokopt.interrupts import deferred_interrupts
 from tokopt.optimizer.ir.cost import DEFAULT_CONTEXTS
+
+if TYPE_CHECKING:
+    from tokopt.optimizer.ir.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,25 @@ class SpeedConfig:
         figures are then the analytic ones, and say so.
         """
         return replace(self, batch_size=1, kv_context=0)
+
+
+def informative_kv_context(graph: Graph, kv_context: int) -> int:
+    """The largest report context up to ``kv_context`` at which measuring a session's KV tells something new.
+
+    The smallest report context is always measured.  A larger one only where the IR says the
+    cache is not proportional to the context there — a window or sinks cap it, static storage
+    reserves its slots, pages round it — since on a cache that grows linearly the larger
+    prefill (2,048 tokens: ~8 s per stage of SmolLM2 on the reference executor, a ninth of the
+    README's main job) would measure the first figure times four.
+    """
+    from tokopt.optimizer.ir.cost import kv_bytes_for_context
+
+    contexts = [c for c in DEFAULT_CONTEXTS if c <= kv_context]
+    if not contexts:
+        return kv_context
+    per_token = kv_bytes_for_context(graph, contexts[0]) / contexts[0]
+    informative = [c for c in contexts[1:] if abs(kv_bytes_for_context(graph, c) - per_token * c) > 0.5]
+    return max([contexts[0], *informative])
 
 
 def reset_peak_rss() -> bool:

@@ -113,3 +113,18 @@ def test_act_dtype_defaults_to_the_target_and_is_refused_where_it_is_not_honoure
         get_backend("onnxruntime").check(compiled)
     with pytest.raises(PassOptionError, match="exclusive"):
         QuantizePass(bits=4, act_bits=8, act_dtype="bfloat16")
+
+
+def test_bfloat16_rounding_is_held_to_the_jitter_calibrated_parity_bar(tied):
+    """bfloat16 rounding at run time is discontinuous like act_quant: parity measures the reference against itself
+    under rounding jitter and holds the session to that, and the jitter reaches the bfloat16 rounding."""
+    from tokopt.backends.parity import check_parity
+    from tokopt.optimizer.interpret.activations import rounding_jitter
+
+    g = quantized(tied, bits=4)
+    report = check_parity(g, CompiledSession(g, compile=False, max_len=128), label="compiled")
+    assert report.passed and report.jitter_kl is not None and report.mean_kl is not None
+    x, w = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)), torch.randn(16, 32)
+    with rounding_jitter(rel=1e-3):
+        moved = linear(x, w, None, None, "bfloat16")
+    assert not torch.equal(moved, linear(x, w, None, None, "bfloat16"))

@@ -11,8 +11,11 @@ Graphs with a sliding window are run long enough to test the bounded cache: the 
 decode steps then overwrite every one of its slots, and ``decode_steps`` more follow (see
 :func:`decode_steps_for`); graphs without a window keep the cheap default.
 
-Graphs that quantize activations at run time (``act_quant``) are discontinuous: a float
-rounding difference upstream moves an activation across a code boundary.  On SmolLM2 with
+Graphs that round activations at run time (``act_quant``'s int8 codes, ``act_dtype``'s
+bfloat16) are discontinuous: a float rounding difference upstream moves an activation
+across a code boundary.  (SmolLM2 GPTQ int4 with bfloat16 activations on the compiled
+session: 97.1 % strict top-1 against the reference, mean KL 0.0011 — the reference under
+jitter measured 95.6 % and 0.0012.)  On SmolLM2 with
 int8 activations per block of 32, the reference disagrees *with itself* on ~6-10 % of
 next tokens when its activations are jittered by 1e-6, so no correct backend can reach
 99 %.  For them the bar is calibrated: the reference is run once more under
@@ -108,7 +111,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
     decode_steps = decode_steps_for(graph, tokens.shape[1], decode_steps)
-    calibrated = has_act_quant(graph)
+    calibrated = has_act_quant(graph) or has_act_dtype(graph)
     ref_cache, cache = ref.new_cache(), new_cache(session, tokens.shape[0], tokens.shape[1] + decode_steps)
     jittered = ReferenceExecutor(graph, weights=getattr(ref, "weight", None)) if calibrated else None
     jit_cache = jittered.new_cache() if jittered else None
@@ -138,7 +141,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
         within_noise = int((torch.cat(gaps) <= noise).sum()) / total
         kl_bar, top1_bar = KL_FACTOR * jit_kl + KL_FLOOR, min(min_top1, jit_top1 - TOP1_SLACK)
         passed = kl <= kl_bar and within_noise >= top1_bar
-        criterion = (f"run-time activation quantization, bar set by the reference under rounding jitter: mean KL "
+        criterion = (f"run-time rounding of activations, bar set by the reference under rounding jitter: mean KL "
                      f"<= {kl_bar:.2g} and top-1 (ties within the jitter's {noise:.2g} logits) >= {top1_bar:.1%} "
                      f"(jittered reference: KL {jit_kl:.2g}, top-1 {jit_top1:.1%}); measured KL {kl:.2g}, "
                      f"top-1 within noise {within_noise:.1%}")
@@ -175,6 +178,11 @@ def decode_steps_for(graph: Graph, prefill: int, decode_steps: int) -> int:
 
 def has_act_quant(graph: Graph) -> bool:
     return any(n.attrs.get("act_quant") is not None for n in graph.nodes("Linear"))
+
+
+def has_act_dtype(graph: Graph) -> bool:
+    """Linears rounding their inputs and products to bfloat16: run-time rounding too, held to the same bar."""
+    return any(n.attrs.get("act_dtype") is not None for n in graph.nodes("Linear"))
 
 
 def _kl_sum(reference: torch.Tensor, other: torch.Tensor) -> float:

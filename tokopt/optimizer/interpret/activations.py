@@ -25,8 +25,7 @@ _jitter: dict[str, Any] = {}  # set only inside rounding_jitter()
 def quantize_activations(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """``x`` fake-quantized per block of its last dimension: symmetric, absmax scaling, half-to-even."""
     qmax = 2 ** (bits - 1) - 1
-    if _jitter:
-        x = x * (1 + _jitter["rel"] * torch.randn(x.shape, generator=_jitter["gen"]).to(x.dtype))
+    x = jittered(x)
     shape = x.shape
     blocks = x.reshape(*shape[:-1], shape[-1] // block, block)
     scale = blocks.abs().amax(-1, keepdim=True) / qmax
@@ -34,9 +33,20 @@ def quantize_activations(x: torch.Tensor, bits: int, block: int) -> torch.Tensor
     return (torch.round(blocks / safe) * scale).reshape(shape)
 
 
+def jittered(x: torch.Tensor) -> torch.Tensor:
+    """``x`` about to be rounded at run time, perturbed inside :func:`rounding_jitter` (else as is).
+
+    Every run-time rounding the IR defines calls it first: ``act_quant``'s codes here, and
+    ``act_dtype``'s bfloat16 rounding in :func:`tokopt.optimizer.interpret.kernels.linear`.
+    """
+    if not _jitter:
+        return x
+    return x * (1 + _jitter["rel"] * torch.randn(x.shape, generator=_jitter["gen"]).to(x.dtype))
+
+
 @contextmanager
 def rounding_jitter(rel: float = 1e-6, seed: int = 0) -> Iterator[None]:
-    """Perturb every quantized activation by a relative ``rel`` before it is rounded, inside this block.
+    """Perturb every activation rounded at run time by a relative ``rel`` before it is rounded, inside this block.
 
     Rounding makes a model discontinuous: an input a float rounding away from a code
     boundary lands on the other code.  Running the reference once more under a jitter the

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tokopt.errors import UnsupportedOpError
-from tokopt.optimizer.interpret.activations import quantize_activations
+from tokopt.optimizer.interpret.activations import jittered, quantize_activations
 from tokopt.optimizer.interpret.kv_quant import kv_view
 from tokopt.optimizer.ir.attrs import kivi_quantized_below, uses_long_rope
 from tokopt.optimizer.ir.graph import Node
@@ -144,9 +144,9 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, act_quant
     if act_dtype is None:
         return F.linear(x, weight, bias)
     dtype = ACT_TORCH_DTYPES[act_dtype]
-    rounded = x.to(dtype)
+    rounded = jittered(x).to(dtype)
     if isinstance(weight, torch.Tensor):
-        y = F.linear(rounded.to(x.dtype), weight).to(dtype)
+        y = jittered(F.linear(rounded.to(x.dtype), weight)).to(dtype)
     else:
         y = weight.matmul(rounded)
     y = y.to(x.dtype)

@@ -4,9 +4,11 @@ Run:  pytest benchmarks/bench_quantize_mixed.py -s -q      (about 15 min on 2 id
       TOKOPT_BENCH_BUDGET=4.75 (bits/param, scales and zeros included; the default)
       TOKOPT_BENCH_CALIB=32 (calibration sequences of 512 tokens for GPTQ; the pass's default)
 
-Every row is int4 g32 symmetric with some tensors in int8 g32, fp16 scales (what the IR stores
-without a backend; on onnxruntime the scales are float32, +0.5 bits at g32), quantized by RTN and by
-GPTQ, measured against the fp32 baseline on the same tokens of two kinds of text:
+The baselines are int4 g32 symmetric with some tensors in int8 g32; the allocator chooses, per tensor,
+among int4 in groups of 32/64/128 (symmetric or with zero points) and int8 in groups or per channel
+(:func:`tokopt.passes.quant.mixed.formats_for`).  fp16 scales (what the IR stores without a backend; on
+onnxruntime the scales are float32, +0.5 bits at g32); quantized by RTN and by GPTQ, measured against
+the fp32 baseline on the same tokens of two kinds of text:
 
 - ``doc``: the default eval text (standard-library docstrings), 8 x 512 tokens;
 - ``prose``: English prose (``/usr/share/common-licenses/GPL-3``), 8 x 512 tokens.
@@ -65,7 +67,7 @@ def test_mixed_precision_beats_random_and_first_last():
     from tokopt.optimizer import corpus
     from tokopt.optimizer.ir.cost import static_metrics
     from tokopt.optimizer.pass_api import PassContext
-    from tokopt.passes.quant.allocate import allocate_in_order
+    from tokopt.passes.quant.allocate import Format, allocate_in_order
     from tokopt.passes.quant.mixed import byte_budget, candidates_for
     from tokopt.passes.quant.weights import quantize_weights
     from tokopt.passes.quantize import QuantizePass
@@ -106,7 +108,9 @@ def test_mixed_precision_beats_random_and_first_last():
 
         # the baselines at the allocator's budget, quantized the same way
         targets = p._plan(graph)
-        cands = candidates_for(graph, targets, "float16")
+        pair = (Format(4, 32, True), Format(8, 32, True))  # what the heuristics choose between
+        cands = {name: [c for c in cs if c.format in pair]
+                 for name, cs in candidates_for(graph, targets, "float16").items()}
         max_bytes = byte_budget(graph, targets, BUDGET)
         names = [t.param for t in targets]
         n_layers = 1 + max(_layer(n) for n in names)
@@ -125,7 +129,7 @@ def test_mixed_precision_beats_random_and_first_last():
             baselines[method].append(measure(f"{method}: {label}", g, time.perf_counter() - started))
 
     top = [r for r in table if r["chosen"].startswith("int8")]
-    print(f"\nSmolLM2-135M, int4 g32 sym + int8 g32, fp16 scales; fp32 ppl doc {base['doc']:.3f}, "
+    print(f"\nSmolLM2-135M, fp16 scales; fp32 ppl doc {base['doc']:.3f}, "
           f"prose {base['prose']:.3f} (8 x 512 tokens each)")
     print("| mix | bits/param | Δppl doc | Δppl prose | quantize s |\n|---|---|---|---|---|")
     for r in rows:

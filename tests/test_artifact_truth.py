@@ -103,3 +103,20 @@ def test_the_kv_is_measured_past_the_first_context_only_where_the_ir_bends_it(ti
     assert informative_kv_context(windowed, 2048) == 2048
     static = KVLayout(storage="static").run(graph, PassContext()).graph
     assert informative_kv_context(static, 2048) == 2048
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param("onnxruntime", marks=needs_onnxruntime)])
+def test_bench_profile_says_where_a_decode_step_goes(tiny_dir, backend):
+    """Per op kind, from the runtime's own profiler, summing to the profiled time, beside the bandwidth bound."""
+    args = ["bench", tiny_dir, "--profile", "--decode-tokens", "4", "--json"] + (["--backend", backend] if backend
+                                                                                   else [])
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert found["steps"] == 4 and found["step_ms"] > 0 and found["bound_ms"] > 0
+    assert ("onnxruntime" if backend else "torch") in found["instrument"]
+    ops = [op["op"] for op in found["ops"]]
+    assert ("MatMul" if backend else "aten::mm") in ops[:3], ops  # the Linears: most of a step
+    assert ("GroupQueryAttention" if backend else "aten::_softmax") in ops, ops
+    assert abs(sum(op["share"] for op in found["ops"]) + found["other_ops_share"] - 1) < 1e-6
+    assert invoke("bench", tiny_dir, tiny_dir, "--profile").exit_code == 2

@@ -371,9 +371,12 @@ def eval_command(model_or_artifact: str, eval_text: str | None, eval_tokens: str
               help="torch threads while measuring (0: torch's default, all cores).")
 @click.option("--rounds", type=click.IntRange(1), default=None,
               help="Measurements per target, alternating between targets  [default: 1 for one target, 3 for several]")
+@click.option("--profile", is_flag=True,
+              help="Instead of the speeds: where a decode step's time goes, by op kind (torch's or onnxruntime's own "
+                   "profiler), beside the time reading every weight byte once would take.  One target.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode_tokens: int, batch: int,
-          peer_decode_tokens: int, threads: int, rounds: int | None, as_json: bool) -> None:
+          peer_decode_tokens: int, threads: int, rounds: int | None, profile: bool, as_json: bool) -> None:
     """Prefill and decode tokens/s (batch 1 and a batch) and peak memory.
 
     Several targets are measured side by side in one process, alternating round by round,
@@ -381,6 +384,18 @@ def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode
     """
     from tokopt.jobs.bench import bench as run_bench
     from tokopt.jobs.bench import compare
+
+    if profile:
+        from tokopt.jobs.bench import profile as run_profile
+
+        if len(targets) != 1:
+            raise click.UsageError("--profile takes one target")
+        found = run_profile(targets[0], backend, steps=decode_tokens)
+        if as_json:
+            _emit_json(found)
+            return
+        _print_profile(found)
+        return
 
     speed = {"prompt_len": prompt_len, "decode_tokens": decode_tokens, "batch_size": batch, "threads": threads,
              "peer_decode_tokens": peer_decode_tokens}
@@ -402,6 +417,20 @@ def bench(targets: tuple[str, ...], backend: str | None, prompt_len: int, decode
     click.echo(f"peak RSS of the process, all {len(result['results'])} targets loaded: "
                f"{_human_bytes(result['process_peak_rss_bytes'])} (one process cannot tell them apart; "
                "each target's own peak: tokopt bench TARGET)")
+
+
+def _print_profile(found: dict[str, Any]) -> None:
+    click.echo(f"{found['model']} on {found['backend']}: {found['steps']} decode steps after a 9-token prompt, "
+               f"{found['instrument']}")
+    click.echo(f"  {'op':<48}{'ms/step':>9}{'calls/step':>12}{'share':>8}")
+    for op in found["ops"]:
+        click.echo(f"  {op['op'][:48]:<48}{op['ms_per_step']:>9.3f}{op['calls_per_step']:>12.1f}{op['share']:>8.1%}")
+    if found["other_ops_share"]:
+        click.echo(f"  {'(every other op)':<48}{'':>9}{'':>12}{found['other_ops_share']:>8.1%}")
+    click.echo(f"  step wall time {found['step_ms']:.2f} ms; op time profiled {found['profiled_ms_per_step']:.2f} ms")
+    if "bound_ms" in found:
+        click.echo(f"  bandwidth bound {found['bound_ms']:.2f} ms ({found['bound_note']}): the step takes "
+                   f"{found['step_ms'] / found['bound_ms']:.1f}x it")
 
 
 def _print_bench(result: dict[str, Any], batch: int) -> None:

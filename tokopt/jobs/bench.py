@@ -94,9 +94,12 @@ def profile(model: str | Path | Graph, backend: str | None = None, *, steps: int
     with tempfile.TemporaryDirectory(prefix="tokopt-profile-") as tmp, contextlib.ExitStack() as stack:
         options = {**(load_options or {}), **({"profile_prefix": str(Path(tmp) / "ort")} if on_ort else {})}
         info, session, _ = _bench_target(model, backend, options, machine, stack)
-        weight_bytes = info.get("bytes_per_token") or (weight_file_bytes(Path(model)) if directory else None)
+        if "bytes_per_token" in info:
+            weight_bytes, source = info["bytes_per_token"], "the bytes a decoded token reads (the IR's count)"
+        else:
+            weight_bytes, source = (weight_file_bytes(Path(model)) if directory else None), "every weight file byte"
         result = profile_decode(session, steps, onnxruntime=on_ort, weight_bytes=weight_bytes,
-                                bandwidth=machine["memory_bandwidth_bytes_per_s"])
+                                bandwidth=machine["memory_bandwidth_bytes_per_s"], bytes_source=source)
     return {**info, **result, "machine": {k: machine[k] for k in ("cpu", "cpu_count", "torch_threads")}}
 
 

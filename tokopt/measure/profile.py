@@ -77,8 +77,8 @@ def onnxruntime_op_times(trace: Path, steps: int) -> dict[str, tuple[float, int]
     return {op: (t, int(n)) for op, (t, n) in totals.items()}
 
 
-def profile_decode(session: Any, steps: int = STEPS, *, onnxruntime: bool = False,
-                   weight_bytes: int | None = None, bandwidth: float | None = None) -> dict[str, Any]:
+def profile_decode(session: Any, steps: int = STEPS, *, onnxruntime: bool = False, weight_bytes: int | None = None,
+                   bandwidth: float | None = None, bytes_source: str = "every weight byte") -> dict[str, Any]:
     """Per-op-kind time of a decode step, the step's wall time, and the bandwidth bound.
 
     ``onnxruntime``: the session is an onnxruntime one built with profiling on (load option
@@ -99,5 +99,5 @@ def profile_decode(session: Any, steps: int = STEPS, *, onnxruntime: bool = Fals
                            "other_ops_share": sum(o["share"] for o in ops[TOP:])}
     if weight_bytes and bandwidth:
         out["bound_ms"] = 1e3 * weight_bytes / bandwidth
-        out["bound_note"] = "every weight byte read once per step at the measured memory bandwidth"
+        out["bound_note"] = f"{bytes_source} read once per step at the measured memory bandwidth"
     return out

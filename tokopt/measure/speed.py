@@ -64,8 +64,7 @@ def informative_kv_context(graph: Graph, kv_context: int) -> int:
     The smallest report context is always measured.  A larger one only where the IR says the
     cache is not proportional to the context there — a window or sinks cap it, static storage
     reserves its slots, pages round it — since on a cache that grows linearly the larger
-    prefill (2,048 tokens: ~8 s per stage of SmolLM2 on the reference executor, a ninth of the
-    README's main job) would measure the first figure times four.
+    prefill (2,048 tokens: ~8 s per stage of SmolLM2) would measure the first figure times four.
     """
     from tokopt.optimizer.ir.cost import kv_bytes_for_context
 

@@ -12,7 +12,7 @@ from tokopt.optimizer.interpret import ReferenceExecutor
 from tokopt.optimizer.interpret.activations import quantize_activations
 from tokopt.optimizer.ir.attrs import act_quant_attr
 from tokopt.optimizer.ir.verify import verify
-from tokopt.optimizer.ir.weights import materialize
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize
 from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quant.rtn import quantize_rtn
 from tokopt.passes.quantize import QuantizePass
@@ -83,7 +83,9 @@ def test_quantize_pass_marks_quantized_linears(llama):
     assert marked["lm_head"] is None  # not quantized, not marked
     assert {repr(v) for k, v in marked.items() if k != "lm_head"} == {repr(act_quant_attr(8, 16))}
     ids = torch.randint(0, llama.meta.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
-    plain = QuantizePass(bits=4, group_size=16, method="rtn", lm_head=False).run(llama, PassContext()).graph
+    plain = graph.copy()  # the same weights (run-time int8 activations keep the mirrored grid), attribute off
+    for node in plain.nodes("Linear"):
+        node.attrs["act_quant"] = None
     diff = (ReferenceExecutor(graph).forward(ids) - ReferenceExecutor(plain).forward(ids)).abs().max()
     assert 0 < diff < 0.5  # the reference honours the attribute: a small, nonzero change
 
@@ -120,3 +122,12 @@ def test_standard_op_lowering_on_dense_weights(llama, tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph.node]
     fused = 3 * len(graph.nodes("Attention"))  # per layer, fused q/k/v and fused gate/up quantize their input once
     assert ops.count("Round") == len(graph.nodes("Linear")) - fused
+
+
+def test_run_time_int8_activations_keep_the_mirrored_grid(llama):
+    """Whole-range codes (−8) reach only weights whose Linears take float inputs (see tokopt.passes.quant.rtn)."""
+    def lowest_code_used(**opts) -> bool:
+        g = QuantizePass(bits=4, group_size=16, method="rtn", **opts).run(llama, PassContext()).graph
+        return any(bool((w.codes() == 0).any()) for w in g.params.values() if isinstance(w, QuantizedWeight))
+
+    assert lowest_code_used(act_bits=0) and not lowest_code_used(act_bits=8)

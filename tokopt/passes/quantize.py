@@ -330,7 +330,9 @@ class QuantizePass(Pass):
             if untied:
                 notes.append(f"untied {', '.join(untied)}: only some of its users were selected")
                 targets = self._plan(g)
-            resolved = {**o, "group_size": self.group_size, "scale_dtype": self.scale_dtype(ctx)}
+            # run-time int8 activations keep the mirrored symmetric grid (see tokopt.passes.quant.rtn)
+            resolved = {**o, "group_size": self.group_size, "scale_dtype": self.scale_dtype(ctx),
+                        "mirrored": bool(self.act_bits(ctx))}
             if self.mixed:
                 targets, tables["sensitivity"], note = plan_mixed(g, targets, ctx, resolved)
                 notes.append(note)

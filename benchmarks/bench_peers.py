@@ -87,21 +87,11 @@ def tokopt_loop(path: Path, decode: int) -> Callable[[], float]:
     import torch
 
     from tokopt.backends.artifact import load_artifact
-    from tokopt.backends.base import new_cache
     from tokopt.jobs.targets import open_target
+    from tokopt.measure.speed import prefill_decode
 
     session = load_artifact(path) if (path / "tokopt_artifact.json").exists() else open_target(str(path)).session
-
-    def run() -> float:
-        with torch.inference_mode():
-            cache = new_cache(session, 1, len(PROMPT) + decode + 1)
-            logits = session.forward(torch.tensor([PROMPT]), cache)
-            t0 = time.perf_counter()
-            for _ in range(decode):
-                logits = session.forward(logits[:, -1].argmax(-1, keepdim=True), cache)
-            return decode / (time.perf_counter() - t0)
-
-    return run
+    return lambda: decode / prefill_decode(session, torch.tensor([PROMPT]), decode)[1]
 
 
 def genai_loop(path: Path, decode: int) -> Callable[[], float]:

@@ -74,7 +74,7 @@ def is_quantized(graph: Graph) -> bool:
     Run-time rounding is discontinuous: a float-rounding difference in a K or V (summation order,
     a reloaded tensor) can land on the next code, so a logit bar would fail two correct runs.
     """
-    return any(isinstance(w, QuantizedWeight) for w in graph.params.values()) or has_act_quant(graph) \
+    return any(isinstance(w, QuantizedWeight) for w in graph.params.values()) or rounds_activations(graph) \
         or any(n.attrs["kv_cache"]["dtype"] in KV_QUANT_DTYPES for n in graph.nodes("Attention"))
 
 
@@ -111,7 +111,7 @@ def check_parity(graph: Graph, session: Any, *, tokens: torch.Tensor | None = No
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
     decode_steps = decode_steps_for(graph, tokens.shape[1], decode_steps)
-    calibrated = has_act_quant(graph) or has_act_dtype(graph)
+    calibrated = rounds_activations(graph)
     ref_cache, cache = ref.new_cache(), new_cache(session, tokens.shape[0], tokens.shape[1] + decode_steps)
     jittered = ReferenceExecutor(graph, weights=getattr(ref, "weight", None)) if calibrated else None
     jit_cache = jittered.new_cache() if jittered else None
@@ -176,13 +176,10 @@ def decode_steps_for(graph: Graph, prefill: int, decode_steps: int) -> int:
     return max(prefill, capacity) + window + decode_steps - prefill
 
 
-def has_act_quant(graph: Graph) -> bool:
-    return any(n.attrs.get("act_quant") is not None for n in graph.nodes("Linear"))
-
-
-def has_act_dtype(graph: Graph) -> bool:
-    """Linears rounding their inputs and products to bfloat16: run-time rounding too, held to the same bar."""
-    return any(n.attrs.get("act_dtype") is not None for n in graph.nodes("Linear"))
+def rounds_activations(graph: Graph) -> bool:
+    """Linears that round their inputs at run time: ``act_quant``'s int8 codes or ``act_dtype``'s bfloat16."""
+    return any(n.attrs.get("act_quant") is not None or n.attrs.get("act_dtype") is not None
+               for n in graph.nodes("Linear"))
 
 
 def _kl_sum(reference: torch.Tensor, other: torch.Tensor) -> float:

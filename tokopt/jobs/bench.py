@@ -81,22 +81,21 @@ def profile(model: str | Path | Graph, backend: str | None = None, *, steps: int
     """Where a decode step's time goes on ``model``'s session, by op kind (:mod:`tokopt.measure.profile`)."""
     import contextlib
 
-    from tokopt.backends.artifact import is_artifact, read_manifest, weight_file_bytes
+    from tokopt.backends.artifact import weight_file_bytes
+    from tokopt.backends.onnxruntime.session import OnnxRuntimeSession
     from tokopt.measure.machine import describe_machine
     from tokopt.measure.profile import profile_decode
 
     machine = describe_machine()
-    directory = not isinstance(model, Graph) and Path(model).is_dir()
-    on_ort = (backend == "onnxruntime" or (directory and is_artifact(model)
-                                           and read_manifest(model)["backend"] == "onnxruntime")
-              or (directory and not is_artifact(model) and backend in (None, "onnxruntime")
-                  and genai_directory(model) is not None))
     with tempfile.TemporaryDirectory(prefix="tokopt-profile-") as tmp, contextlib.ExitStack() as stack:
-        options = {**(load_options or {}), **({"profile_prefix": str(Path(tmp) / "ort")} if on_ort else {})}
-        info, session, _ = _bench_target(model, backend, options, machine, stack)
+        info, session, _ = _bench_target(model, backend, load_options, machine, stack)
+        on_ort = isinstance(session, OnnxRuntimeSession)
+        if on_ort:  # onnxruntime's profiler is a session option: the same model, opened again with it on
+            session = session.profiled(str(Path(tmp) / "ort"))
         if "bytes_per_token" in info:
             weight_bytes, source = info["bytes_per_token"], "the bytes a decoded token reads (the IR's count)"
         else:
+            directory = not isinstance(model, Graph) and Path(model).is_dir()
             weight_bytes, source = (weight_file_bytes(Path(model)) if directory else None), "every weight file byte"
         result = profile_decode(session, steps, onnxruntime=on_ort, weight_bytes=weight_bytes,
                                 bandwidth=machine["memory_bandwidth_bytes_per_s"], bytes_source=source)

@@ -16,13 +16,12 @@ bandwidth.
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from tokopt.backends.base import new_cache
+from tokopt.measure.speed import prefill_decode
 
 PROMPT = 9  # tokens before the profiled decode steps: the peers' published measurement
 STEPS = 32
@@ -34,15 +33,7 @@ def _decode(session: Any, steps: int, around: AbstractContextManager | None = No
     (not the prompt) run inside ``around``."""
     import torch
 
-    ids = torch.arange(1, PROMPT + 1).unsqueeze(0)
-    with torch.inference_mode():
-        cache = new_cache(session, 1, PROMPT + steps + 1)
-        logits = session.forward(ids, cache)
-        with around or nullcontext():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                logits = session.forward(logits[:, -1].argmax(-1, keepdim=True), cache)
-            return time.perf_counter() - t0
+    return prefill_decode(session, torch.arange(1, PROMPT + 1).unsqueeze(0), steps, around)[1]
 
 
 def torch_op_times(session: Any, steps: int) -> dict[str, tuple[float, int]]:

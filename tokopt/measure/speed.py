@@ -10,6 +10,7 @@ the whole figure to one model (``python -m tokopt.measure.speed ARTIFACT``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -108,8 +109,10 @@ def peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
-def _prefill_decode(session: Any, ids, decode_tokens: int) -> tuple[float, float]:
-    """Seconds for prefilling ``ids`` and for greedily decoding ``decode_tokens`` more."""
+def prefill_decode(session: Any, ids, decode_tokens: int,
+                   around: contextlib.AbstractContextManager | None = None) -> tuple[float, float]:
+    """Seconds for prefilling ``ids`` and for greedily decoding ``decode_tokens`` more (the decode steps run
+    inside ``around``, e.g. a profiler)."""
     import torch
 
     with torch.inference_mode():
@@ -117,11 +120,13 @@ def _prefill_decode(session: Any, ids, decode_tokens: int) -> tuple[float, float
         t0 = time.perf_counter()
         logits = session.forward(ids, cache)
         t1 = time.perf_counter()
-        for _ in range(decode_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            logits = session.forward(nxt, cache)
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+        with around or contextlib.nullcontext():
+            t2 = time.perf_counter()
+            for _ in range(decode_tokens):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                logits = session.forward(nxt, cache)
+            t3 = time.perf_counter()
+    return t1 - t0, t3 - t2
 
 
 def measure_speed(session: Any, vocab_size: int, config: SpeedConfig = SpeedConfig()) -> dict[str, Any]:
@@ -147,18 +152,18 @@ def _measure(session: Any, ids, config: SpeedConfig) -> dict[str, Any]:
     import torch
 
     reset_peak_rss()
-    _prefill_decode(session, ids[:1, : min(16, config.prompt_len)], 2)  # warm-up: allocations, lazy weights
-    pre1, dec1 = _prefill_decode(session, ids[:1], config.decode_tokens)
+    prefill_decode(session, ids[:1, : min(16, config.prompt_len)], 2)  # warm-up: allocations, lazy weights
+    pre1, dec1 = prefill_decode(session, ids[:1], config.decode_tokens)
     out: dict[str, Any] = {
         "prefill_tok_s": config.prompt_len / pre1,
         "decode_tok_s": config.decode_tokens / dec1 if config.decode_tokens else 0.0,
     }
     if config.batch_size > 1:
-        preb, decb = _prefill_decode(session, ids, config.decode_tokens)
+        preb, decb = prefill_decode(session, ids, config.decode_tokens)
         out["prefill_tok_s_batch"] = config.batch_size * config.prompt_len / preb
         out["decode_tok_s_batch"] = config.batch_size * config.decode_tokens / decb if config.decode_tokens else 0.0
     if config.peer_decode_tokens:
-        _, dec = _prefill_decode(session, ids[:1, :PEER_PROMPT], config.peer_decode_tokens)
+        _, dec = prefill_decode(session, ids[:1, :PEER_PROMPT], config.peer_decode_tokens)
         out["decode_tok_s_peer"] = config.peer_decode_tokens / dec
     out["batch_size"] = config.batch_size
     out["threads"] = torch.get_num_threads()

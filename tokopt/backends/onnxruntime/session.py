@@ -71,6 +71,7 @@ class OnnxRuntimeSession(GreedyGeneration):
         ort = import_onnxruntime()
 
         self.path = Path(model_path)
+        self._options = {"threads": threads, "max_length": max_length, **session_options}
         opts = ort.SessionOptions()
         if profile_prefix:  # onnxruntime's own per-node timing, read back by tokopt.measure.profile
             opts.enable_profiling = True
@@ -99,6 +100,10 @@ class OnnxRuntimeSession(GreedyGeneration):
         self.max_length = min(int(max_length), limit) if max_length else limit
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def profiled(self, profile_prefix: str) -> OnnxRuntimeSession:
+        """The same model and options in a new session whose onnxruntime profiler is on (``tokopt bench --profile``)."""
+        return OnnxRuntimeSession(self.path, profile_prefix=profile_prefix, **self._options)
 
     # -- cache ------------------------------------------------------------------------
     def new_cache(self, batch: int = 1, length: int | None = None) -> OrtKVCache:

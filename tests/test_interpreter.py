@@ -133,6 +133,32 @@ def test_every_eager_policy_gives_the_reference_logits(graphs, arch, variant):
     check(cached_steps(static, ids), "pre-allocated cache (CompiledSession, eager)", stepped)
 
 
+@pytest.mark.parametrize("window", [None, (4, 1)])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_fused_kernels_of_the_quality_measurement_give_the_exact_logits(tiny_model_dir, arch, window, monkeypatch):
+    """``exact=False`` (the quality measurement's executor) runs attention through torch's fused kernel and
+    stays within the float tolerance of the float64 definition, whole sequence and through the cache, a
+    window and sinks shorter than the prefill included."""
+    g = tokopt.load(tiny_model_dir(arch)[0])
+    if window:
+        g = SparseAttention(window=window[0], sinks=window[1]).run(g, PassContext()).graph
+    ids = ids_for(g)
+    exact = ReferenceExecutor(g)
+    fast = ReferenceExecutor(g, weights=exact.weight, exact=False)
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or fused(*a, **k))
+    for run in (lambda s: s.forward(ids), lambda s: cached_steps(s, ids)):
+        calls.clear()
+        expected = run(exact)
+        assert not calls
+        got = run(fast)
+        unfusable = any(n.attrs.get("softcap") or "sink_logits" in n.params for n in g.nodes("Attention"))
+        assert bool(calls) != unfusable  # fused wherever the kernel computes the op (no softcap, sink logits)
+        assert float((got - expected).abs().max()) <= FP32_ATOL
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_compiled_session_gives_the_reference_logits_without_recompiling(graphs, arch, variant):

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,6 +187,26 @@ def test_quantized_weights_stored_as_codes_and_read_back(bits, group, symmetric,
         assert (b.bits, b.group_size) == (w.bits, w.group_size)
         assert torch.equal(b.packed, w.packed) and torch.equal(b.scales, w.scales)
         assert (b.zero_points is None) == symmetric and (symmetric or torch.equal(b.zero_points, w.zero_points))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_read_at_fp32_accuracy_is_stored_as_its_nibble_planes(symmetric, tiny_graph, tmp_path):
+    """The file holds the two planes MatMulNBits reads (as many bytes as the codes), so no session start splits
+    the codes again; the frontend recombines them bit-identically (read back above)."""
+    import onnx
+
+    graph = _quantize(tiny_graph("llama"), bits=8, group_size=32, symmetric=symmetric)
+    OnnxRuntimeBackend().lower(graph, tmp_path / "art")
+    model = onnx.load(str(tmp_path / "art" / "model.onnx"), load_external_data=False)
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    linears = {n.params["weight"] for n in graph.nodes("Linear")}
+    planes = sum(v for n, v in sizes.items() if n.endswith((".q8hi", ".q8lo")))
+    assert planes == sum(graph.params[n].packed.numel() for n in linears)  # the codes' bytes, no more
+    assert [n for n in sizes if n.endswith(".q8")] == ["model.embed_tokens.weight.q8"]  # gathered at its width
+    assert symmetric == ("BitShift" not in {n.op_type for n in model.graph.node})  # asym: only zero points split
+    back = tokopt.load(str(tmp_path / "art" / "model.onnx"))
+    for name in linears:
+        assert torch.equal(back.params[name].packed, graph.params[name].packed)
 
 
 @pytest.mark.parametrize("bits", [None, 4])

@@ -16,15 +16,47 @@ The Python API mirrors the CLI::
 
 from __future__ import annotations
 
-from tokopt.frontends import load_model as load
-from tokopt.jobs.bench import bench, compare
-from tokopt.jobs.evaluate import evaluate
-from tokopt.jobs.generate import generate_text as generate
-from tokopt.jobs.optimize import OptimizeResult, optimize
-from tokopt.measure.gates import Gates
-from tokopt.optimizer import Graph, TokoptError, static_metrics, verify
-from tokopt.passes.pipeline import Pipeline, parse_passes
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tokopt.version import __version__
+
+if TYPE_CHECKING:
+    from tokopt.frontends import load_model as load
+    from tokopt.jobs.bench import bench, compare
+    from tokopt.jobs.evaluate import evaluate
+    from tokopt.jobs.generate import generate_text as generate
+    from tokopt.jobs.optimize import OptimizeResult, optimize
+    from tokopt.measure.gates import Gates
+    from tokopt.optimizer import Graph, TokoptError, static_metrics, verify
+    from tokopt.passes.pipeline import Pipeline, parse_passes
+
+# Imported on first use (PEP 562): ``import tokopt`` stays cheap for the processes that need one corner of it
+# (``python -m tokopt.measure.speed`` times an artifact in a fresh process twice per optimize run, and the
+# frontends pull in transformers, ~1.5 s).
+_API = {
+    "load": ("tokopt.frontends", "load_model"), "bench": ("tokopt.jobs.bench", "bench"),
+    "compare": ("tokopt.jobs.bench", "compare"), "evaluate": ("tokopt.jobs.evaluate", "evaluate"),
+    "generate": ("tokopt.jobs.generate", "generate_text"), "optimize": ("tokopt.jobs.optimize", "optimize"),
+    "OptimizeResult": ("tokopt.jobs.optimize", "OptimizeResult"), "Gates": ("tokopt.measure.gates", "Gates"),
+    "Graph": ("tokopt.optimizer", "Graph"), "TokoptError": ("tokopt.optimizer", "TokoptError"),
+    "static_metrics": ("tokopt.optimizer", "static_metrics"), "verify": ("tokopt.optimizer", "verify"),
+    "Pipeline": ("tokopt.passes.pipeline", "Pipeline"), "parse_passes": ("tokopt.passes.pipeline", "parse_passes"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'tokopt' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
 
 __all__ = ["__version__", "load", "Graph", "TokoptError", "static_metrics", "verify", "optimize", "evaluate", "bench",
            "compare", "generate", "OptimizeResult", "Gates", "Pipeline", "parse_passes"]

@@ -15,7 +15,10 @@ from tokopt.optimizer.ir.graph import Graph
 
 @dataclass
 class Target:
-    """A model or an artifact, opened for running: a forward, its tokenizer and vocabulary."""
+    """A model or an artifact, opened for running: a forward, its tokenizer and vocabulary.
+
+    A model runs on the reference executor with fused kernels (``exact=False``), as ``optimize`` measures
+    quality: the same figures, and a bench of the model is the executor at its fastest."""
 
     label: str
     session: Any
@@ -30,7 +33,8 @@ def open_target(target: str | Path | Graph, load_options: dict[str, Any] | None 
     from tokopt.optimizer.interpret import ReferenceExecutor
 
     if isinstance(target, Graph):
-        return Target(target.meta.source or "graph", ReferenceExecutor(target), tokenizer_for(target),
+        return Target(target.meta.source or "graph", ReferenceExecutor(target, exact=False),
+                      tokenizer_for(target),
                        target.meta.vocab_size, target)
     if is_artifact(target):
         from tokopt.measure.speed import artifact_vocab_size
@@ -46,7 +50,8 @@ def open_target(target: str | Path | Graph, load_options: dict[str, Any] | None 
         tokenizer = _directory_tokenizer(Path(target)) if has_tokenizer(target) else None
         return Target(str(target), session, tokenizer, genai["vocab_size"], None)
     graph = load_model(target)
-    return Target(str(target), ReferenceExecutor(graph), tokenizer_for(graph), graph.meta.vocab_size, graph)
+    return Target(str(target), ReferenceExecutor(graph, exact=False), tokenizer_for(graph),
+                  graph.meta.vocab_size, graph)
 
 
 def genai_directory(target: str | Path) -> dict[str, Any] | None:

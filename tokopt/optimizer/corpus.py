@@ -18,7 +18,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokopt.errors import CorpusError, ModelSourceError
 from tokopt.io_boundary import reading
@@ -163,11 +163,17 @@ def tokenizer_for(graph: Graph):
 
 
 def load_tokenizer(graph: Graph):
-    from transformers import AutoTokenizer
-
     path = graph.meta.tokenizer_path
     if not path:
         raise ModelSourceError(f"{graph.meta.source} carries no tokenizer; pass token ids instead")
+    return _tokenizer_at(str(path))
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_at(path: str):
+    """One tokenizer per directory and process (loading one takes ~0.4 s; a job asks for it several times)."""
+    from transformers import AutoTokenizer
+
     with reading(path, "tokenizer (tokenizer.json, tokenizer_config.json, …)",
                  "restore the tokenizer files from the model's source"):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -185,12 +191,26 @@ def tokenize(text: TextSource, tokenizer, vocab_size: int) -> torch.Tensor:
         log.warning("no tokenizer: evaluating on UTF-8 bytes modulo the vocabulary (%d)", vocab_size)
         data = torch.frombuffer(bytearray(text.text.encode("utf-8")), dtype=torch.uint8).long()
         return data % vocab_size
-    ids = tokenize_with(tokenizer, text.text)
+    ids = _tokenized(tokenizer, text)
     if text.text.strip() and ids.numel() == 0:
         raise CorpusError(f"the tokenizer in {tokenizer.name_or_path} turns the {len(text.text):,} characters of "
                           f"{text.name} into no tokens: its vocabulary cannot spell them (damaged, or made for "
                           "another language); give --eval-text/--calib-text it can encode, or repair the tokenizer")
     return ids
+
+
+_TOKENIZED: dict[tuple[int, str], tuple[Any, torch.Tensor]] = {}  # the tokenizer is kept: its id stays its own
+
+
+def _tokenized(tokenizer, text: TextSource) -> torch.Tensor:
+    """``tokenize_with`` memoized per tokenizer object and text (a job tokenizes its calibration text for the
+    passes and again for the parity check: ~0.8 s each on the default text); a copy, so callers may write."""
+    key = (id(tokenizer), text.sha256)
+    if key not in _TOKENIZED:
+        if len(_TOKENIZED) >= 8:
+            _TOKENIZED.clear()
+        _TOKENIZED[key] = (tokenizer, tokenize_with(tokenizer, text.text))
+    return _TOKENIZED[key][1].clone()
 
 
 def tokenize_with(tokenizer, text: str) -> torch.Tensor:

@@ -103,9 +103,19 @@ class LowerContext:
             self.params.setdefault(param, {"kind": "dense", "init": name, "transform": transform})
         return self.cache[key]
 
+    def readers(self, param: str) -> list[Node]:
+        """The nodes reading ``param`` (indexed once per lowering: fusion asks for every Linear's)."""
+        if "readers" not in self.cache:
+            index: dict[str, list[Node]] = {}
+            for n in self.graph.nodes():
+                for p in dict.fromkeys(n.params.values()):
+                    index.setdefault(p, []).append(n)
+            self.cache["readers"] = index
+        return self.cache["readers"].get(param, [])
+
     def is_shared(self, param: str) -> bool:
         """Used by more than one node (a tied embedding / lm_head)."""
-        return sum(param in n.params.values() for n in self.graph.nodes()) > 1
+        return len(self.readers(param)) > 1
 
     # -- common graph inputs ----------------------------------------------------------
     def position_ids(self) -> str:

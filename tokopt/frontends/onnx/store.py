@@ -85,24 +85,30 @@ def shape_of(tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.dims)
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, M) bytes → (N, 2M) 4-bit values, element 2j from the low nibble (MatMulNBits' packing)."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
 def restore_nbits(entry: dict[str, Any], stored) -> QuantizedWeight:
     n, k = entry["shape"]
     bits, group = entry["bits"], entry["group_size"]
     rows = entry.get("rows") or [0, n]
     sl = slice(rows[0], rows[1])
-    blob = stored(entry["B"]).materialize()[sl]  # (N, k_blocks, blob)
-    k_blocks = blob.shape[1]
-    if bits == 4:
-        codes = torch.stack([blob & 0x0F, blob >> 4], dim=-1).reshape(n, k_blocks * group)
+    k_blocks = -(-k // group)  # groups per row, a trailing partial one padded in the file
+    if entry.get("planes"):  # int8 as its two nibble planes (q = 16·hi + lo), each packed two per byte
+        hi, lo = (_nibbles(stored(plane).materialize()[sl].reshape(n, -1)) for plane in entry["planes"])
+        codes = (hi << 4) | lo
     else:
-        codes = blob.reshape(n, k_blocks * group)
-    codes = codes[:, :k]
+        blob = stored(entry["B"]).materialize()[sl]  # (N, k_blocks, blob)
+        codes = _nibbles(blob.reshape(n, -1)) if bits == 4 else blob.reshape(n, -1)
+    codes = codes.reshape(n, k_blocks * group)[:, :k]
     scale_dtype = getattr(torch, entry.get("scale_dtype", "float32"))
     scales = stored(entry["scales"]).materialize()[sl].reshape(n, k_blocks).to(scale_dtype)
     zeros = None
     if entry.get("zero_points"):
         z = stored(entry["zero_points"]).materialize()[sl]
-        zeros = torch.stack([z & 0x0F, z >> 4], dim=-1).reshape(n, -1)[:, :k_blocks] if bits == 4 else z
+        zeros = _nibbles(z.reshape(n, -1))[:, :k_blocks] if bits == 4 else z
         zeros = zeros.reshape(n, k_blocks).to(torch.uint8).contiguous()
     return QuantizedWeight(pack_codes(codes, bits), scales.contiguous(), zeros, bits, group, (n, k),
                            entry.get("method", "rtn"), dict(entry.get("extra") or {}))

@@ -15,7 +15,9 @@ in policy, which they pass in instead of copying the walk (copies drift):
 - **node ranges**: ``walk(nodes=…)`` runs one segment; lanes carry values between segments;
 - **lanes**: several batches advance together node by node, so a hook sees a node's inputs
   for all of them (true-sequential GPTQ);
-- **freeing**: ``free=True`` drops each value once its last reader has run, but those in ``keep``.
+- **freeing**: ``free=True`` drops each value once its last reader has run, but those in ``keep``;
+- **exactness**: ``exact=False`` runs attention and norms through torch's fused float32 kernels
+  (quality measurement only: ~1e-6 from the definition, see ``StepContext.exact``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class Interpreter:
     """
 
     def __init__(self, graph: Graph, weights: Callable[[str], torch.Tensor], *, grad: bool = False,
-                 free: bool = False, keep: Collection[Value] | None = None) -> None:
+                 free: bool = False, keep: Collection[Value] | None = None, exact: bool = True) -> None:
         self.graph = graph
+        self.exact = exact
         self.weights = weights
         self.grad = grad
         self.order = graph.nodes()
@@ -72,7 +75,7 @@ class Interpreter:
         if positions is None:
             start = cache.seen if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1])
-        return Lane(StepContext(self.weights, positions, input_ids, cache))
+        return Lane(StepContext(self.weights, positions, input_ids, cache, exact=self.exact))
 
     def walk(self, lanes: Sequence[Lane], nodes: Sequence[Node] | None = None, before: Hook | None = None,
              capture: Collection[str] = ()) -> bool:

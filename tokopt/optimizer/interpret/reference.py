@@ -18,12 +18,17 @@ from tokopt.optimizer.ir.weights import DenseWeights
 
 
 class ReferenceExecutor(GreedyGeneration):
-    def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32, weights: DenseWeights | None = None) -> None:
-        """``weights``: another executor's, to share (two runs of one graph need one copy of its weights)."""
+    def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32, weights: DenseWeights | None = None,
+                 exact: bool = True) -> None:
+        """``weights``: another executor's, to share (two runs of one graph need one copy of its weights).
+
+        ``exact=False``: attention and norms through torch's fused float32 kernels, ~1e-6 from the
+        float64 definition — for measuring quality, never for parity (see ``StepContext.exact``).
+        """
         self.graph = graph
         self.dtype = dtype
         self.weight = weights if weights is not None else DenseWeights(graph.params, dtype)
-        self.interpreter = Interpreter(graph, self.weight)
+        self.interpreter = Interpreter(graph, self.weight, exact=exact)
 
     def new_cache(self, batch: int | None = None) -> KVCache:
         """A growing cache (its stores take whatever batch the first forward brings)."""

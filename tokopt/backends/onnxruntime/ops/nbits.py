@@ -14,7 +14,9 @@ subgraphs (Reshape/Expand/BitShift…) that onnxruntime folds once when the sess
   CPU kernels for 8-bit weights either quantize the activations (accuracy level 4) or
   dequantize all of B on every call (~18× slower than an fp32 MatMul, measured by
   ``benchmarks/bench_int8_weights.py``); its 4-bit fp32-activation kernel is the fast exact one.
-  The two planes hold exactly the int8 codes' bytes.
+  The two planes hold exactly the int8 codes' bytes, so the file stores the planes themselves
+  (``.q8hi``/``.q8lo``, MatMulNBits' layout) and the frontend recombines them: derived at load,
+  the split cost SmolLM2's int8 artifact 3.5 s of every session start (4.0 s against 0.24 s for int4).
 - int8 weights whose Linear quantizes its activations natively (accuracy level 4) read the codes as they are.
 """
 
@@ -83,9 +85,14 @@ def file_tensors(w: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 @dataclass(frozen=True)
 class StoredWeight:
-    """Initializers of one quantized matrix (or several sharing a matmul, stacked along N)."""
+    """Initializers of one quantized matrix (or several sharing a matmul, stacked along N).
 
-    codes: str
+    ``codes`` holds them at their width, or ``planes`` (int8 read only at fp32 accuracy) the high and
+    low nibble planes, each ``(N, blocks, block/2)``; the other is None.
+    """
+
+    codes: str | None
+    planes: tuple[str, str] | None
     scales: str
     zero_points: str | None
     n: int
@@ -117,28 +124,54 @@ def store(ctx: LowerContext, name: str, params: list[str], layout: str = "") -> 
     tensors = [file_tensors(w) for w in weights]
     w0 = weights[0]
     b = ctx.b
-    codes = b.initializer(f"{name}.q{w0.bits}", np.concatenate([t[0] for t in tensors]))
+    codes, planes = None, None
+    all_codes = np.concatenate([t[0] for t in tensors])
+    if w0.bits == 8 and all(only_planes(ctx, p) for p in params):
+        planes = tuple(b.initializer(f"{name}.q8{which}", nibble_plane(all_codes, block_size(w0), which == "hi"))
+                       for which in ("hi", "lo"))
+    else:
+        codes = b.initializer(f"{name}.q{w0.bits}", all_codes)
     scales = b.initializer(f"{name}.scales", np.concatenate([t[1] for t in tensors]))
     zp = None if tensors[0][2] is None else b.initializer(f"{name}.zero_points",
                                                            np.concatenate([t[2] for t in tensors]))
     offset = 0
     for p, w, r in zip(params, weights, raw, strict=True):
-        ctx.params[p] = {"kind": "nbits", "B": codes, "scales": scales, "zero_points": zp, "bits": w.bits,
+        ctx.params[p] = {"kind": "nbits", "B": codes, "planes": planes, "scales": scales, "zero_points": zp,
+                         "bits": w.bits,
                          "group_size": w.group_size, "shape": list(w.shape), "method": w.method,
                          "scale_dtype": str(w.scales.dtype).removeprefix("torch."), "extra": w.extra,
                          **({"rows": [offset, offset + w.shape[0]]} if len(params) > 1 else {}),
                          **({"layout": layout or "stacked", "stack": list(r.shape)} if len(r.shape) > 2 else {})}
         offset += w.shape[0]
-    stored = StoredWeight(codes, scales, zp, offset, w0.shape[1], w0.bits, w0.group_size, block_size(w0))
+    stored = StoredWeight(codes, planes, scales, zp, offset, w0.shape[1], w0.bits, w0.group_size, block_size(w0))
     ctx.cache[key] = stored
     return stored
 
 
+def nibble_plane(codes: np.ndarray, block: int, high: bool) -> np.ndarray:
+    """int8 codes ``(N, groups, group)`` → one nibble plane ``(N, blocks, block/2)`` as 4-bit MatMulNBits reads it."""
+    n = codes.shape[0]
+    nibbles = (codes >> 4) if high else (codes & 15)
+    pairs = nibbles.reshape(n, -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(n, -1, block // 2)
+
+
+def _linear_readers(ctx: LowerContext, param: str) -> list[bool]:
+    """For each Linear reading ``param``: whether it reads the codes at fp32 accuracy (as nibble planes)."""
+    w = ctx.raw(param)
+    return [not native_act_quant(n.attrs.get("act_quant"), w) for n in ctx.readers(param)
+            if n.op == "Linear" and n.params["weight"] == param]
+
+
+def only_planes(ctx: LowerContext, param: str) -> bool:
+    """Whether an int8 weight is read as nibble planes and never at its own width: the file stores the planes."""
+    readers = _linear_readers(ctx, param)
+    return ctx.raw(param).bits == 8 and bool(readers) and all(readers)
+
+
 def reads_planes(ctx: LowerContext, param: str) -> bool:
     """Whether an int8 weight runs as nibble planes: some Linear reads it at fp32 accuracy."""
-    w = ctx.raw(param)
-    return w.bits == 8 and any(n.op == "Linear" and n.params["weight"] == param
-                               and not native_act_quant(n.attrs.get("act_quant"), w) for n in ctx.graph.nodes())
+    return ctx.raw(param).bits == 8 and any(_linear_readers(ctx, param))
 
 
 # -- the kernels' view, derived in-graph (folded at session load) -------------------------------
@@ -192,8 +225,11 @@ def _plane(ctx: LowerContext, st: StoredWeight, high: bool) -> tuple[str, str, s
     """MatMulNBits (B, scales, zero points) of one 4-bit nibble plane of int8 codes."""
     def build() -> tuple[str, str, str | None]:
         b = ctx.b
-        codes = b.op("Reshape", [_pack(ctx, _nibble(ctx, _codes8(ctx, st), high), st.n, st.blocks * st.block),
-                                 b.const([st.n, st.blocks, st.block // 2])], name=f"{st.codes}/plane")
+        if st.planes is not None:
+            codes = st.planes[0 if high else 1]
+        else:
+            codes = b.op("Reshape", [_pack(ctx, _nibble(ctx, _codes8(ctx, st), high), st.n, st.blocks * st.block),
+                                     b.const([st.n, st.blocks, st.block // 2])], name=f"{st.codes}/plane")
         scales = _per_block(ctx, st, st.scales)
         if high:
             scales = b.op("Mul", [scales, b.const(16.0, "float32")])
@@ -203,9 +239,9 @@ def _plane(ctx: LowerContext, st: StoredWeight, high: bool) -> tuple[str, str, s
             zp = None  # the implied 128 has high nibble 8: MatMulNBits' own default for 4 bits
         else:
             zp = b.op("ConstantOfShape", [b.const([st.n, (st.blocks + 1) // 2])],
-                      value=_uint8_zero(), name=f"{st.codes}/lo_zero")
+                      value=_uint8_zero(), name=f"{st.scales}/lo_zero")
         return codes, scales, zp
-    return _once(ctx, (st.codes, "plane", high), build)
+    return _once(ctx, (st.scales, "plane", high), build)
 
 
 def _uint8_zero():
@@ -227,7 +263,7 @@ def _direct(ctx: LowerContext, st: StoredWeight) -> tuple[str, str, str | None]:
             zp = _per_block(ctx, st, zp if st.bits == 8 else _unpack(ctx, zp, st.n, st.groups))
             zp = zp if st.bits == 8 else _pack(ctx, zp, st.n, st.blocks)
         return codes, _per_block(ctx, st, st.scales), zp
-    return _once(ctx, (st.codes, "direct"), build)
+    return _once(ctx, (st.scales, "direct"), build)
 
 
 def matmul(ctx: LowerContext, st: StoredWeight, x: str, name: str, accuracy: int) -> str:

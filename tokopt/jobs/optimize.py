@@ -43,9 +43,9 @@ from tokopt.measure.gates import GateResult, Gates, check_gates
 from tokopt.measure.machine import bandwidth_override
 from tokopt.measure.quality import EvalConfig, QualityEvaluator, build_calibration, build_eval_data
 from tokopt.measure.speed import (
+    ArtifactTimer,
     SpeedConfig,
     informative_kv_context,
-    measure_artifact_speed,
     measure_speed,
     peak_rss_bytes,
     reset_peak_rss,
@@ -263,39 +263,41 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 values.update(quality)
                 artifact_dir = None
                 measured_here = mode == "artifact" and not reuse and (stage.index == last or not streamed)
-                if backend_obj is not None and (stage.index == last or measured_here):
+                # the measuring process starts now: its imports overlap the lowering below
+                with ArtifactTimer() if measured_here else contextlib.nullcontext() as timer:
+                    if backend_obj is not None and (stage.index == last or measured_here):
+                        t0 = time.perf_counter()
+                        artifact_dir = tmp if stage.index == last else Path(scratch) / f"stage{stage.index}"
+                        # the final artifact's parity is checked below (_parity), on the same files: not twice; an
+                        # earlier stage's scratch artifact only gives that stage's speed and never ships: not checked
+                        # (~4 s a stage); the report's parity is the shipped artifact's
+                        no_check = {"parity": False} if _takes(backend_obj.lower, "parity") else {}
+                        lowered = backend_obj.lower(stage.graph, artifact_dir, **no_check)
+                        seconds["lower"] = round(time.perf_counter() - t0, 3)
+                        values["artifact_bytes"] = weight_file_bytes(artifact_dir)
+                        if stage.index == last:
+                            artifact_info = _parity(backend_obj, stage.graph, tmp, lowered, weights)
+                    speed_detail: dict[str, Any] = {}
+                    stage_speed = replace(speed_config, kv_context=informative_kv_context(stage.graph,
+                                                                                          speed_config.kv_context))
                     t0 = time.perf_counter()
-                    artifact_dir = tmp if stage.index == last else Path(scratch) / f"stage{stage.index}"
-                    # the final artifact's parity is checked below (_parity), on the same files: not twice; an
-                    # earlier stage's scratch artifact only gives that stage's speed and never ships: not checked
-                    # (~4 s a stage); the report's parity is the shipped artifact's
-                    no_check = {"parity": False} if _takes(backend_obj.lower, "parity") else {}
-                    lowered = backend_obj.lower(stage.graph, artifact_dir, **no_check)
-                    seconds["lower"] = round(time.perf_counter() - t0, 3)
-                    values["artifact_bytes"] = weight_file_bytes(artifact_dir)
-                    if stage.index == last:
-                        artifact_info = _parity(backend_obj, stage.graph, tmp, lowered, weights)
-                speed_detail: dict[str, Any] = {}
-                stage_speed = replace(speed_config, kv_context=informative_kv_context(stage.graph,
-                                                                                      speed_config.kv_context))
-                t0 = time.perf_counter()
-                if reuse:
-                    speed_detail = dict(prev.extra.get("speed", {}))
-                    values["artifact_bytes"] = prev.metrics.get("artifact_bytes")
-                elif measured_here:
-                    speed_detail = measure_artifact_speed(artifact_dir, stage_speed)
-                    speed_detail["measured_on"] = f"{backend_name} artifact, fresh process" + (
-                        " (batch 1, KV memory not measured: the model is past the weight memory budget; a "
-                        "recipe's speed section measures more)" if lean else "")
-                elif mode == "artifact":
-                    speed_detail = {"measured_on": "not measured: the model is past the weight memory budget "
-                                                   "(TOKOPT_WEIGHT_MEMORY), so only the final artifact is lowered"}
-                elif mode == "reference":
-                    speed_detail = measure_speed(ReferenceExecutor(stage.graph), stage.graph.meta.vocab_size,
-                                                 stage_speed)
-                    speed_detail["measured_on"] = "reference executor, in process"
-                if artifact_dir is not None and stage.index != last:
-                    shutil.rmtree(artifact_dir, ignore_errors=True)
+                    if reuse:
+                        speed_detail = dict(prev.extra.get("speed", {}))
+                        values["artifact_bytes"] = prev.metrics.get("artifact_bytes")
+                    elif measured_here:
+                        speed_detail = timer.measure(artifact_dir, stage_speed)
+                        speed_detail["measured_on"] = f"{backend_name} artifact, fresh process" + (
+                            " (batch 1, KV memory not measured: the model is past the weight memory budget; a "
+                            "recipe's speed section measures more)" if lean else "")
+                    elif mode == "artifact":
+                        speed_detail = {"measured_on": "not measured: the model is past the weight memory budget "
+                                                       "(TOKOPT_WEIGHT_MEMORY), so only the final artifact is lowered"}
+                    elif mode == "reference":
+                        speed_detail = measure_speed(ReferenceExecutor(stage.graph), stage.graph.meta.vocab_size,
+                                                     stage_speed)
+                        speed_detail["measured_on"] = "reference executor, in process"
+                    if artifact_dir is not None and stage.index != last:
+                        shutil.rmtree(artifact_dir, ignore_errors=True)
                 seconds["speed"] = round(time.perf_counter() - t0, 3)
                 for key in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "kv_bytes_measured"):
                     values[key] = speed_detail.get(key)

@@ -217,42 +217,68 @@ def measure_artifact_speed(path: Path, config: SpeedConfig = SpeedConfig(), time
     A fresh process is what a deployment sees: its peak memory is the artifact's own,
     not the optimizer's (which holds several stages and the baseline distributions).
     """
-    cmd = [sys.executable, "-m", "tokopt.measure.speed", str(path), "--config", json.dumps(config.as_dict())]
-    proc = _run_reaped(cmd, timeout)
-    if proc.returncode != 0:
-        from tokopt.errors import TokoptError
-
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise TokoptError(f"measuring the artifact at {path} failed (exit {proc.returncode}): " + " | ".join(tail))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with ArtifactTimer() as timer:
+        return timer.measure(path, config, timeout)
 
 
-def _run_reaped(cmd: list[str], timeout: float | None) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd)``, but on any way out (an interrupt included) the child is killed *and reaped*.
+class ArtifactTimer:
+    """The fresh process that measures one artifact, started before the artifact exists.
 
-    ``subprocess.run`` kills its child on ``KeyboardInterrupt`` (which SIGINT/SIGTERM raise, see
-    :mod:`tokopt.interrupts`) but does not wait for it (``Popen.__exit__`` returns at once then),
-    so tokopt could exit while the child, holding a stage artifact, was still dying.  An
-    interrupted run must end with nothing of it left, processes included.
+    Its Python and torch imports (~2.5 s) then overlap the caller's lowering instead of
+    following it; it waits for one request on stdin (``python -m tokopt.measure.speed -``).
+    On any way out — an interrupt included — the child is killed *and reaped*: ``subprocess.run``
+    kills its child on ``KeyboardInterrupt`` (which SIGINT/SIGTERM raise, see
+    :mod:`tokopt.interrupts`) but does not wait for it, so tokopt could exit while the child,
+    holding a stage artifact, was still dying.  An interrupted run must end with nothing of it
+    left, processes included.
     """
+
     child: subprocess.Popen | None = None
-    try:
-        with deferred_interrupts():  # a signal during Popen would orphan the child it just started
-            child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        stdout, stderr = child.communicate(timeout=timeout)
-    except BaseException:
-        if child is not None:
-            child.kill()
-            child.wait()
-            for pipe in (child.stdout, child.stderr):
-                if pipe is not None:
-                    pipe.close()
-        raise
-    return subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+
+    def measure(self, path: Path, config: SpeedConfig = SpeedConfig(), timeout: float | None = None,
+                ) -> dict[str, Any]:
+        """The child's measurement of the artifact at ``path`` (TokoptError if it fails)."""
+        assert self.child is not None, "use the timer as a context manager: with ArtifactTimer() as timer"
+        request = json.dumps({"artifact": str(path), "config": config.as_dict()})
+        stdout, stderr = self.child.communicate(request + "\n", timeout=timeout)
+        if self.child.returncode != 0:
+            from tokopt.errors import TokoptError
+
+            tail = (stderr or stdout).strip().splitlines()[-5:]
+            raise TokoptError(f"measuring the artifact at {path} failed (exit {self.child.returncode}): "
+                              + " | ".join(tail))
+        return json.loads(stdout.strip().splitlines()[-1])
+
+    def __enter__(self) -> ArtifactTimer:
+        """Start the child (in ``__enter__``: a ``with`` statement registers its exit in the same step, so no
+        interrupt can land between the start and the cleanup being owed)."""
+        cmd = [sys.executable, "-m", "tokopt.measure.speed", "-"]
+        try:
+            with deferred_interrupts():  # a signal during Popen would orphan the child it just started
+                self.child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.child is None:
+            return
+        if self.child.returncode is None:
+            self.child.kill()
+            self.child.wait()
+        for pipe in (self.child.stdin, self.child.stdout, self.child.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m tokopt.measure.speed ARTIFACT [--config JSON]``: one JSON line on stdout."""
+    """``python -m tokopt.measure.speed ARTIFACT [--config JSON]``: one JSON line on stdout.
+
+    ARTIFACT ``-``: import first, then read one ``{"artifact": …, "config": …}`` line from stdin
+    (:class:`ArtifactTimer`); an empty stdin (the caller went away) ends the process quietly.
+    """
     import argparse
 
     from tokopt.backends.artifact import load_artifact, read_manifest
@@ -261,9 +287,18 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("artifact")
     parser.add_argument("--config", default="{}")
     args = parser.parse_args(argv)
-    config = SpeedConfig(**json.loads(args.config))
-    session = load_artifact(Path(args.artifact))
-    result = measure_speed(session, artifact_vocab_size(read_manifest(args.artifact)), config)
+    artifact, config_json = args.artifact, json.loads(args.config)
+    if artifact == "-":
+        import torch  # noqa: F401 - imported while the caller still lowers the artifact
+
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        request = json.loads(line)
+        artifact, config_json = request["artifact"], request.get("config", {})
+    config = SpeedConfig(**config_json)
+    session = load_artifact(Path(artifact))
+    result = measure_speed(session, artifact_vocab_size(read_manifest(artifact)), config)
     print(json.dumps(result))
     return 0
 

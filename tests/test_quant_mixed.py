@@ -162,3 +162,29 @@ def test_a_budget_below_the_asked_groups_is_met_with_larger_groups_on_the_least_
     # the tensors moved to larger groups are, typically, those that lose less to them
     loss = {t: (r["est_kl"]["int4 g64"] - r["est_kl"]["int4 g32"]) / r["params"] for t, r in table.items()}
     assert statistics.median(loss[t] for t in wider) <= statistics.median(loss[t] for t in kept)
+
+
+def test_with_run_time_int8_activations_int8_takes_groups_not_channels(tiny):
+    """act_bits quantizes a Linear's input in blocks of its weight's group: a mixed int8 tensor then keeps
+    groups (onnxruntime's int8 kernel, and activations quantized per block), never one group per channel."""
+    ctx = PassContext(calibration_batches=_calib(), backend="onnxruntime")
+    base_bits = static_metrics(QuantizePass(bits=4, group_size=32).preview(tiny, ctx)).bits_per_param
+    result = QuantizePass(bits=4, group_size=32, budget_bits=base_bits + 0.6, method="rtn").run(tiny, ctx)
+    verify(result.graph, "quantize")
+    upgraded = [t for t, w in result.graph.params.items() if isinstance(w, QuantizedWeight) and w.bits == 8]
+    assert upgraded and all(result.graph.params[t].group_size <= 128 for t in upgraded)
+    reads = {n.params["weight"]: n.attrs.get("act_quant") for n in result.graph.nodes("Linear")}
+    assert all(reads[t] == {"bits": 8, "block": result.graph.params[t].group_size} for t in upgraded if t in reads)
+
+
+def test_int8_candidates_follow_the_activation_blocks_on_smollm2_widths():
+    """576 = 64·9 (SmolLM2's hidden size): per channel is no power-of-two block; with run-time int8 activations
+    the int8 candidates are the int4 candidates' groups instead."""
+    from tokopt.passes.quant.mixed import formats_for
+    from tokopt.passes.quant.weights import Target
+
+    t = Target("w", ("n",), 4, True, group_size=32)
+    int8 = lambda fs: sorted(f.group_size for f in fs if f.bits == 8)  # noqa: E731
+    assert int8(formats_for(t, 576)) == [32, 576]
+    assert int8(formats_for(t, 576, act_blocks=True)) == [32, 64]  # 128 does not divide 576
+    assert int8(formats_for(t, 1536, act_blocks=True)) == [32, 64, 128]

@@ -268,7 +268,7 @@ class QuantizePass(Pass):
         o = self.opts
         targets = self._plan(graph)  # selection and group-size errors surface before any expensive work
         if o["budget_bits"] is not None and targets:
-            check_budget(graph, targets, o["budget_bits"], self.scale_dtype(ctx))
+            check_budget(graph, targets, o["budget_bits"], self.scale_dtype(ctx), bool(self.act_bits(ctx)))
         attention = graph.nodes("Attention")
         if o["kv_bits"] is not None:
             if not attention:
@@ -330,9 +330,10 @@ class QuantizePass(Pass):
             if untied:
                 notes.append(f"untied {', '.join(untied)}: only some of its users were selected")
                 targets = self._plan(g)
-            # run-time int8 activations keep the mirrored symmetric grid (see tokopt.passes.quant.rtn)
+            # run-time int8 activations keep the mirrored symmetric grid (see tokopt.passes.quant.rtn) and are
+            # quantized in blocks of each weight's group (mixed precision's int8 candidates follow)
             resolved = {**o, "group_size": self.group_size, "scale_dtype": self.scale_dtype(ctx),
-                        "mirrored": bool(self.act_bits(ctx))}
+                        "mirrored": bool(self.act_bits(ctx)), "act_blocks": bool(self.act_bits(ctx))}
             if self.mixed:
                 targets, tables["sensitivity"], note = plan_mixed(g, targets, ctx, resolved)
                 notes.append(note)

@@ -33,16 +33,24 @@ UPGRADE_BITS = 8
 MAX_GROUP = 128
 
 
-def formats_for(t: Target, in_features: int) -> list[Format]:
+def formats_for(t: Target, in_features: int, act_blocks: bool = False) -> list[Format]:
     """The candidates for one tensor, its planned format first.
 
     Below 8 bits: the planned format; the same bits in groups 2x and 4x as large (up to
     :data:`MAX_GROUP`), cheaper for tensors that barely notice; each of those with the other
     symmetry (zero points cost a byte per group and often buy more than a smaller group: GPTQ
     int4 g64 with zero points measured +10.8 % ppl on SmolLM2 at 4.38 bits/param, symmetric g32
-    +13.0 % at 4.51); int8 on the planned groups and int8 per channel (symmetric) for the
-    tensors that need it.  The allocator picks along each tensor's hull, so a format that buys
-    nothing over its neighbours is simply never chosen.
+    +13.0 % at 4.51); int8 (symmetric) on the planned groups and per channel for the tensors that
+    need it.  The allocator picks along each tensor's hull, so a format that buys nothing over its
+    neighbours is simply never chosen.
+
+    ``act_blocks``: the Linears quantize their inputs at run time in blocks of their weight's group
+    (``act_bits``), so int8 takes the larger groups instead of per channel: a per-channel group would
+    quantize a whole input row with one scale, and onnxruntime's int8 kernel (MatMulNBits, accuracy
+    level 4) runs only power-of-two blocks — per channel it fell back to two float-accuracy 4-bit
+    planes behind a standard-op activation quantizer: 195 µs a plane for a 1536x576 matrix against
+    59 µs for int8 in groups of 64 and 73 µs for int4 in groups of 32 at accuracy level 4
+    (``python benchmarks/bench_matmulnbits_formats.py``, one run).
     """
     gs = resolve_group_size(t.group_size, in_features)
     base = Format(t.bits, gs, t.symmetric)
@@ -50,7 +58,8 @@ def formats_for(t: Target, in_features: int) -> list[Format]:
         return [base]
     groups = [gs, *(g for g in (2 * gs, 4 * gs) if g <= MAX_GROUP and in_features % g == 0)]
     low = [Format(t.bits, g, sym) for sym in (t.symmetric, not t.symmetric) for g in groups]
-    upgrades = [Format(UPGRADE_BITS, g, True) for g in dict.fromkeys((gs, in_features))]
+    int8_groups = groups if act_blocks else [gs, in_features]
+    upgrades = [Format(UPGRADE_BITS, g, True) for g in dict.fromkeys(int8_groups)]
     return [*low, *upgrades]
 
 
@@ -65,9 +74,11 @@ def byte_budget(g: Graph, targets: list[Target], budget_bits: float) -> int:
     return int(budget_bits * model_params(g) / 8) - fixed
 
 
-def check_budget(g: Graph, targets: list[Target], budget_bits: float, scale_dtype: str) -> None:
+def check_budget(g: Graph, targets: list[Target], budget_bits: float, scale_dtype: str,
+                 act_blocks: bool = False) -> None:
     """Refuse, before any calibration, a bit budget that even the all-base mix exceeds."""
-    cheapest = sum(min(c.nbytes for c in cs) for cs in candidates_for(g, targets, scale_dtype).values())
+    cheapest = sum(min(c.nbytes for c in cs) for cs in candidates_for(g, targets, scale_dtype,
+                                                                       act_blocks=act_blocks).values())
     if cheapest > byte_budget(g, targets, budget_bits):
         planned = {t.param for t in targets}
         fixed = sum(weight_nbytes(w) for name, w in g.params.items() if name not in planned)
@@ -79,15 +90,17 @@ def check_budget(g: Graph, targets: list[Target], budget_bits: float, scale_dtyp
 
 
 def candidates_for(g: Graph, targets: list[Target], scale_dtype: str,
-                   est: dict[str, dict[str, float]] | None = None) -> dict[str, list[Candidate]]:
+                   est: dict[str, dict[str, float]] | None = None, act_blocks: bool = False,
+                   ) -> dict[str, list[Candidate]]:
     """Each target's candidate formats with their stored bytes and estimated KL (0 when not estimated; a
-    tensor ``est`` leaves out keeps only its base format)."""
+    tensor ``est`` leaves out keeps only its base format); ``act_blocks`` as in :func:`formats_for`."""
     sb = SCALE_BYTES[scale_dtype]
     out = {}
     for t in targets:
         shape = weight_shape(g.params[t.param])
         measured = est is not None and t.param in est
-        formats = formats_for(t, shape[-1]) if est is None or measured else formats_for(t, shape[-1])[:1]
+        formats = formats_for(t, shape[-1], act_blocks)
+        formats = formats if est is None or measured else formats[:1]
         out[t.param] = [Candidate(f, f.nbytes(shape, sb), est[t.param][f.label] if measured else 0.0)
                         for f in formats]
     return out
@@ -101,7 +114,8 @@ def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, A
     per Linear (the allocator places the bits among the Linears and the embedding)."""
     scale_dtype = o["scale_dtype"]
     shapes = {t.param: weight_shape(g.params[t.param]) for t in targets}
-    options = {t.param: formats_for(t, shapes[t.param][-1]) for t in targets if len(shapes[t.param]) == 2}
+    act_blocks = bool(o["act_blocks"])
+    options = {t.param: formats_for(t, shapes[t.param][-1], act_blocks) for t in targets if len(shapes[t.param]) == 2}
 
     def quantizer(f: Format):
         return lambda w: fake_quantize(w, f.bits, f.group_size, f.symmetric, scale_dtype)
@@ -109,7 +123,7 @@ def plan_mixed(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, A
     batches = ctx.calibration(g, o["sensitivity_samples"], o["calibration_seq_len"], "quantize (sensitivity)")
     est = estimate_kl(g, batches, {p: {f.label: quantizer(f) for f in fs} for p, fs in options.items()},
                       seed=ctx.seed, progress=ctx.progress)
-    candidates = candidates_for(g, targets, scale_dtype, est)
+    candidates = candidates_for(g, targets, scale_dtype, est, act_blocks)
     max_bytes = None if o["budget_bits"] is None else byte_budget(g, targets, o["budget_bits"])
     chosen: Allocation = allocate(candidates, max_bytes=max_bytes, max_kl=o["max_kl"])
     new = [replace(t, bits=chosen.choice[t.param].format.bits, group_size=chosen.choice[t.param].format.group_size,

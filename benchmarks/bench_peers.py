@@ -8,8 +8,8 @@ fastest peer.
 Contestants (each skipped, with the reason, when what it needs is not installed):
 
 - tokopt artifacts, as a user types them, run by tokopt's session (``tokopt bench``'s loop):
-  ``--backend onnxruntime`` fp32 (no passes), ``quantize:bits=8``, ``quantize:bits=4``; and
-  ``quantize:bits=4`` for ``--backend torch-compile``;
+  ``--backend onnxruntime`` fp32 (no passes), ``quantize:bits=8``, ``quantize:bits=4``,
+  ``quantize:bits=4,group_size=64``; and ``quantize:bits=4`` for ``--backend torch-compile``;
 - onnxruntime-genai's model builder, fp32 and int4 (block 32, accuracy level 4: its CPU
   default), run by onnxruntime-genai's own generator loop — and tokopt's onnxruntime
   artifacts through the same loop (they carry a ``genai_config.json``), so the two sessions'
@@ -27,7 +27,8 @@ Run::
     python benchmarks/bench_peers.py [--rounds 3] [--decode 128] [--ppl]
 
 ``--ppl`` adds each onnxruntime directory's perplexity on the default eval text
-(``tokopt eval``).  Artifacts are cached under ``$TOKOPT_BENCH_DIR``
+(``tokopt eval``), and each OpenVINO directory's on the same tokens (optimum-intel's
+``OVModelForCausalLM``, one forward per sequence).  Artifacts are cached under ``$TOKOPT_BENCH_DIR``
 (default ~/.cache/tokopt/bench_peers); the builder's are shared with ``bench_onnxruntime.py``.
 """
 
@@ -52,6 +53,7 @@ TOKOPT = {  # label -> (backend, passes)
     "tokopt onnxruntime fp32": ("onnxruntime", ""),
     "tokopt onnxruntime quantize:bits=8": ("onnxruntime", "quantize:bits=8"),
     "tokopt onnxruntime quantize:bits=4": ("onnxruntime", "quantize:bits=4"),
+    "tokopt onnxruntime quantize:bits=4,group_size=64": ("onnxruntime", "quantize:bits=4,group_size=64"),
     "tokopt torch-compile quantize:bits=4": ("torch-compile", "quantize:bits=4"),
 }
 
@@ -175,15 +177,42 @@ def contestants(decode: int) -> tuple[dict[str, tuple[str, Callable[[], float], 
         skipped["llama.cpp"] = "needs llama-cpp-python (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)"
     else:
         out["llama.cpp Q4_1 (the shipped GGUF)"] = ("peer", llama_cpp_loop(gguf, decode), None)
-    ov_dirs = [item.split("=", 1) for item in os.environ.get("TOKOPT_BENCH_OPENVINO", "").split(",") if "=" in item]
+    ov_dirs = openvino_dirs()
     if importlib.util.find_spec("openvino_genai") is None:
         skipped["OpenVINO GenAI"] = "needs openvino-genai (and optimum-intel to export the model)"
     elif not ov_dirs:
         skipped["OpenVINO GenAI"] = "set TOKOPT_BENCH_OPENVINO=label=DIR,... to optimum-cli export openvino output"
     else:
         for label, path in ov_dirs:
-            out[f"OpenVINO GenAI {label}"] = ("peer", openvino_loop(Path(path), decode), None)
+            out[label] = ("peer", openvino_loop(Path(path), decode), None)
     return out, skipped
+
+
+def openvino_dirs() -> list[tuple[str, str]]:
+    """(label, directory) pairs from ``$TOKOPT_BENCH_OPENVINO`` (``label=DIR,label=DIR``)."""
+    items = os.environ.get("TOKOPT_BENCH_OPENVINO", "").split(",")
+    return [(f"OpenVINO GenAI {k}", v) for k, v in (item.split("=", 1) for item in items if "=" in item)]
+
+
+def openvino_ppl(path: Path) -> float:
+    """Perplexity of an OpenVINO export on tokopt's default eval tokens (8 × 512), one forward per sequence."""
+    import math
+
+    import torch
+    from optimum.intel import OVModelForCausalLM
+
+    import tokopt
+    from tokopt.measure.quality import eval_tokens
+
+    model = OVModelForCausalLM.from_pretrained(str(path))
+    nll, count = 0.0, 0
+    for row in eval_tokens(tokopt.load("smollm2"), 512, 8):
+        ids = row.unsqueeze(0)  # no past: the stateful model starts a new sequence
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        nll += float(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
 
 
 def main() -> None:
@@ -207,6 +236,7 @@ def main() -> None:
         from tokopt.jobs.evaluate import evaluate
 
         ppl = {label: evaluate(path, progress=False)["ppl"] for label, (_, _, path) in runs.items() if path}
+        ppl.update({label: openvino_ppl(Path(path)) for label, path in openvino_dirs()})
     from tokopt.measure.machine import describe_machine
 
     machine = describe_machine()

@@ -288,9 +288,7 @@ def _main(argv: list[str]) -> int:
     parser.add_argument("--config", default="{}")
     args = parser.parse_args(argv)
     artifact, config_json = args.artifact, json.loads(args.config)
-    if artifact == "-":
-        import torch  # noqa: F401 - imported while the caller still lowers the artifact
-
+    if artifact == "-":  # this module's imports (torch among them) ran while the caller still lowers
         line = sys.stdin.readline()
         if not line.strip():
             return 0

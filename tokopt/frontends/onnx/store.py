@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tokopt.errors import InputFileError
-from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, pack_codes
+from tokopt.optimizer.ir.weights import LazyTensor, QuantizedWeight, pack_codes, unpack_codes
 
 
 class InitializerStore:
@@ -85,11 +85,6 @@ def shape_of(tensor) -> tuple[int, ...]:
     return tuple(int(d) for d in tensor.dims)
 
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """(N, M) bytes → (N, 2M) 4-bit values, element 2j from the low nibble (MatMulNBits' packing)."""
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
 def restore_nbits(entry: dict[str, Any], stored) -> QuantizedWeight:
     n, k = entry["shape"]
     bits, group = entry["bits"], entry["group_size"]
@@ -97,18 +92,20 @@ def restore_nbits(entry: dict[str, Any], stored) -> QuantizedWeight:
     sl = slice(rows[0], rows[1])
     k_blocks = -(-k // group)  # groups per row, a trailing partial one padded in the file
     if entry.get("planes"):  # int8 as its two nibble planes (q = 16·hi + lo), each packed two per byte
-        hi, lo = (_nibbles(stored(plane).materialize()[sl].reshape(n, -1)) for plane in entry["planes"])
+        hi, lo = (unpack_codes(p, 4, 2 * p.shape[-1]) for p in
+                  (stored(plane).materialize()[sl].reshape(n, -1) for plane in entry["planes"]))
         codes = (hi << 4) | lo
     else:
         blob = stored(entry["B"]).materialize()[sl]  # (N, k_blocks, blob)
-        codes = _nibbles(blob.reshape(n, -1)) if bits == 4 else blob.reshape(n, -1)
+        flat = blob.reshape(n, -1)
+        codes = unpack_codes(flat, 4, 2 * flat.shape[-1]) if bits == 4 else flat
     codes = codes.reshape(n, k_blocks * group)[:, :k]
     scale_dtype = getattr(torch, entry.get("scale_dtype", "float32"))
     scales = stored(entry["scales"]).materialize()[sl].reshape(n, k_blocks).to(scale_dtype)
     zeros = None
     if entry.get("zero_points"):
         z = stored(entry["zero_points"]).materialize()[sl]
-        zeros = _nibbles(z.reshape(n, -1))[:, :k_blocks] if bits == 4 else z
+        zeros = unpack_codes(z.reshape(n, -1), 4, k_blocks) if bits == 4 else z
         zeros = zeros.reshape(n, k_blocks).to(torch.uint8).contiguous()
     return QuantizedWeight(pack_codes(codes, bits), scales.contiguous(), zeros, bits, group, (n, k),
                            entry.get("method", "rtn"), dict(entry.get("extra") or {}))

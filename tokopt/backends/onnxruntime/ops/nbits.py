@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tokopt.backends.onnxruntime.lower import LowerContext
-from tokopt.optimizer.ir.weights import QuantizedWeight, experts_along_input
+from tokopt.optimizer.ir.weights import QuantizedWeight, experts_along_input, pack_codes
 
 BITS = (4, 8)
 
@@ -71,14 +71,14 @@ def file_tensors(w: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if groups * g != k:
         codes = torch.nn.functional.pad(codes, (0, groups * g - k), value=2 ** (bits - 1))
     codes = codes.reshape(n, groups, g)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)) if bits == 4 else codes
+    packed = pack_codes(codes, bits)
     scales = w.scales.to(torch.float32).reshape(n, groups).contiguous().numpy()
     zp = None
     if w.zero_points is not None:
         z = w.zero_points.to(torch.uint8).reshape(n, groups)
         if bits == 4:
             z = torch.nn.functional.pad(z, (0, groups % 2), value=8)
-            z = z[:, 0::2] | (z[:, 1::2] << 4)
+            z = pack_codes(z, 4)
         zp = z.contiguous().numpy()
     return packed.contiguous().numpy(), scales, zp
 
@@ -151,9 +151,8 @@ def store(ctx: LowerContext, name: str, params: list[str], layout: str = "") -> 
 def nibble_plane(codes: np.ndarray, block: int, high: bool) -> np.ndarray:
     """int8 codes ``(N, groups, group)`` → one nibble plane ``(N, blocks, block/2)`` as 4-bit MatMulNBits reads it."""
     n = codes.shape[0]
-    nibbles = (codes >> 4) if high else (codes & 15)
-    pairs = nibbles.reshape(n, -1, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(n, -1, block // 2)
+    nibbles = torch.from_numpy((codes >> 4) if high else (codes & 15)).reshape(n, -1)
+    return pack_codes(nibbles, 4).reshape(n, -1, block // 2).numpy()
 
 
 def _linear_readers(ctx: LowerContext, param: str) -> list[bool]:

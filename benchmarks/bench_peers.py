@@ -14,22 +14,25 @@ Contestants (each skipped, with the reason, when what it needs is not installed)
   default), run by onnxruntime-genai's own generator loop — and tokopt's onnxruntime
   artifacts through the same loop (they carry a ``genai_config.json``), so the two sessions'
   per-step overheads are compared on identical directories;
-- llama.cpp (``llama-cpp-python``): the shipped Q4_1 GGUF, through its own decode loop;
+- llama.cpp (``llama-cpp-python``): the shipped Q4_1 GGUF, and Q4_0 / Q8_0 made from it by llama.cpp's own
+  quantizer (``llama_model_quantize`` with requantization allowed: it dequantizes to float32 first, so
+  these are the formats quantized from the weights every contestant starts from), through its own
+  decode loop;
 - OpenVINO GenAI: ``$TOKOPT_BENCH_OPENVINO`` names ``optimum-cli export openvino`` output
   directories (``label=DIR,label=DIR``), run by ``openvino_genai.LLMPipeline``.
 
 The llama.cpp and OpenVINO paths use those projects' public generate APIs (decode rate from a
-1-token and an N-token run); they were not installed on the machine this script was written
-on, which prints them as skipped.
+1-token and an N-token run).
 
 Run::
 
     python benchmarks/bench_peers.py [--rounds 3] [--decode 128] [--ppl]
 
 ``--ppl`` adds each onnxruntime directory's perplexity on the default eval text
-(``tokopt eval``), and each OpenVINO directory's on the same tokens (optimum-intel's
-``OVModelForCausalLM``, one forward per sequence).  Artifacts are cached under ``$TOKOPT_BENCH_DIR``
-(default ~/.cache/tokopt/bench_peers); the builder's are shared with ``bench_onnxruntime.py``.
+(``tokopt eval``), and each OpenVINO directory's and GGUF's on the same tokens (optimum-intel's
+``OVModelForCausalLM`` / llama.cpp's logits of every position, one forward per sequence).  Artifacts are
+cached under ``$TOKOPT_BENCH_DIR`` (default ~/.cache/tokopt/bench_peers); the builder's are shared with
+``bench_onnxruntime.py``.
 """
 
 from __future__ import annotations
@@ -132,6 +135,63 @@ def llama_cpp_loop(gguf: Path, decode: int) -> Callable[[], float]:
     return lambda: (decode - 1) / (timed(decode) - timed(1))
 
 
+LLAMA_CPP_FORMATS = {"Q4_0": 2, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_MOSTLY_* values
+
+
+def llama_cpp_gguf(shipped: Path, fmt: str) -> Path:
+    """``shipped`` requantized to ``fmt`` by llama.cpp's quantizer (cached)."""
+    import ctypes
+
+    import llama_cpp
+
+    out = CACHE / f"smollm2-{fmt}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = LLAMA_CPP_FORMATS[fmt], True, os.cpu_count()
+        tmp = out.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(shipped).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama_model_quantize to {fmt} failed")
+        tmp.rename(out)
+    return out
+
+
+def llama_cpp_files() -> dict[str, Path]:
+    """label -> GGUF: the shipped Q4_1 and llama.cpp's requantizations of it (none without llama-cpp-python)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {}
+    from tokopt.frontends import demo_model_path
+
+    shipped = demo_model_path("smollm2")
+    return {"llama.cpp Q4_1 (the shipped GGUF)": shipped,
+            **{f"llama.cpp {fmt}": llama_cpp_gguf(shipped, fmt) for fmt in LLAMA_CPP_FORMATS}}
+
+
+def llama_cpp_ppl(gguf: Path) -> float:
+    """Perplexity of a GGUF under llama.cpp on tokopt's default eval tokens (8 × 512), one pass per sequence."""
+    import math
+
+    import numpy as np
+    from llama_cpp import Llama
+
+    import tokopt
+    from tokopt.measure.quality import eval_tokens
+
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, logits_all=True, n_threads=os.cpu_count(),
+                verbose=False)
+    nll, count = 0.0, 0
+    for row in eval_tokens(tokopt.load("smollm2"), 512, 8):
+        ids = row.tolist()
+        llm.reset()
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+        top = logits.max(-1, keepdims=True)
+        logz = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
+        nll += float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+        count += len(ids) - 1
+    return math.exp(nll / count)
+
+
 def openvino_loop(path: Path, decode: int) -> Callable[[], float]:
     """Decode tok/s of OpenVINO GenAI's pipeline on ``path``: an N-token and a 1-token greedy run, the difference."""
     import openvino_genai as ov_genai
@@ -152,10 +212,9 @@ def openvino_loop(path: Path, decode: int) -> Callable[[], float]:
 def contestants(decode: int) -> tuple[dict[str, tuple[str, Callable[[], float], Path | None]], dict[str, str]]:
     """``label -> (kind, measure, onnxruntime directory or None)`` for what can run here, and the skipped ones."""
     import tokopt
-    from tokopt.frontends import demo_model_path
 
     graph = tokopt.load("smollm2")
-    hf_dir, gguf = Path(graph.meta.tokenizer_path), demo_model_path("smollm2")
+    hf_dir = Path(graph.meta.tokenizer_path)
     out: dict[str, tuple[str, Callable[[], float], Path | None]] = {}
     skipped: dict[str, str] = {}
     for label in TOKOPT:
@@ -175,8 +234,8 @@ def contestants(decode: int) -> tuple[dict[str, tuple[str, Callable[[], float], 
             out[f"{label}, onnxruntime-genai's loop"] = ("tokopt", genai_loop(out[label][2], decode), None)
     if importlib.util.find_spec("llama_cpp") is None:
         skipped["llama.cpp"] = "needs llama-cpp-python (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)"
-    else:
-        out["llama.cpp Q4_1 (the shipped GGUF)"] = ("peer", llama_cpp_loop(gguf, decode), None)
+    for label, path in llama_cpp_files().items():
+        out[label] = ("peer", llama_cpp_loop(path, decode), None)
     ov_dirs = openvino_dirs()
     if importlib.util.find_spec("openvino_genai") is None:
         skipped["OpenVINO GenAI"] = "needs openvino-genai (and optimum-intel to export the model)"
@@ -237,6 +296,7 @@ def main() -> None:
 
         ppl = {label: evaluate(path, progress=False)["ppl"] for label, (_, _, path) in runs.items() if path}
         ppl.update({label: openvino_ppl(Path(path)) for label, path in openvino_dirs()})
+        ppl.update({label: llama_cpp_ppl(path) for label, path in llama_cpp_files().items()})
     from tokopt.measure.machine import describe_machine
 
     machine = describe_machine()

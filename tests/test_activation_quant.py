@@ -90,6 +90,53 @@ def test_quantize_pass_marks_quantized_linears(llama):
     assert 0 < diff < 0.5  # the reference honours the attribute: a small, nonzero change
 
 
+@pytest.mark.parametrize("backend, opts, expected", [
+    ("onnxruntime", {"bits": 8}, (32, 8)),  # 64 does not divide the tiny model's 96-wide MLP input; 32 does
+    ("onnxruntime", {"bits": 8, "group_size": -1}, (-1, None)),  # per channel: no int8-activation kernel
+    ("onnxruntime", {"bits": 8, "act_bits": 0}, (-1, None)),
+    ("onnxruntime", {"bits": 8, "group_size": 16}, (16, 8)),
+    ("onnxruntime", {"bits": 4}, (32, 8)),
+    ("onnxruntime", {"bits": 4, "act_bits": 0}, (32, None)),
+    (None, {"bits": 8}, (-1, None)),
+    (None, {"bits": 8, "act_bits": 8}, (32, 8)),  # asked for: blocks, hence groups, on any target
+    ("torch-compile", {"bits": 8}, (-1, None)),  # its int8 kernel is per channel, bfloat16 inputs
+])
+def test_unset_formats_take_the_targets_fast_path(llama, backend, opts, expected):
+    f = QuantizePass(**opts).formats(llama, PassContext(backend=backend))
+    assert (f.group_size, f.act_bits) == expected
+
+
+def test_int8_keeps_channels_and_float_inputs_where_no_group_divides_the_widths(tmp_path):
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=40, intermediate_size=72, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    graph = tokopt.load(str(tmp_path / "m"))
+    f = QuantizePass(bits=8).formats(graph, PassContext(backend="onnxruntime"))
+    assert (f.group_size, f.act_bits) == (-1, None)
+
+
+def test_int8_default_on_onnxruntime_is_the_int8_kernel_and_says_so(llama, tmp_path):
+    """``quantize:bits=8 --backend onnxruntime`` runs MatMulNBits' int8 kernel (8-bit codes, int8 inputs), not
+    float-accuracy nibble planes; the note names what was chosen and how to undo it."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from tokopt.backends.onnxruntime.backend import OnnxRuntimeBackend
+
+    result = QuantizePass(bits=8, method="rtn").run(llama, PassContext(backend="onnxruntime"))
+    assert any("act_bits=8 chosen" in n and "groups of 32" in n for n in result.notes)
+    artifact = OnnxRuntimeBackend().lower(result.graph, tmp_path / "out", parity_tokens=torch.randint(
+        0, llama.meta.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0)))
+    assert artifact.extra["parity"]["top1_agreement"] == 1.0
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+    assert nbits and all((a["bits"], a["block_size"], a["accuracy_level"]) == (8, 32, 4) for a in attrs)
+    assert not [t.name for t in model.graph.initializer if t.name.endswith((".q8hi", ".q8lo"))]
+
+
 def test_act_bits_needs_weights():
     with pytest.raises(PassOptionError, match="act_bits"):
         QuantizePass(weights=False, kv_bits=8, act_bits=8).validate()

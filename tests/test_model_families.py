@@ -8,6 +8,7 @@ parametrized over ``conftest.ARCHITECTURES``); this file adds what is particular
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,10 +253,12 @@ def test_quantize_covers_moe_experts(arch, tiny_model_dir, tmp_path):
     assert (session.forward(ids, session.new_cache(2)) - ReferenceExecutor(quantized).forward(ids)).abs().max() <= 1e-3
 
 
-def test_gemma3_gguf_loads_with_transformers_parity(tmp_path):
+def test_gemma3_gguf_loads_with_transformers_parity(tmp_path, monkeypatch):
     """The issue's first user: a Gemma 3 GGUF (llama.cpp's layout, norms stored as 1 + w) is read through
-    transformers' GGUF reader and matches the model transformers builds from the same file."""
+    transformers' GGUF reader and matches the model transformers builds from the same file; the cached HF
+    directory names its architecture, as other tools (llama.cpp's converter, optimum) require."""
     pytest.importorskip("gguf")
+    monkeypatch.setenv("TOKOPT_CACHE_DIR", str(tmp_path / "cache"))  # converted here, not read from a cache
     from tiny_models import save_tiny_gguf
     from transformers import AutoModelForCausalLM
 
@@ -263,6 +266,8 @@ def test_gemma3_gguf_loads_with_transformers_parity(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     graph = tokopt.load(path)
     assert graph.meta.model_type == "gemma3_text"
+    config = json.loads((Path(graph.meta.tokenizer_path) / "config.json").read_text())
+    assert config["architectures"] == [type(hf).__name__]
     ids = _ids(24, batch=2, seed=9) % 61 + 3
     with torch.no_grad():
         expected = hf(ids).logits

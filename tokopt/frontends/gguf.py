@@ -122,6 +122,7 @@ def _convert(path: Path, out: Path) -> None:
         raise InputFileError(f"{path}: {what}; the file is corrupt or not a complete model: re-download it")
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config["architectures"] = config.get("architectures") or [type(model).__name__]  # other tools dispatch on it
     config["tokopt_source"] = {"gguf_file": str(path)}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if config.get("tie_word_embeddings"):

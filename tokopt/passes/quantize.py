@@ -11,6 +11,7 @@ import fnmatch
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 from tokopt.errors import PassOptionError, PreconditionError
 from tokopt.optimizer.ir.graph import Graph, Value
@@ -21,11 +22,22 @@ from tokopt.passes.quant.kv import check_kv_options, quantize_kv_cache
 from tokopt.passes.quant.mixed import check_budget, plan_mixed
 from tokopt.passes.quant.weights import Target, planned_weight, quantize_weights, untie
 
+
+@dataclass(frozen=True)
+class Formats:
+    """The pass's formats for one graph and target, unset options resolved (:meth:`QuantizePass.formats`)."""
+
+    group_size: int
+    act_bits: int | None
+    act_dtype: str | None
+    scale_dtype: str
+
 log = logging.getLogger(__name__)
 
 GROUP_SIZES = (-1, 0, 16, 32, 64, 128, 256)
-AUTO_GROUP_SIZE = {8: -1, 4: 32}  # group_size when not given, by bits
-AUTO_ACT_BITS_BACKENDS = ("onnxruntime",)  # targets whose fast int4 kernel quantizes activations
+AUTO_INT4_GROUP = 32  # group_size of 4-bit weights when not given: onnxruntime's and llama.cpp's int4 block
+AUTO_INT8_GROUPS = (64, 32, 16)  # 8-bit groups tried in order when int8 activations are on (per-channel otherwise)
+AUTO_ACT_BITS_BACKENDS = ("onnxruntime",)  # targets whose fast int4/int8 kernels quantize activations
 FLOAT32_SCALE_BACKENDS = ("onnxruntime",)  # targets that store quantization scales as float32
 AUTO_BF16_BACKENDS = ("torch-compile",)  # targets whose low-bit kernels take bfloat16 inputs and scales
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
@@ -60,8 +72,10 @@ class QuantizePass(Pass):
                choices=(8, 4)),
         Option("group_size", "int", None,
                "Input columns sharing one scale: -1 or 0 = per output channel; must divide every selected "
-               "layer's input width.  Default: per-channel for 8 bits, 32 for 4 (the block onnxruntime's and "
-               "llama.cpp's int4 kernels use; one scale per row loses far more at 4 bits).", choices=GROUP_SIZES),
+               "layer's input width.  Default: 32 for 4 bits (the block onnxruntime's and llama.cpp's int4 kernels "
+               "use; one scale per row loses far more at 4 bits); for 8 bits with int8 activations (onnxruntime's "
+               "default) the first of 64/32/16 that divides every width, whose int8 kernel is ~2x faster than "
+               "float-accuracy per-channel int8 — else per-channel.", choices=GROUP_SIZES),
         Option("symmetric", "bool", True, "Symmetric grid (no zero points) or asymmetric (uint8 zero per group)."),
         Option("method", "str", "auto",
                "rtn: round to nearest; gptq: calibrated, error-compensating; auto: rtn for 8 bits, gptq for 4.",
@@ -98,8 +112,10 @@ class QuantizePass(Pass):
         Option("act_bits", "int", None,
                "Also quantize each quantized Linear's input to int8 at run time, per block of its weight group "
                "(w4a8/w8a8): onnxruntime's fastest CPU path (MatMulNBits accuracy_level 4); its quality cost is "
-               "measured like any other.  Default: 8 for 4-bit weights lowered to onnxruntime (float inputs there "
-               "cost ~2.6x decode speed), float inputs otherwise; 0: float inputs always.", choices=(0, 8)),
+               "measured like any other.  Default: 8 for weights lowered to onnxruntime (float inputs there cost "
+               "~2.6x decode speed at 4 bits, ~2x at 8; 8-bit weights then take groups, see group_size, and keep "
+               "float inputs where no group divides the widths or group_size=-1 is given), float inputs otherwise; "
+               "0: float inputs always.", choices=(0, 8)),
         Option("act_dtype", "str", None,
                "Precision of each quantized Linear's input and product: bfloat16 rounds both (torch's low-bit CPU "
                "kernels, _weight_int4pack_mm_for_cpu / _weight_int8pack_mm, take bfloat16 inputs; int4 needs "
@@ -143,23 +159,42 @@ class QuantizePass(Pass):
         if o["kv_bits"] is None and any(o[k] is not None for k in kv_only):
             raise PassOptionError(f"quantize: {'/'.join(k for k in kv_only if o[k] is not None)} need kv_bits (8 or 4)")
 
-    def act_bits(self, ctx: PassContext) -> int | None:
-        """The run-time activation bits: the option, or (unset) 8 for 4-bit weights on a target whose fast
-        kernel quantizes activations anyway — the IR then says so, and the report measures what it costs."""
+    def formats(self, graph: Graph, ctx: PassContext) -> Formats:
+        """What the options resolve to for ``graph`` on ``ctx.backend``: an unset option takes the target's fast
+        path, and the IR then says so (the report measures what it costs)."""
         o = self.opts
-        if o["act_bits"] is not None:
-            return o["act_bits"] or None
-        auto = self.quantizes_weights and self.bits == 4 and ctx.backend in AUTO_ACT_BITS_BACKENDS
-        return 8 if auto else None
-
-    def act_dtype(self, ctx: PassContext) -> str | None:
-        """The Linears' input precision: the option, or (unset) bfloat16 for quantized weights on a target whose
-        low-bit kernels take bfloat16 inputs (unless act_bits asks for int8 inputs) — the IR then says so."""
-        o = self.opts
+        given_act = o["act_bits"]
+        wants_act = given_act == 8 or (given_act is None and self.quantizes_weights
+                                        and ctx.backend in AUTO_ACT_BITS_BACKENDS)
+        group = o["group_size"]
+        if group is None:
+            group = self._auto_group_size(graph, wants_act)
+        if given_act is not None:
+            act_bits = given_act or None
+        else:  # int8 per channel has no int8-activation kernel: its auto group is per-channel only without one
+            act_bits = 8 if wants_act and (self.bits == 4 or group > 0) else None
         if o["act_dtype"] is not None:
-            return None if o["act_dtype"] == "float32" else o["act_dtype"]
-        auto = self.quantizes_weights and ctx.backend in AUTO_BF16_BACKENDS and not self.act_bits(ctx)
-        return "bfloat16" if auto else None
+            act_dtype = None if o["act_dtype"] == "float32" else o["act_dtype"]
+        else:
+            auto_bf16 = self.quantizes_weights and ctx.backend in AUTO_BF16_BACKENDS and not act_bits
+            act_dtype = "bfloat16" if auto_bf16 else None
+        if o["scale_dtype"] is not None:
+            scale_dtype = o["scale_dtype"]
+        elif act_dtype == "bfloat16":
+            scale_dtype = "bfloat16"
+        else:  # what the target stores, so the IR's bytes are the artifact's (float16 widened on disk: +13 %)
+            scale_dtype = "float32" if ctx.backend in FLOAT32_SCALE_BACKENDS else "float16"
+        return Formats(group, act_bits, act_dtype, scale_dtype)
+
+    def _auto_group_size(self, graph: Graph, int8_activations: bool) -> int:
+        """32 for 4 bits; for 8 bits with int8 activations the first of :data:`AUTO_INT8_GROUPS` dividing every
+        selected layer's input width (onnxruntime's int8 kernel takes blocks, not channels), else per-channel."""
+        if self.bits == 4:
+            return AUTO_INT4_GROUP
+        if not (int8_activations and self.quantizes_weights):
+            return -1
+        widths = {weight_shape(graph.params[p])[-1] for n in self._selected_nodes(graph) for p in _weights_of(graph, n)}
+        return next((g for g in AUTO_INT8_GROUPS if widths and all(w % g == 0 for w in widths)), -1)
 
     @property
     def bits(self) -> int:
@@ -177,21 +212,6 @@ class QuantizePass(Pass):
     @property
     def mixed(self) -> bool:
         return self.opts["budget_bits"] is not None or self.opts["max_kl"] is not None
-
-    @property
-    def group_size(self) -> int:
-        """The option, or (unset) per-channel for 8 bits and 32 for 4 (:data:`AUTO_GROUP_SIZE`)."""
-        given = self.opts["group_size"]
-        return AUTO_GROUP_SIZE.get(self.bits, -1) if given is None else given
-
-    def scale_dtype(self, ctx: PassContext) -> str:
-        """The scales' storage type: the option, or (unset) what the target stores, so the IR's bytes are the
-        artifact's (a float16 scale widened to float32 on disk made a +13 % artifact_bytes mismatch)."""
-        if self.opts["scale_dtype"] is not None:
-            return self.opts["scale_dtype"]
-        if self.act_dtype(ctx) == "bfloat16":
-            return "bfloat16"
-        return "float32" if ctx.backend in FLOAT32_SCALE_BACKENDS else "float16"
 
     @property
     def method(self) -> str:
@@ -227,12 +247,12 @@ class QuantizePass(Pass):
             chosen[node.name] = role
         return chosen
 
-    def _plan(self, graph: Graph) -> list[Target]:
+    def _plan(self, graph: Graph, group_size: int) -> list[Target]:
         if not self.quantizes_weights:
             return []
         o = self.opts
         chosen = self._selected_nodes(graph)
-        self._check_group_size(graph, chosen)
+        self._check_group_size(graph, chosen, group_size)
         calibrated = self.method == "gptq"
         by_param: dict[str, list[str]] = {}
         for name in chosen:
@@ -243,11 +263,10 @@ class QuantizePass(Pass):
             roles = {chosen[n] for n in nodes}
             bits = (o["embedding_bits"] or self.bits) if roles & {"embedding", "lm_head"} else self.bits
             calibrate = calibrated and any(graph.node(n).op == "Linear" for n in nodes)
-            targets.append(Target(pname, tuple(nodes), bits, calibrate, self.group_size, o["symmetric"]))
+            targets.append(Target(pname, tuple(nodes), bits, calibrate, group_size, o["symmetric"]))
         return targets
 
-    def _check_group_size(self, graph: Graph, chosen: dict[str, str]) -> None:
-        gs = self.group_size
+    def _check_group_size(self, graph: Graph, chosen: dict[str, str], gs: int) -> None:
         if gs <= 0 or not chosen:
             return
         widths = {f"{n} {p}" if graph.node(n).op == "MoE" else n: weight_shape(graph.params[p])[-1]
@@ -266,9 +285,10 @@ class QuantizePass(Pass):
 
     def check(self, graph: Graph, ctx: PassContext) -> None:
         o = self.opts
-        targets = self._plan(graph)  # selection and group-size errors surface before any expensive work
+        f = self.formats(graph, ctx)
+        targets = self._plan(graph, f.group_size)  # selection and group-size errors surface before any expensive work
         if o["budget_bits"] is not None and targets:
-            check_budget(graph, targets, o["budget_bits"], self.scale_dtype(ctx), bool(self.act_bits(ctx)))
+            check_budget(graph, targets, o["budget_bits"], f.scale_dtype, bool(f.act_bits))
         attention = graph.nodes("Attention")
         if o["kv_bits"] is not None:
             if not attention:
@@ -281,27 +301,28 @@ class QuantizePass(Pass):
         g = graph.copy()
         if o["kv_bits"] is not None:
             quantize_kv_cache(g, o)
-        targets = self._plan(g)
+        f = self.formats(g, ctx)
+        targets = self._plan(g, f.group_size)
         if untie(g, targets):
-            targets = self._plan(g)
+            targets = self._plan(g, f.group_size)
         for t in targets:
             g.params[t.param] = planned_weight(weight_shape(g.params[t.param]), t.bits, t.group_size, t.symmetric,
-                                               self.scale_dtype(ctx))
+                                               f.scale_dtype)
         if targets:
-            self._mark_activations(g, targets, ctx)
+            self._mark_activations(g, targets, f, ctx)
         return g
 
-    def _mark_activations(self, g: Graph, targets: list[Target], ctx: PassContext) -> list[str]:
+    def _mark_activations(self, g: Graph, targets: list[Target], f: Formats, ctx: PassContext) -> list[str]:
         """Mark the quantized Linears' input format (``act_quant`` or ``act_dtype``); notes on what was chosen."""
         o, notes = self.opts, []
-        act_bits, act_dtype = self.act_bits(ctx), self.act_dtype(ctx)
-        if act_bits:
-            notes.append(quantize_activations(g, targets, act_bits))
+        if f.act_bits:
+            notes.append(quantize_activations(g, targets, f.act_bits))
             if o["act_bits"] is None:
-                notes.append(f"act_bits=8 chosen for the {ctx.backend} target (its fast int4 kernel quantizes "
-                             "activations); act_bits=0 keeps float inputs")
-        if act_dtype:
-            notes.append(round_activations(g, targets, act_dtype))
+                group = f", weights in groups of {f.group_size}" if self.bits == 8 and o["group_size"] is None else ""
+                notes.append(f"act_bits=8 chosen for the {ctx.backend} target (its fast int{self.bits} kernel "
+                             f"quantizes activations{group}); act_bits=0 keeps float inputs")
+        if f.act_dtype:
+            notes.append(round_activations(g, targets, f.act_dtype))
             if o["act_dtype"] is None:
                 notes.append(f"act_dtype=bfloat16 chosen for the {ctx.backend} target (its low-bit kernels take "
                              "bfloat16 inputs); act_dtype=float32 keeps float32 inputs")
@@ -320,7 +341,8 @@ class QuantizePass(Pass):
         tables: dict[str, list[dict]] = {}
         if o["kv_bits"] is not None:
             notes.append(quantize_kv_cache(g, o))
-        targets = self._plan(g)
+        f = self.formats(g, ctx)
+        targets = self._plan(g, f.group_size)
         if not targets and o["kv_bits"] is None:
             return PassResult(g, False, ["no weight matched the include/exclude patterns; nothing changed"])
         if targets:
@@ -329,11 +351,11 @@ class QuantizePass(Pass):
             untied = untie(g, targets)
             if untied:
                 notes.append(f"untied {', '.join(untied)}: only some of its users were selected")
-                targets = self._plan(g)
+                targets = self._plan(g, f.group_size)
             # run-time int8 activations keep the mirrored symmetric grid (see tokopt.passes.quant.rtn) and are
             # quantized in blocks of each weight's group (mixed precision's int8 candidates follow)
-            resolved = {**o, "group_size": self.group_size, "scale_dtype": self.scale_dtype(ctx),
-                        "mirrored": bool(self.act_bits(ctx)), "act_blocks": bool(self.act_bits(ctx))}
+            resolved = {**o, "group_size": f.group_size, "scale_dtype": f.scale_dtype,
+                        "mirrored": bool(f.act_bits), "act_blocks": bool(f.act_bits)}
             if self.mixed:
                 targets, tables["sensitivity"], note = plan_mixed(g, targets, ctx, resolved)
                 notes.append(note)
@@ -341,7 +363,7 @@ class QuantizePass(Pass):
             after = sum(weight_nbytes(g.params[t.param]) for t in targets)
             grid = f"int{self.bits}" + (f" (embedding/lm_head int{o['embedding_bits']})" if o["embedding_bits"] else "")
             grid += " (mixed with int8)" if self.mixed else ""
-            group = "per-channel" if self.group_size <= 0 else f"group {self.group_size}"
+            group = "per-channel" if f.group_size <= 0 else f"group {f.group_size}"
             notes.append(
                 f"weights: {quantized} tensors → {grid} {group} {'sym' if o['symmetric'] else 'asym'} "
                 f"({self.method}), {before / 1e6:.1f} MB → {after / 1e6:.1f} MB in "
@@ -349,7 +371,7 @@ class QuantizePass(Pass):
             tied = [t.param for t in targets if len(t.nodes) > 1]
             if tied:
                 notes.append(f"shared tensors quantized once: {', '.join(tied)}")
-            notes += self._mark_activations(g, targets, ctx)
+            notes += self._mark_activations(g, targets, f, ctx)
         g.reinfer()
         return PassResult(g, True, notes, tables=tables)
 

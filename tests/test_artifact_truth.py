@@ -76,6 +76,26 @@ def test_report_measures_the_artifact(tiny_dir, tmp_path, backend):
     assert "| artifact |" in table and "KV measured" in table
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime", marks=needs_onnxruntime)])
+def test_the_reports_quality_is_the_artifacts_where_its_session_runs_here(tiny_dir, tmp_path, backend):
+    """onnxruntime's int8 activations follow the IR only to float rounding, and a flipped rounding moves a
+    whole model's logits: the report's perplexity is measured on the artifact, equal to ``tokopt eval`` of it."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    save_word_tokenizer(model, json.loads((model / "config.json").read_text())["vocab_size"])
+    out = tmp_path / "out"
+    result = invoke("optimize", model, "--passes", "quantize:bits=4,method=rtn", "--backend", backend, "-o", out,
+                    "--speed", "off", *SMALL)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    on = {"torch": "reference executor (the IR)", "onnxruntime": "onnxruntime artifact, in process"}[backend]
+    assert report["quality_measured_on"] == report["stages"][-1]["quality_measured_on"] == on
+    assert on in (out / "report.md").read_text()
+    evaluated = invoke("eval", out, "--eval-tokens", "2x32", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["ppl"] == pytest.approx(report["stages"][-1]["metrics"]["ppl"], rel=1e-6)
+
+
 @needs_onnxruntime
 def test_a_refused_attribute_fails_the_dry_run_in_seconds_naming_the_node(tiny_dir, tmp_path):
     started = time.perf_counter()

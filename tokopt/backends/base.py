@@ -63,6 +63,11 @@ class Backend:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     plugin: str = "tokopt"
+    #: ``optimize`` measures a lowered stage's quality on this backend's session of the artifact, in process,
+    #: rather than on the reference executor: for runtimes whose kernels follow the IR's definition only to
+    #: float rounding where a rounding can flip (run-time int8 activations: ~1 logit apart over a whole model),
+    #: so the report's perplexity is the artifact's.  Off for sessions costly to open for long prompts.
+    quality_on_artifact: ClassVar[bool] = False
 
     def availability(self) -> tuple[bool, str]:
         """(usable here?, why not / what it runs on)."""

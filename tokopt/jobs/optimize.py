@@ -249,18 +249,13 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                 if backend_obj is not None and stage.index:  # checked before it is measured
                     check_stage(backend_obj, stage.graph, f"the graph after {stage.name!r}")
                 reuse = prev is not None and (stage.changed is False or prev is shared)
-                t0 = time.perf_counter()
                 weights = None  # the stage's dequantized weights, once: its parity check reads them too
                 if reuse:
                     quality = {k: prev.metrics.get(k) for k in ("ppl", "kl", "top1_agreement", "long_ppl")}
                     quality.update(ppl_delta_pct=prev.metrics["ppl_delta_pct"],
                                    long_ppl_delta_pct=prev.metrics.get("long_ppl_delta_pct"))
-                else:
-                    executor = ReferenceExecutor(stage.graph, exact=False)
-                    weights = executor.weight
-                    quality = evaluator.measure(executor.forward, long=with_long, desc=stage.name)
-                seconds["eval"] = round(time.perf_counter() - t0, 3)
-                values.update(quality)
+                    quality_on = prev.extra.get("quality_measured_on")
+                    seconds["eval"] = 0.0
                 artifact_dir = None
                 measured_here = mode == "artifact" and not reuse and (stage.index == last or not streamed)
                 # the measuring process starts now: its imports overlap the lowering below
@@ -275,8 +270,23 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                         lowered = backend_obj.lower(stage.graph, artifact_dir, **no_check)
                         seconds["lower"] = round(time.perf_counter() - t0, 3)
                         values["artifact_bytes"] = weight_file_bytes(artifact_dir)
-                        if stage.index == last:
-                            artifact_info = _parity(backend_obj, stage.graph, tmp, lowered, weights)
+                    if not reuse:
+                        t0 = time.perf_counter()
+                        on_artifact = artifact_dir is not None and backend_obj.quality_on_artifact and not streamed
+                        if on_artifact:
+                            session = backend_obj.load(artifact_dir)
+                            quality = evaluator.measure(session.forward, long=with_long, desc=stage.name)
+                            quality_on = f"{backend_name} artifact, in process"
+                            del session
+                        else:
+                            executor = ReferenceExecutor(stage.graph, exact=False)
+                            weights = executor.weight
+                            quality = evaluator.measure(executor.forward, long=with_long, desc=stage.name)
+                            quality_on = "reference executor (the IR)"
+                        seconds["eval"] = round(time.perf_counter() - t0, 3)
+                    values.update(quality)
+                    if artifact_dir is not None and stage.index == last:
+                        artifact_info = _parity(backend_obj, stage.graph, tmp, lowered, weights)
                     speed_detail: dict[str, Any] = {}
                     stage_speed = replace(speed_config, kv_context=informative_kv_context(stage.graph,
                                                                                           speed_config.kv_context))
@@ -303,7 +313,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                     values[key] = speed_detail.get(key)
                 stage.metrics = stage_metrics(values, with_long)
                 mismatches = disagreements(stage.metrics)
-                stage.extra = {"speed": speed_detail, "seconds": seconds,
+                stage.extra = {"speed": speed_detail, "seconds": seconds, "quality_measured_on": quality_on,
                                "bytes_per_token": values["bytes_per_token"], "mismatches": mismatches}
                 warnings.extend(f"{stage.name}: measured and analytic disagree — {m['message']}" for m in mismatches)
                 if prev is not None and values.get("decode_tok_s") and prev.metrics.get("decode_tok_s") and \
@@ -324,6 +334,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
             report = new_report(
                 machine=machine, model=_model_section(graph), backend=backend_name,
                 speed_measured_on=stages[0].extra["speed"].get("measured_on", "not measured"),
+                quality_measured_on=stages[-1].extra.get("quality_measured_on"),
                 recipe=recipe_out, eval=eval_info, calibration=calib_info, eval_config=eval_config.as_dict(),
                 speed_config=speed_config.as_dict(), stages=[_stage_record(s) for s in stages],
                 warnings=warnings, artifact=artifact_info,
@@ -458,7 +469,7 @@ def _stage_record(stage: StageResult) -> dict[str, Any]:
         "index": stage.index, "name": stage.name, "pass": p.name if p else None,
         "plugin": p.plugin if p else None, "options": dict(p.opts) if p else None,
         "changed": stage.changed, "notes": list(stage.notes), "seconds": stage.extra.get("seconds", {}),
-        "metrics": dict(stage.metrics),
+        "metrics": dict(stage.metrics), "quality_measured_on": stage.extra.get("quality_measured_on"),
         "speed": {k: v for k, v in stage.extra.get("speed", {}).items()
                     if k not in ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "kv_bytes_measured")},
         "bytes_per_token": stage.extra.get("bytes_per_token"),

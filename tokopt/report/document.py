@@ -12,7 +12,8 @@ Schema (``schema_version`` 2: the measured ``artifact_bytes``/``kv_bytes_measure
     {schema, schema_version, created, tool: {name, version}, libraries: {...}, machine: {...},
      model: {source, architecture, ...}, backend, recipe: {version, passes: [{name, options, plugin, spec}], ...},
      eval: {corpus..., sequences, seq_len, [long_context]}, calibration: {...}, speed_config: {...},
-     stages: [{index, name, pass, plugin, changed, notes, seconds: {...}, metrics: {STAGE_METRIC_KEYS},
+     quality_measured_on, stages: [{index, name, pass, plugin, changed, notes, seconds: {...},
+               metrics: {STAGE_METRIC_KEYS}, quality_measured_on,
                speed: {batch_size, prefill_tok_s_batch, decode_tok_s_batch, measured_on},
                mismatches: [{metric, context, measured, analytic, ratio, message}]}],
      gates: [{gate, limit, value, passed, message}], passed, warnings: [...], artifact: {...} | null}
@@ -20,7 +21,8 @@ Schema (``schema_version`` 2: the measured ``artifact_bytes``/``kv_bytes_measure
 Units: bytes, tokens/s, FLOPs; ``ppl_delta_pct`` in percent of the baseline; ``kl`` in nats.
 Analytic figures come from the graph (``weight_bytes``, ``kv_bytes_at``); measured ones from the
 artifact that ships: ``artifact_bytes`` (its weight files on disk), ``kv_bytes_measured`` (context ->
-the session's allocated KV cache after prefilling that many tokens), the speeds and ``peak_rss_bytes``.
+the session's allocated KV cache after prefilling that many tokens), the speeds and ``peak_rss_bytes``;
+the quality metrics too where the backend's session runs here (``quality_measured_on`` says which).
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     out.append(f"- model: {model.get('architecture', '?')} ({model.get('model_type', '?')}), "
                f"{model.get('layers', '?')} layers")
     out.append(f"- backend: {report.get('backend') or 'none'}; speed measured on "
-               f"{report.get('speed_measured_on', '-')}")
+               f"{report.get('speed_measured_on', '-')}; final quality measured on "
+               f"{report.get('quality_measured_on') or '-'}")
     bandwidth = (machine.get("memory_bandwidth_bytes_per_s") or 0) / 1e9
     out.append(f"- machine: {machine.get('cpu', '?')}, {machine.get('cpu_count', '?')} cores, memory bandwidth "
                f"{bandwidth:.1f} GB/s ({machine.get('memory_bandwidth_source', '')})")

@@ -129,7 +129,8 @@ def render_html(report: dict[str, Any]) -> str:
         f"model: {_esc(model.get('source', '?'))} — {_esc(model.get('architecture', '?'))}, "
         f"{_esc(model.get('layers', '?'))} layers",
         f"backend: {_esc(report.get('backend') or 'none')} · speed measured on "
-        f"{_esc(report.get('speed_measured_on', '-'))}",
+        f"{_esc(report.get('speed_measured_on', '-'))} · final quality measured on "
+        f"{_esc(report.get('quality_measured_on') or '-')}",
         f"machine: {_esc(machine.get('cpu', '?'))}, {_esc(machine.get('cpu_count', '?'))} cores, "
         f"{human_bytes(machine.get('memory_bytes'))} RAM, bandwidth "
         f"{(machine.get('memory_bandwidth_bytes_per_s') or 0) / 1e9:.1f} GB/s",

@@ -32,6 +32,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     summary = ("ONNX with onnxruntime contrib fast paths (GroupQueryAttention, MatMulNBits, skip RMSNorm); "
                "external data; runs under onnxruntime-genai")
+    quality_on_artifact = True
 
     def availability(self) -> tuple[bool, str]:
         try:

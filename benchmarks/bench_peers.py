@@ -26,7 +26,7 @@ The llama.cpp and OpenVINO paths use those projects' public generate APIs (decod
 
 Run::
 
-    python benchmarks/bench_peers.py [--rounds 3] [--decode 128] [--ppl]
+    python benchmarks/bench_peers.py [--rounds 3] [--decode 128] [--ppl] [--only SUBSTR,SUBSTR]
 
 ``--ppl`` adds each onnxruntime directory's perplexity on the default eval text
 (``tokopt eval``), and each OpenVINO directory's and GGUF's on the same tokens (optimum-intel's
@@ -57,6 +57,8 @@ TOKOPT = {  # label -> (backend, passes)
     "tokopt onnxruntime quantize:bits=8": ("onnxruntime", "quantize:bits=8"),
     "tokopt onnxruntime quantize:bits=4": ("onnxruntime", "quantize:bits=4"),
     "tokopt onnxruntime quantize:bits=4,group_size=64": ("onnxruntime", "quantize:bits=4,group_size=64"),
+    "tokopt onnxruntime quantize:bits=4,group_size=64,symmetric=false": (
+        "onnxruntime", "quantize:bits=4,group_size=64,symmetric=false"),
     "tokopt torch-compile quantize:bits=4": ("torch-compile", "quantize:bits=4"),
 }
 
@@ -209,33 +211,41 @@ def openvino_loop(path: Path, decode: int) -> Callable[[], float]:
     return lambda: (decode - 1) / (timed(decode) - timed(1))
 
 
-def contestants(decode: int) -> tuple[dict[str, tuple[str, Callable[[], float], Path | None]], dict[str, str]]:
-    """``label -> (kind, measure, onnxruntime directory or None)`` for what can run here, and the skipped ones."""
+def contestants(decode: int, only: list[str]) -> tuple[dict[str, tuple[str, Callable[[], float], Path | None]],
+                                                      dict[str, str]]:
+    """``label -> (kind, measure, onnxruntime directory or None)`` for what can run here (``only``: the labels
+    holding one of these substrings, if any), and the skipped ones."""
     import tokopt
+
+    def wanted(label: str) -> bool:
+        return not only or any(part in label for part in only)
 
     graph = tokopt.load("smollm2")
     hf_dir = Path(graph.meta.tokenizer_path)
     out: dict[str, tuple[str, Callable[[], float], Path | None]] = {}
     skipped: dict[str, str] = {}
-    for label in TOKOPT:
+    for label in filter(wanted, TOKOPT):
         path = tokopt_artifact(label)
         out[label] = ("tokopt", tokopt_loop(path, decode), path if TOKOPT[label][0] == "onnxruntime" else None)
     genai = importlib.util.find_spec("onnxruntime_genai") is not None
     builder_ok = genai and importlib.util.find_spec("onnx_ir") is not None
     if builder_ok:
         for name, make in (("fp32", builder_fp32), ("int4", builder_int4)):
-            path = make(hf_dir)
-            out[f"onnxruntime-genai builder {name}"] = ("peer", genai_loop(path, decode), path)
-            out[f"onnxruntime-genai builder {name}, tokopt's session"] = ("tokopt", tokopt_loop(path, decode), None)
+            label = f"onnxruntime-genai builder {name}"
+            if wanted(label):
+                path = make(hf_dir)
+                out[label] = ("peer", genai_loop(path, decode), path)
+                out[f"{label}, tokopt's session"] = ("tokopt", tokopt_loop(path, decode), None)
     else:
         skipped["onnxruntime-genai builder"] = "needs onnxruntime-genai and onnx_ir: pip install onnxruntime-genai"
-    if genai:
+    if genai and wanted("onnxruntime-genai's loop"):  # tokopt's directories through onnxruntime-genai's loop
         for label in [k for k, v in out.items() if v[0] == "tokopt" and v[2] is not None]:
             out[f"{label}, onnxruntime-genai's loop"] = ("tokopt", genai_loop(out[label][2], decode), None)
     if importlib.util.find_spec("llama_cpp") is None:
         skipped["llama.cpp"] = "needs llama-cpp-python (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)"
     for label, path in llama_cpp_files().items():
-        out[label] = ("peer", llama_cpp_loop(path, decode), None)
+        if wanted(label):
+            out[label] = ("peer", llama_cpp_loop(path, decode), None)
     ov_dirs = openvino_dirs()
     if importlib.util.find_spec("openvino_genai") is None:
         skipped["OpenVINO GenAI"] = "needs openvino-genai (and optimum-intel to export the model)"
@@ -243,7 +253,8 @@ def contestants(decode: int) -> tuple[dict[str, tuple[str, Callable[[], float], 
         skipped["OpenVINO GenAI"] = "set TOKOPT_BENCH_OPENVINO=label=DIR,... to optimum-cli export openvino output"
     else:
         for label, path in ov_dirs:
-            out[label] = ("peer", openvino_loop(Path(path), decode), None)
+            if wanted(label):
+                out[label] = ("peer", openvino_loop(Path(path), decode), None)
     return out, skipped
 
 
@@ -279,8 +290,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--ppl", action="store_true", help="perplexity of each onnxruntime directory (tokopt eval)")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only the contestants whose label "
+                                               "holds one (e.g. 'group_size=64,Q4_0')")
     args = ap.parse_args()
-    runs, skipped = contestants(args.decode)
+    runs, skipped = contestants(args.decode, [part for part in args.only.split(",") if part])
     for _, measure, _ in runs.values():
         measure()  # warm-up: first-call allocations, compilation
     rates: dict[str, list[float]] = {label: [] for label in runs}
@@ -295,8 +308,8 @@ def main() -> None:
         from tokopt.jobs.evaluate import evaluate
 
         ppl = {label: evaluate(path, progress=False)["ppl"] for label, (_, _, path) in runs.items() if path}
-        ppl.update({label: openvino_ppl(Path(path)) for label, path in openvino_dirs()})
-        ppl.update({label: llama_cpp_ppl(path) for label, path in llama_cpp_files().items()})
+        ppl.update({label: openvino_ppl(Path(path)) for label, path in openvino_dirs() if label in runs})
+        ppl.update({label: llama_cpp_ppl(path) for label, path in llama_cpp_files().items() if label in runs})
     from tokopt.measure.machine import describe_machine
 
     machine = describe_machine()

@@ -1,14 +1,16 @@
 """The torch-compile backend's low-bit weights on SmolLM2, side by side with onnxruntime's artifacts.
 
-Six artifacts, each written by its backend from the same model, measured alternating in one
+Seven artifacts, each written by its backend from the same model, measured alternating in one
 process by ``tokopt bench``'s job (:func:`tokopt.jobs.bench.compare`): the torch-compile
 backend's fp32, int8 and int4 artifacts (``quantize:bits=8`` / ``quantize:bits=4`` as a user
 types them with ``--backend torch-compile``: ``act_dtype=bfloat16`` and bfloat16 scales, run by
-``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``) and onnxruntime's (int4 with its
-default int8 activations).  Printed per artifact: weight bytes on disk, decode tok/s (the
-bench defaults and the peers' way: batch 1, 9-token prompt, 128 greedy tokens), the ratio to
-the same backend's fp32 artifact, and the issue's bar for it — half the fp32/low-bit bytes
-ratio.  A torch-compile session's first load and decode step (compilation) is timed apart.
+``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``) and its
+``quantize:bits=8,group_size=-1,act_bits=8`` (per-channel int8 codes times int8 inputs per row
+on ``torch._int_mm``: "w8a8-rows"); onnxruntime's fp32, int8 and int4 as typed (int8
+activations).  Printed per artifact: weight bytes on disk, decode tok/s (the bench defaults and
+the peers' way: batch 1, 9-token prompt, 128 greedy tokens), the ratio to the same backend's
+fp32 artifact, and the issue's bar for it — half the fp32/low-bit bytes ratio.  A torch-compile
+session's first load and decode step (compilation) is timed apart.
 
 Run::
 
@@ -34,6 +36,7 @@ from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quantize import QuantizePass
 
 PROMPT = [1, 504, 3458, 314, 253, 1345, 28, 2219, 30]
+W8A8_ROWS = {"group_size": -1, "act_bits": 8}  # int8 codes times int8 inputs per row: torch._int_mm
 
 
 def main() -> None:
@@ -42,15 +45,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     graph = tokopt.load("smollm2")
-    plan = [(backend, bits) for backend in ("torch-compile", "onnxruntime") for bits in (None, 8, 4)]
+    plan: list[tuple[str, int | None, dict]] = [
+        (backend, bits, {}) for backend in ("torch-compile", "onnxruntime") for bits in (None, 8, 4)]
+    plan.insert(2, ("torch-compile", 8, W8A8_ROWS))
     with tempfile.TemporaryDirectory(prefix="tokopt-lowbit-") as tmp:
         paths, labels, compile_s = [], [], {}
-        for backend, bits in plan:
+        for backend, bits, extra in plan:
             g = graph
             if bits is not None:
-                opts = {"bits": bits} | ({"method": args.method} if bits == 4 else {})
+                opts = {"bits": bits} | ({"method": args.method} if bits == 4 else {}) | extra
                 g = QuantizePass(**opts).run(graph, PassContext(backend=backend, seed=0)).graph
-            label = f"{backend} {'fp32' if bits is None else f'int{bits}'}"
+            label = f"{backend} {'fp32' if bits is None else f'int{bits}'}{' w8a8-rows' if extra else ''}"
             path = Path(tmp) / label.replace(" ", "-")
             get_backend(backend).lower(g, path)
             if backend == "torch-compile":

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 FP32_ATOL = 1e-4
 COMPILED_ATOL = 1e-3
+ACT_QUANT_FLIP_ATOL = 0.1  # a run-time int8 code one step off (see the compiled-session test); a wrong graph is O(1)
 SEQ, PREFILL = 14, 7  # the prefill alone overflows every window below; decode wraps the ring again
 
 #: Attribute sets, each applied with the real passes.  Between them: window + sinks on some or
@@ -176,7 +177,13 @@ def test_compiled_session_gives_the_reference_logits_without_recompiling(graphs,
     graphs_after_first_step = counters["stats"]["unique_graphs"]
     outs += [session.forward(ids[:, t:t + 1], cache) for t in range(PREFILL + 1, SEQ)]
     assert counters["stats"]["unique_graphs"] == graphs_after_first_step  # positions are tensors: no recompiles
-    diff = float((torch.cat(outs, dim=1) - expected).abs().max())
-    # act_quant included: the kernels' reductions round once from float64, so inductor's fused kernels
-    # compute the reference's bits and no activation lands on another code (kernels.mean_square)
-    assert diff <= COMPILED_ATOL, f"compiled: max abs diff {diff:.2e} on {arch}/{variant}"
+    got = torch.cat(outs, dim=1)
+    diff = float((got - expected).abs().max())
+    # the kernels' reductions round once from float64, so inductor's fused kernels mostly compute the
+    # reference's bits (kernels.mean_square); but where activations are rounded at run time (act_quant), a
+    # vectorized reduction one ulp off on some CPUs puts an activation on the neighbouring int8 code (seen:
+    # gpt2's LayerNorm on an AVX-512 Xeon, 0.043 on three decode steps): one code's step, not a wrong graph
+    rounded = any(n.attrs.get("act_quant") for n in g.nodes("Linear"))
+    assert diff <= (ACT_QUANT_FLIP_ATOL if rounded else COMPILED_ATOL), f"compiled: max abs diff {diff:.2e} on " \
+        f"{arch}/{variant}"
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))

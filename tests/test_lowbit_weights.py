@@ -80,6 +80,27 @@ def test_the_compiled_session_runs_low_bit_kernels_with_the_reference_logits(tie
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
+def test_int8_inputs_per_row_run_on_int_mm_with_the_reference_logits(tied):
+    """act_quant over whole rows with per-channel int8 codes: integer dot products (torch._int_mm), then both
+    scales — the definition to float rounding, held to the jitter-calibrated parity bar of run-time rounding."""
+    from tokopt.backends.parity import check_parity
+
+    g = quantized(tied, bits=8, group_size=-1, act_bits=8)
+    linears = g.nodes("Linear")
+    widths = {n.name: g.params[n.params["weight"]].in_features for n in linears}
+    assert all(n.attrs["act_quant"]["block"] == widths[n.name] for n in linears)
+    session = CompiledSession(g, compile=True, max_len=128)
+    assert dict(session._weights.kernels) == {"int8mm": len(linears)}
+    x = torch.randn(3, 5, widths[linears[0].name]) * 4
+    w = session._weights(linears[0].params["weight"])
+    expected = linear(x, g.params[linears[0].params["weight"]].dequantize(), None, linears[0].attrs["act_quant"])
+    assert torch.allclose(w.quantized_matmul(x, 8, x.shape[-1]), expected, rtol=1e-5, atol=1e-4)
+    assert check_parity(g, session, label="compiled").passed
+    ids = sample_ids(2, 12)
+    got, ref = prefill_and_decode(session, ids), prefill_and_decode(ReferenceExecutor(g), ids)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 def test_a_tied_embedding_is_looked_up_from_the_low_bit_weight_without_a_float_copy(tied):
     g = quantized(tied, bits=4)
     table = g.nodes("Embedding")[0].params["weight"]
@@ -100,6 +121,11 @@ def test_kernels_take_only_what_they_compute_exactly():
     assert kernel_for(quantize_rtn(w, 8, -1, True, "bfloat16")) == "int8pack"
     assert kernel_for(quantize_rtn(w, 8, 32, True, "bfloat16")) is None  # int8pack is per-channel
     assert kernel_for(quantize_rtn(torch.randn(24, 64), 4, 32, True, "bfloat16")) is None  # rows tile by 16
+    rows = {"bits": 8, "block": 64}
+    assert kernel_for(quantize_rtn(w, 8, -1, True, "float32"), rows) == "int8mm"  # any scale dtype: exact in fp32
+    assert kernel_for(quantize_rtn(w, 8, 32, True, "float32"), rows) is None  # _int_mm has no per-group scales
+    assert kernel_for(quantize_rtn(w, 8, -1, True, "float32"), {"bits": 8, "block": 32}) is None  # per block
+    assert kernel_for(quantize_rtn(w, 8, -1, False, "float32"), rows) is None  # zero points
 
 
 def test_act_dtype_defaults_to_the_target_and_is_refused_where_it_is_not_honoured(tied):

@@ -24,13 +24,19 @@ _jitter: dict[str, Any] = {}  # set only inside rounding_jitter()
 
 def quantize_activations(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """``x`` fake-quantized per block of its last dimension: symmetric, absmax scaling, half-to-even."""
+    codes, scale = activation_codes(x, bits, block)
+    return (codes * scale).reshape(x.shape)
+
+
+def activation_codes(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer codes (as floats) and scales of :func:`quantize_activations`: shapes ``(..., n, block)``
+    and ``(..., n, 1)`` for ``n`` blocks — what an integer kernel multiplies before it scales."""
     qmax = 2 ** (bits - 1) - 1
     x = jittered(x)
-    shape = x.shape
-    blocks = x.reshape(*shape[:-1], shape[-1] // block, block)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
     scale = blocks.abs().amax(-1, keepdim=True) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(blocks / safe) * scale).reshape(shape)
+    return torch.round(blocks / safe), scale
 
 
 def jittered(x: torch.Tensor) -> torch.Tensor:

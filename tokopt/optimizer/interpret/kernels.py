@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 class KernelWeight(Protocol):
     """A weight an executor keeps in a low-bit kernel's own layout instead of a dense tensor.
 
-    Only ``act_dtype`` Linears and Embeddings read one (the compiled session hands them out,
-    :mod:`tokopt.backends.torch.lowbit`); it computes what the IR defines for them, so the
+    Only ``act_dtype`` or ``act_quant`` Linears and Embeddings read one (the compiled session hands
+    them out, :mod:`tokopt.backends.torch.lowbit`); it computes what the IR defines for them, so the
     kernels below stay the definition and the executor chooses how fast it runs.
     """
 
@@ -36,6 +36,9 @@ class KernelWeight(Protocol):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` for ``x`` already in the act dtype, accumulated in float32, in the act dtype."""
+
+    def quantized_matmul(self, x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+        """``quantize_activations(x, bits, block) @ weight.T`` in float32 (integer dot products, then scaled)."""
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The float32 rows ``ids`` of the dequantized weight (an embedding lookup)."""
@@ -146,6 +149,9 @@ def _layer_norm(node: Node, ins: list[torch.Tensor], ctx: StepContext) -> torch.
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, act_quant: dict | None,
            act_dtype: str | None = None) -> torch.Tensor:
     """A Linear as the IR defines it, run-time activation quantization and rounding included."""
+    if act_quant is not None and not isinstance(weight, torch.Tensor):  # the kernel quantizes its own input
+        y = weight.quantized_matmul(x, act_quant["bits"], act_quant["block"])
+        return y if bias is None else y + bias
     if act_quant is not None:
         x = quantize_activations(x, act_quant["bits"], act_quant["block"])
     if act_dtype is None:

@@ -65,14 +65,18 @@ TOKOPT = {  # label -> (backend, passes)
 
 def tokopt_artifact(label: str) -> Path:
     """The artifact of ``tokopt optimize smollm2 --passes P --backend B`` (parity-checked), cached by recipe."""
+    from tokopt.measure.quality import EvalConfig
+
     backend, passes = TOKOPT[label]
     out = CACHE / label.replace(" ", "_").replace(":", "-").replace("=", "")
     stamp = out / "bench_recipe.txt"
-    if stamp.is_file() and stamp.read_text() == f"{backend} {passes}":
+    calib = EvalConfig()  # the default calibration is part of what a user gets: a change rebuilds
+    recipe = f"{backend} {passes} calibration {calib.calib_sequences}x{calib.calib_seq_len}"
+    if stamp.is_file() and stamp.read_text() == recipe:
         return out
     subprocess.run([sys.executable, "-m", "tokopt", "optimize", "smollm2", "--passes", passes, "--backend", backend,
                     "--speed", "off", "-o", str(out), "--force"], check=True)
-    stamp.write_text(f"{backend} {passes}")
+    stamp.write_text(recipe)
     return out
 
 

@@ -338,3 +338,23 @@ def test_gptq_with_a_shared_factorization_is_gptq_on_the_hessian():
     shared = inverse_hessian(h, damp=0.01, act_order=True)
     for rows in (w, w[:20] * 2):
         assert torch.equal(gptq_quantize(rows, shared, 4, 16, True).packed, gptq_quantize(rows, h, 4, 16, True).packed)
+
+
+def test_calibration_takes_the_whole_sequences_a_short_text_holds(small_llama, caplog):
+    """Calibration defaults to 32 × 512 tokens; a shorter text calibrates on the sequences it holds (said in the
+    description and the log), and one too short for a single sequence is refused by name."""
+    from tokopt.measure.quality import EvalConfig, build_calibration
+    from tokopt.optimizer import corpus
+
+    graph = tokopt.load(str(small_llama))
+    tok = corpus.tokenizer_for(graph)
+    assert EvalConfig().calib_sequences == 32
+    text = corpus.TextSource("short.txt", " ".join(f"word{i % 50}" for i in range(3000)))
+    available = len(corpus.tokenize(text, tok, graph.meta.vocab_size))
+    config = EvalConfig(calib_sequences=1000, calib_seq_len=64)
+    with caplog.at_level("WARNING"):
+        batches, info = build_calibration(text, config, tok, graph.meta.vocab_size)
+    assert len(batches) == info["sequences"] == available // 64 < 1000
+    assert all(b.shape == (1, 64) for b in batches) and "short.txt" in caplog.text
+    with pytest.raises(corpus.CorpusError, match="short.txt"):
+        build_calibration(text, EvalConfig(calib_seq_len=available + 1), tok, graph.meta.vocab_size)

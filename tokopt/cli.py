@@ -217,7 +217,8 @@ _long_context_option = click.option(
 @click.option("--max-kl", type=float, metavar="X", help="Gate: fail if mean KL(baseline||final) exceeds X nats.")
 @click.option("--min-decode-speedup", type=float, metavar="X", help="Gate: fail if decode is not X times faster.")
 @_eval_tokens_option
-@click.option("--calib-tokens", metavar="NxLEN", help="Calibration sequences x tokens each (default 8x512); "
+@click.option("--calib-tokens", metavar="NxLEN", help="Calibration sequences x tokens each (default 32x512; fewer "
+              "if the text is shorter); "
               "healing (gqa:heal_steps) wants more, e.g. 128x512.")
 @_long_context_option
 @click.option("--speed", "speed_mode", type=click.Choice(["auto", "artifact", "reference", "off"]), default="auto",
@@ -291,7 +292,8 @@ def optimize(model: str, passes: str | None, recipe: str | None, backend: str | 
 @click.option("--eval-text", type=click.Path(exists=True, dir_okay=False), help="Evaluation text file.")
 @click.option("--calib-text", type=click.Path(exists=True, dir_okay=False), help="Calibration text file.")
 @_eval_tokens_option
-@click.option("--calib-tokens", metavar="NxLEN", help="Calibration sequences x tokens each (default 8x512).")
+@click.option("--calib-tokens", metavar="NxLEN",
+              help="Calibration sequences x tokens each (default 32x512; fewer if the text is shorter).")
 @_long_context_option
 @click.option("--keep-artifacts", is_flag=True, help="Keep every trial's model files (default: only its reports).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the passes' RNG.")

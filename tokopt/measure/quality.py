@@ -37,7 +37,7 @@ class EvalConfig:
     batch_size: int = 2
     long_context: int = 2048
     long_sequences: int = 2
-    calib_sequences: int = 8
+    calib_sequences: int = 32  # GPTQ on SmolLM2: 13.78 -> 13.46 ppl from 8 to 32 sequences, prose 29.15 -> 28.65
     calib_seq_len: int = 512
 
     def as_dict(self) -> dict[str, int]:
@@ -82,11 +82,20 @@ def ensure_long(data: EvalData, config: EvalConfig) -> None:
 
 def build_calibration(text: TextSource, config: EvalConfig, tokenizer, vocab_size: int,
                       ) -> tuple[list[torch.Tensor], dict[str, Any]]:
-    """Calibration batches, one (1, calib_seq_len) tensor per sequence, and their description."""
+    """Calibration batches, one (1, calib_seq_len) tensor per sequence, and their description.
+
+    A text shorter than the sequences asked for gives as many whole sequences as it holds (the
+    description says how many, and a warning is logged): calibration improves with text but runs
+    with less, unlike evaluation, whose figures must compare.
+    """
     ids = tokenize(text, tokenizer, vocab_size)
-    tokens = fixed_batches(ids, config.calib_sequences, config.calib_seq_len, f"calibration text {text.name}")
+    count = min(config.calib_sequences, max(1, ids.numel() // config.calib_seq_len))
+    if count < config.calib_sequences:
+        log.warning("calibration text %s holds %d sequences of %d tokens, not %d: calibrating on those", text.name,
+                    ids.numel() // config.calib_seq_len, config.calib_seq_len, config.calib_sequences)
+    tokens = fixed_batches(ids, count, config.calib_seq_len, f"calibration text {text.name}")
     return list(tokens.split(1)), {**text.describe(), "tokens_available": int(ids.numel()),
-                                   "sequences": config.calib_sequences, "seq_len": config.calib_seq_len}
+                                   "sequences": count, "seq_len": config.calib_seq_len}
 
 
 def _log_probs(forward: Forward, batch: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,7 @@ def llama_cpp_ppl(gguf: Path) -> float:
     import math
 
     import numpy as np
+    import torch
     from llama_cpp import Llama
 
     import tokopt
@@ -190,12 +191,17 @@ def llama_cpp_ppl(gguf: Path) -> float:
         ids = row.tolist()
         llm.reset()
         llm.eval(ids)
-        logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
-        top = logits.max(-1, keepdims=True)
-        logz = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[:, 0]
-        nll += float((logz - logits[np.arange(len(ids) - 1), ids[1:]]).sum())
+        nll += next_token_nll(torch.from_numpy(np.asarray(llm.scores[: len(ids)])), row)
         count += len(ids) - 1
     return math.exp(nll / count)
+
+
+def next_token_nll(logits, ids) -> float:
+    """Summed negative log-likelihood of ``ids[1:]`` under ``logits`` (seq, vocab) of ``ids`` (seq,)."""
+    import torch
+
+    lp = torch.log_softmax(logits[:-1].double(), -1)
+    return float(-lp.gather(-1, ids[1:].unsqueeze(-1)).sum())
 
 
 def openvino_loop(path: Path, decode: int) -> Callable[[], float]:
@@ -283,8 +289,7 @@ def openvino_ppl(path: Path) -> float:
     for row in eval_tokens(tokopt.load("smollm2"), 512, 8):
         ids = row.unsqueeze(0)  # no past: the stateful model starts a new sequence
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1)
-        nll += float(-lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+        nll += next_token_nll(logits[0], row)
         count += ids.shape[1] - 1
     return math.exp(nll / count)
 

@@ -24,6 +24,7 @@ from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, pack_codes
 from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quant.gptq import gptq_quantize, output_error
 from tokopt.passes.quant.rtn import quantize_rtn
+from tokopt.passes.quant.weights import _drift
 from tokopt.passes.quantize import QuantizePass
 from tokopt.passes.registry import get_pass_class
 
@@ -209,6 +210,30 @@ def test_gptq_pass_is_reproducible_and_close(tiny):
     gptq = ReferenceExecutor(a).forward(ids).log_softmax(-1)
     kl = lambda p: float((base.exp() * (base - p)).sum(-1).mean())  # noqa: E731
     assert kl(gptq) < kl(rtn)
+
+
+def test_drift_correction_is_the_least_squares_fit_to_the_float_layer():
+    torch.manual_seed(0)
+    x = torch.randn(512, 24, dtype=torch.float64)  # the inputs the quantized model gives the layer
+    x_float = x + 0.1 * torch.randn_like(x)  # the float model's inputs at the same tokens
+    w = torch.randn(8, 24, dtype=torch.float64)
+    h, cross = x.T @ x / len(x), x_float.T @ x / len(x)
+    fitted = w + w @ _drift(h, cross, damp=0.0).double()
+    best = torch.linalg.lstsq(x, x_float @ w.T).solution.T  # argmin |x W*^T - x_float W^T|
+    assert torch.allclose(fitted, best, atol=1e-5)
+    assert _drift(h, h, damp=0.01).abs().max() == 0  # undrifted inputs: the layer's own weight
+
+
+def test_gptq_fitted_to_the_float_model_keeps_the_first_layer_and_lowers_the_kl(tiny):
+    opts = {"bits": 4, "group_size": 32, "method": "gptq", "embeddings": False}  # layer 0 reads the float embedding
+    plain, fitted = _run(tiny, **opts, fp_target=False).graph, _run(tiny, **opts).graph  # on by default
+    first, later = (tiny.node(n).params["weight"] for n in ("layers.0.attn.q_proj", "layers.2.mlp.down_proj"))
+    assert torch.equal(plain.params[first].packed, fitted.params[first].packed)  # its inputs have not drifted
+    assert not torch.equal(plain.params[later].packed, fitted.params[later].packed)
+    ids = sample_ids(2, 16, 128, seed=7)  # the calibration text's distribution (token ids < 128)
+    base = ReferenceExecutor(tiny).forward(ids).log_softmax(-1)
+    kl = lambda g: float((base.exp() * (base - ReferenceExecutor(g).forward(ids).log_softmax(-1))).sum(-1).mean())  # noqa: E731
+    assert kl(fitted) < kl(plain)
 
 
 def test_kv_int8_cache_is_read_quantized_in_prefill_and_decode(tiny):

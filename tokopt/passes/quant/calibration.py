@@ -52,11 +52,12 @@ class BlockwiseRunner:
     tensor per batch is the largest thing calibration would otherwise hold).
     """
 
-    def __init__(self, graph: Graph, batches: list[torch.Tensor], keep_logits: bool = False) -> None:
+    def __init__(self, graph: Graph, batches: list[torch.Tensor], keep_logits: bool = False,
+                 params: dict[str, Weight] | None = None) -> None:
         self.graph = graph
         self.batches = [b if b.dim() == 2 else b.unsqueeze(0) for b in batches]
         self.segments = split_segments(graph)
-        self.weight = DenseWeights(self.graph.params, torch.float32)
+        self.weight = DenseWeights(self.graph.params if params is None else params, torch.float32)
         self._interpreter = Interpreter(graph, self.weight, free=True, keep=None if keep_logits else ())
         self._lanes = [self._interpreter.lane(b) for b in self.batches]
 
@@ -75,12 +76,25 @@ class BlockwiseRunner:
         """Run segment ``index`` on every batch; ``before(node)`` may prepare a node, or return True to stop."""
         self._interpreter.walk(self._lanes, self.segments[index], before)
 
+    def values(self, value: Value) -> list[torch.Tensor]:
+        """``value`` in every batch, as it is now (it must be live)."""
+        return [lane.values[value] for lane in self._lanes]
+
     def hessian(self, value: Value) -> torch.Tensor:
         """Mean ``x x^T`` over every calibration token of ``value`` (which must be live)."""
-        h: torch.Tensor | None = None
+        return self.moments(value)[0]
+
+    def moments(self, value: Value, others: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean x x^T, mean x' x^T)`` over every calibration token, ``x'`` being ``others`` (another run's
+        ``value`` on the same batches, :meth:`values`) or ``x`` itself."""
+        h = cross = None
         n = 0
-        for lane in self._lanes:
+        for lane, other in zip(self._lanes, others or [None] * len(self._lanes), strict=True):
             flat = lane.values[value].reshape(-1, lane.values[value].shape[-1]).float()
-            h = flat.T @ flat if h is None else h + flat.T @ flat
+            h = flat.T @ flat if h is None else h.addmm_(flat.T, flat)
+            if other is not None:
+                left = other.reshape(flat.shape).float()
+                cross = left.T @ flat if cross is None else cross.addmm_(left.T, flat)
             n += flat.shape[0]
-        return h / max(n, 1)
+        n = max(n, 1)
+        return h / n, (h if cross is None else cross) / n

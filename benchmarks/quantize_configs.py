@@ -2,6 +2,8 @@
 
 Run:  python benchmarks/quantize_configs.py '{"bits": 4, "group_size": 32}' '{"bits": 4, "budget_bits": 4.75}'
       --seqs 4 (sequences of 512 tokens per text; default 4, the benchmarks use 8)
+      --calib-offset N (calibrate on the calibration text's sequences of 512 tokens from the N-th on, as many
+      as the config's calibration_samples; default: the pass's own choice, the first ones)
 
 Each argument is the pass's options as JSON.  Every row is measured against the fp32 baseline on the
 same tokens: the default eval text (standard-library docstrings) and ``/usr/share/common-licenses/GPL-3``.
@@ -29,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+", help="quantize options as JSON")
     parser.add_argument("--seqs", type=int, default=4)
+    parser.add_argument("--calib-offset", type=int, default=None)
     args = parser.parse_args()
     graph = tokopt.load("smollm2")
     tok = corpus.tokenizer_for(graph)
@@ -44,7 +47,14 @@ def main() -> None:
     print(f"fp32: doc {base['doc']:.3f}, prose {base['prose']:.3f} ({args.seqs} x 512 tokens each)")
     for spec in args.configs:
         started = time.perf_counter()
-        q = QuantizePass(**json.loads(spec)).run(graph, PassContext(seed=0)).graph
+        opts = json.loads(spec)
+        given = None
+        if args.calib_offset is not None:
+            calib = corpus.tokenize(corpus.default_calibration_text(), tok, graph.meta.vocab_size)
+            count = opts.get("calibration_samples", 8)
+            start = args.calib_offset * 512
+            given = list(corpus.fixed_batches(calib, count, 512, "calibration", offset=start).split(1))
+        q = QuantizePass(**opts).run(graph, PassContext(calibration_batches=given, seed=0)).graph
         seconds = time.perf_counter() - started
         p = ppl(q)
         print(f"{spec}: {static_metrics(q).bits_per_param:.3f} bits/param, "

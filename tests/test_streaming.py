@@ -142,7 +142,8 @@ def test_past_the_budget_quantized_weights_wait_in_a_spill_file(tiny_model_dir, 
     from tokopt.optimizer.ir.weights import QuantizedWeight
 
     path, _ = tiny_model_dir("llama")
-    quantize = QuantizePass(bits=4, group_size=16, method=method, calibration_samples=2, calibration_seq_len=16)
+    quantize = QuantizePass(bits=4, group_size=16, method=method, calibration_samples=2, calibration_seq_len=16,
+                            fp_target=True)  # past the budget too, when asked: both walks stream
     kept = quantize.run(tokopt.load(path), PassContext()).graph
     monkeypatch.setenv("TOKOPT_WEIGHT_MEMORY", "1KB")
     spilled = quantize.run(tokopt.load(path), PassContext()).graph

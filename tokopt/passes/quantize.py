@@ -20,7 +20,7 @@ from tokopt.optimizer.pass_api import Option, Pass, PassContext, PassResult, at_
 from tokopt.passes.quant.activations import quantize_activations, round_activations
 from tokopt.passes.quant.kv import check_kv_options, quantize_kv_cache
 from tokopt.passes.quant.mixed import check_budget, plan_mixed
-from tokopt.passes.quant.weights import Target, fits_float_model, planned_weight, quantize_weights, untie
+from tokopt.passes.quant.weights import Target, planned_weight, quantize_weights, untie
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ class QuantizePass(Pass):
                "quantized model gives it, correcting the drift earlier layers' error causes (GPTAQ's asymmetric "
                "calibration: a ridge fit from the float model's run on the same calibration text; SmolLM2's GPTQ takes "
                "124 s instead of ~75 s).  Default: on, unless the model is past the memory budget (its weights "
-               "would be read twice per block)."),
+               "would be read twice per block) or the calibration text has fewer than 4 tokens per input feature "
+               "of the widest Linear (the fit would chase its noise)."),
         Option("calibration_samples", "int", 8, "Sequences of calibration text, when the pipeline gives none.",
                check=at_least(1)),
         Option("calibration_seq_len", "int", 512, "Tokens per calibration sequence, when the pipeline gives none.",
@@ -364,16 +365,15 @@ class QuantizePass(Pass):
             if self.mixed:
                 targets, tables["sensitivity"], note = plan_mixed(g, targets, ctx, resolved)
                 notes.append(note)
-            fitted = ", each layer fitted to the float model's output" if (
-                self.method == "gptq" and fits_float_model(g, resolved)) else ""  # before: quantizing shrinks g
-            quantized = quantize_weights(g, targets, ctx, resolved, self.method)
+            quantized, fitted = quantize_weights(g, targets, ctx, resolved, self.method)
+            fit_note = ", each layer fitted to the float model's output" if fitted else ""
             after = sum(weight_nbytes(g.params[t.param]) for t in targets)
             grid = f"int{self.bits}" + (f" (embedding/lm_head int{o['embedding_bits']})" if o["embedding_bits"] else "")
             grid += " (mixed with int8)" if self.mixed else ""
             group = "per-channel" if f.group_size <= 0 else f"group {f.group_size}"
             notes.append(
                 f"weights: {quantized} tensors → {grid} {group} {'sym' if o['symmetric'] else 'asym'} "
-                f"({self.method}{fitted}), {before / 1e6:.1f} MB → {after / 1e6:.1f} MB in "
+                f"({self.method}{fit_note}), {before / 1e6:.1f} MB → {after / 1e6:.1f} MB in "
                 f"{time.perf_counter() - started:.0f} s")
             tied = [t.param for t in targets if len(t.nodes) > 1]
             if tied:

@@ -19,7 +19,7 @@ import torch
 
 from tokopt.optimizer.ir.graph import Graph, Node, Value
 from tokopt.optimizer.ir.spill import SpilledQuantizedWeight, SpillFile
-from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, streams
+from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, streams, weight_shape
 from tokopt.optimizer.pass_api import PassContext
 from tokopt.passes.quant.calibration import BlockwiseRunner
 from tokopt.passes.quant.gptq import gptq_quantize, inverse_hessian, search_grid
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 #: inputs' main directions and not the calibration text's rare ones (measured: 0.01 / 0.1 fit the calibration
 #: text's kind of text and lost on English prose, 1.0 gained on both).
 DRIFT_DAMP = 1.0
+#: Calibration tokens per input feature below which ``fp_target`` is off by default (SmolLM2's default
+#: calibration has 16,384 tokens for inputs up to 1,536 wide).
+DRIFT_TOKENS_PER_INPUT = 4
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,10 @@ def untie(g: Graph, targets: list[Target]) -> list[str]:
         untied.append(t.param)
     return untied
 
-def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any], method: str) -> int:
-    """Quantize every target in place in ``g`` (a copy the pass owns); returns how many."""
+def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any],
+                     method: str) -> tuple[int, bool]:
+    """Quantize every target in place in ``g`` (a copy the pass owns); returns how many, and whether GPTQ fitted
+    the layers to the float model's output (:func:`fits_float_model`)."""
     sdtype = SCALE_DTYPES[o["scale_dtype"]]
     calibrated = [t for t in targets if t.calibrate]
     keep = _keeper(g)
@@ -98,9 +103,8 @@ def quantize_weights(g: Graph, targets: list[Target], ctx: PassContext, o: dict[
         else:
             q = quantize_rtn(w, t.bits, t.group_size, t.symmetric, o["scale_dtype"], mirrored=o.get("mirrored", False))
         g.params[t.param] = keep(q.stacked(tuple(stacked.shape)))
-    if calibrated:
-        _gptq(g, calibrated, ctx, o, keep, original)
-    return len(targets)
+    fitted = _gptq(g, calibrated, ctx, o, keep, original) if calibrated else False
+    return len(targets), fitted
 
 
 def _keeper(g: Graph) -> Callable[[QuantizedWeight], QuantizedWeight]:
@@ -113,14 +117,18 @@ def _keeper(g: Graph) -> Callable[[QuantizedWeight], QuantizedWeight]:
     return lambda q: SpilledQuantizedWeight.of(q, spill)
 
 
-def fits_float_model(g: Graph, o: dict[str, Any]) -> bool:
-    """Whether GPTQ fits each layer to the float model's output (``fp_target``): by default yes, unless the
-    model is past the memory budget, whose weights the float model's run would read a second time per block."""
-    return bool(o["fp_target"]) if o.get("fp_target") is not None else not streams(g.params)
+def fits_float_model(g: Graph, o: dict[str, Any], tokens: int, widest: int) -> bool:
+    """Whether GPTQ fits each layer to the float model's output (``fp_target``).  By default yes, unless the
+    model is past the memory budget (the float model's run would read its weights a second time per block) or
+    the calibration text has fewer tokens than :data:`DRIFT_TOKENS_PER_INPUT` per input feature of the widest
+    Linear (the fit would be underdetermined: it would chase the calibration text's noise)."""
+    if o.get("fp_target") is not None:
+        return bool(o["fp_target"])
+    return not streams(g.params) and tokens >= DRIFT_TOKENS_PER_INPUT * widest
 
 
 def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any],
-          keep: Callable[[QuantizedWeight], QuantizedWeight], original: dict[str, Any]) -> None:
+          keep: Callable[[QuantizedWeight], QuantizedWeight], original: dict[str, Any]) -> bool:
     given = ctx.calibration_batches  # all of the pipeline's text, as cut; else the option's sizes
     batches = ctx.calibration(g, len(given) or o["calibration_samples"],
                               given[0].shape[-1] if given else o["calibration_seq_len"], "quantize")
@@ -132,7 +140,9 @@ def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any],
     pending = {t.param for t in targets}
     # the float model's run on the same batches (on a subset of them the fit measured worse on prose); a tensor
     # tied to an embedding keeps its own target, since its rows are also looked up as they are
-    reference = BlockwiseRunner(g, batches, params=original) if fits_float_model(g, o) else None
+    widest = max((weight_shape(g.params[t.param])[-1] for t in owner.values()), default=0)
+    fit = bool(owner) and fits_float_model(g, o, sum(b.numel() for b in batches), widest)
+    reference = BlockwiseRunner(g, batches, params=original) if fit else None
     refit = {n for n, t in owner.items() if all(g.node(m).op == "Linear" for m in t.nodes)} if reference else set()
     uncaptured = set(refit)
     float_inputs: dict[Value, list[torch.Tensor]] = {}
@@ -183,6 +193,7 @@ def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any],
         runner.run(idx, before)
         log.info("gptq segment %d/%d (%s): %d tensor(s) in %.1f s", idx + 1, len(runner.segments),
                  runner.segments[idx][0].name, left - len(pending), time.perf_counter() - started)
+    return reference is not None
 
 def _drift(hessian: torch.Tensor, cross: torch.Tensor, damp: float = DRIFT_DAMP) -> torch.Tensor:
     """``M`` such that ``W + W M`` is the float layer's output fitted from the quantized model's inputs.

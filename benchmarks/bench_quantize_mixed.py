@@ -2,7 +2,8 @@
 
 Run:  pytest benchmarks/bench_quantize_mixed.py -s -q      (about 15 min on 2 idle cores)
       TOKOPT_BENCH_BUDGET=4.75 (bits/param, scales and zeros included; the default)
-      TOKOPT_BENCH_CALIB=32 (calibration sequences of 512 tokens for GPTQ; the pass's default)
+      TOKOPT_BENCH_CALIB=32 (calibration sequences of 512 tokens for GPTQ; default: the pass option's 8 —
+      `tokopt optimize` calibrates on 32, enough tokens for GPTQ's fit to the float model, fp_target)
 
 The baselines are int4 g32 symmetric with some tensors in int8 g32; the allocator chooses, per tensor,
 among int4 in groups of 32/64/128 (symmetric or with zero points) and int8 in groups or per channel

@@ -97,4 +97,5 @@ class BlockwiseRunner:
                 cross = left.T @ flat if cross is None else cross.addmm_(left.T, flat)
             n += flat.shape[0]
         n = max(n, 1)
-        return h / n, (h if cross is None else cross) / n
+        h /= n
+        return h, h if cross is None else cross / n

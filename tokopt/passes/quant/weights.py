@@ -174,7 +174,8 @@ def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any],
                 continue
             w = materialize(g.params[t.param])  # as stored: GPTQ takes float32 slabs of it
             if name in refit:
-                w = w.float() + w.float() @ drift
+                w = w.float()
+                w = w + w @ drift
             q = gptq_quantize(w, inverse, t.bits, t.group_size, t.symmetric, o["scale_dtype"],
                               damp=o["damp"], act_order=o["act_order"])
             g.params[t.param] = q = keep(q)
@@ -195,6 +196,7 @@ def _gptq(g: Graph, targets: list[Target], ctx: PassContext, o: dict[str, Any],
                  runner.segments[idx][0].name, left - len(pending), time.perf_counter() - started)
     return reference is not None
 
+
 def _drift(hessian: torch.Tensor, cross: torch.Tensor, damp: float = DRIFT_DAMP) -> torch.Tensor:
     """``M`` such that ``W + W M`` is the float layer's output fitted from the quantized model's inputs.
 
@@ -202,11 +204,12 @@ def _drift(hessian: torch.Tensor, cross: torch.Tensor, damp: float = DRIFT_DAMP)
     ``W*`` minimizing ``|X W*^T - X' W^T|`` is ``W (X'^T X) (X^T X)^-1`` = ``W + W (C - H) H^-1`` (``H`` the
     Hessian, ``C`` the cross moment ``mean x' x^T``); ``|X Q^T - X' W^T|`` = ``|X (Q - W*)^T|`` + a constant,
     so GPTQ on ``W*`` with ``H`` minimizes the error against the float model rather than against the layer as
-    it would run on drifted inputs (GPTAQ's asymmetric calibration).  ``H`` is damped as GPTQ damps it.
+    it would run on drifted inputs (GPTAQ's asymmetric calibration).  ``H`` is damped by ``damp`` times its mean
+    diagonal (:data:`DRIFT_DAMP`, a ridge far stronger than GPTQ's own).
     """
     h = hessian.double()
-    h = h + damp * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.linalg.solve(h, (cross.double() - hessian.double()).T).T.float()
+    damped = h + damp * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.solve(damped, (cross.double() - h).T).T.float()
 
 
 def _from_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,

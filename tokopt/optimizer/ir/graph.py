@@ -164,6 +164,22 @@ class Graph:
             if value == old:
                 self.outputs[key] = new
 
+    def insert_after(self, value: Value, op: str, name: str, attrs: dict[str, Any] | None = None,
+                     params: dict[str, str] | None = None) -> Value:
+        """Add a node reading ``value`` and move every other consumer of ``value`` (and graph outputs) onto it."""
+        users = self.users_of(value)
+        outputs = [k for k, v in self.outputs.items() if v == value]
+        out = self.add_node(op, name, [value], attrs, params)
+        for dst, slot in users:
+            keys = [k for k, d in self.nx.get_edge_data(value.node, dst).items()
+                    if d["src_slot"] == value.slot and d["dst_slot"] == slot]
+            for k in keys:
+                self.nx.remove_edge(value.node, dst, key=k)
+            self._connect(out, dst, slot)
+        for key in outputs:
+            self.outputs[key] = out
+        return out
+
     def remove_node(self, name: str) -> None:
         self.nx.remove_node(name)
 

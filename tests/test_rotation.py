@@ -76,3 +76,11 @@ def test_gptq_rotates_by_default_and_keeps_the_added_linear_in_float(tmp_path):
     assert "final_norm.rotation" not in plain.nx
     rtn = QuantizePass(bits=4, method="rtn").run(graph, PassContext())
     assert not any("rotated" in n for n in rtn.notes)
+
+
+def test_a_tied_table_read_outside_the_norms_is_refused(tmp_path):
+    """Rotated once, a tied lm_head reads the table through the rotation's matrix: rotating again would break it."""
+    graph = tokopt.load(str(save_tiny_llama(tmp_path / "m", layers=1, tie_word_embeddings=True)))
+    rotate_residual(graph)
+    with pytest.raises(NotRotatable, match="lm_head reads"):
+        rotate_residual(graph)

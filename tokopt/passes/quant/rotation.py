@@ -203,6 +203,19 @@ def rotate_residual(graph: Graph, seed: int = 0) -> list[str]:
             _float_weight(graph, reader)
     for node in [embedding, *writers]:
         _float_weight(graph, node)
+    # each rotated tensor must have no user the rotation does not also account for (a tied table: only the lookup
+    # and Linears reading a norm; a twice-rotated graph's lm_head reads the earlier rotation's matrix instead)
+    users: dict[str, set[str]] = {}
+    for node in graph.nodes():
+        for pname in node.params.values():
+            users.setdefault(pname, set()).add(node.name)
+    allowed = {table: {embedding.name}}
+    for node in [*writers, *(r for rs in readers.values() for r in rs)]:
+        allowed.setdefault(node.params["weight"], set()).add(node.name)
+    for pname, names in allowed.items():
+        if users[pname] - names:
+            other = sorted(users[pname] - names)[0]
+            raise NotRotatable(f"{other} reads {pname} outside the residual stream's norms")
     hidden = graph.info(Value(embedding.name, 0)).shape[-1]
     try:
         h = hadamard(hidden)

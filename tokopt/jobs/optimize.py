@@ -250,6 +250,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                     check_stage(backend_obj, stage.graph, f"the graph after {stage.name!r}")
                 reuse = prev is not None and (stage.changed is False or prev is shared)
                 weights = None  # the stage's dequantized weights, once: its parity check reads them too
+                evaluated = None  # the final artifact's session, when its quality was measured on it
                 if reuse:
                     quality = {k: prev.metrics.get(k) for k in ("ppl", "kl", "top1_agreement", "long_ppl")}
                     quality.update(ppl_delta_pct=prev.metrics["ppl_delta_pct"],
@@ -277,6 +278,8 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                             session = backend_obj.load(artifact_dir)
                             quality = evaluator.measure(session.forward, long=with_long, desc=stage.name)
                             quality_on = f"{backend_name} artifact, in process"
+                            if stage.index == last:  # the shipped artifact's parity check reads the same session
+                                evaluated = session
                             del session
                         else:
                             executor = ReferenceExecutor(stage.graph, exact=False)
@@ -286,7 +289,7 @@ def optimize(model: str | Path | Graph, passes: str | None = None, *, recipe: st
                         seconds["eval"] = round(time.perf_counter() - t0, 3)
                     values.update(quality)
                     if artifact_dir is not None and stage.index == last:
-                        artifact_info = _parity(backend_obj, stage.graph, tmp, lowered, weights)
+                        artifact_info = _parity(backend_obj, stage.graph, tmp, lowered, weights, evaluated)
                     speed_detail: dict[str, Any] = {}
                     stage_speed = replace(speed_config, kv_context=informative_kv_context(stage.graph,
                                                                                           speed_config.kv_context))
@@ -439,10 +442,12 @@ def _check_streaming(pass_objs: list[Pass], graph: Graph) -> None:
                 "memory, or leave that option out")
 
 
-def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any, weights: Any = None) -> dict[str, Any]:
+def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any, weights: Any = None,
+            session: Any = None) -> dict[str, Any]:
     """Load the final artifact and compare its logits with the reference executor (ParityError: exit 4).
 
-    ``weights``: the graph's dequantized weights if the evaluation made them.  A graph past the memory
+    ``weights``: the graph's dequantized weights if the evaluation made them; ``session``: the artifact's
+    session if the evaluation opened it (opening it again costs ~0.5 s for SmolLM2).  A graph past the memory
     budget is compared with its artifact loaded in a child process.
     """
     from tokopt.backends.parity import check_parity
@@ -457,7 +462,7 @@ def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any, weights: A
             report = check_parity(graph, session, label=label, reference=reference)
             child["session_peak_rss_bytes"] = session.peak_rss_bytes()
     else:
-        report = check_parity(graph, backend_obj.load(path), label=label, reference=reference)
+        report = check_parity(graph, session or backend_obj.load(path), label=label, reference=reference)
     files = list(getattr(lowered, "files", []) or [])
     return {"backend": backend_obj.name, "plugin": getattr(backend_obj, "plugin", "tokopt"), "files": files,
             "parity": {**report.to_dict(), **child}}

@@ -57,7 +57,9 @@ class QuantizePass(Pass):
 
     ``method=rtn`` rounds to nearest; ``method=gptq`` (the default for 4 bits through
     ``auto``) picks codes that keep each Linear's outputs close on calibration text, with
-    activation-ordered columns, static contiguous groups and a clipping search.  The token
+    activation-ordered columns, static contiguous groups and a clipping search, after folding a
+    Hadamard rotation of the residual stream and of each head's values into the weights
+    (``rotate``: exact in float, it evens out the columns each group scale fits).  The token
     embedding and ``lm_head`` are governed by their own switches; when they share one
     tensor (tied, as in SmolLM2) it is quantized once and both read the same codes — if
     only one of them is selected, that one gets its own quantized copy and the other

@@ -45,6 +45,8 @@ ARCH_ATTRIBUTES = {
     "learned sink logits, clamped-SwiGLU MoE with biases (gpt_oss)": ("gpt_oss", ""),
     "post-norm, q/k norm over the projection (olmo2)": ("olmo2", ""),
     "embedding/residual/logit multipliers (granite)": ("granite", ""),
+    "rotated stream, tied lm_head through a float Linear (smollm3, GPTQ int4)":
+        ("smollm3", "quantize:bits=4,group_size=16,calibration_samples=2,calibration_seq_len=32"),
 }
 
 #: attribute -> the pipeline that sets it on the tiny llama (real passes)

@@ -55,13 +55,29 @@ def test_rotations_leave_the_float_model_unchanged(tmp_path, tied):
 def test_a_stream_read_by_something_other_than_a_norm_is_not_rotated(tmp_path):
     graph = tokopt.load(str(save_tiny_llama(tmp_path / "m", layers=1)))
     stream = Value("layers.0.mlp_residual", 0)
-    graph.insert_after(stream, "Scale", "residual_scale", attrs={"factor": 2.0})
+    graph.insert_after(stream, "Activation", "residual_act", attrs={"kind": "silu"})
     before = {k: materialize(v).clone() for k, v in graph.params.items()}
-    with pytest.raises(NotRotatable, match="residual_scale"):
+    with pytest.raises(NotRotatable, match="residual_act"):
         rotate_residual(graph)
     assert all(torch.equal(materialize(graph.params[k]), v) for k, v in before.items())  # nothing half-rotated
     with pytest.raises(PreconditionError, match="rotate=true"):
         QuantizePass(bits=4, rotate=True, calibration_samples=2, calibration_seq_len=16).run(graph, PassContext())
+
+
+def test_constant_multipliers_in_the_stream_commute_with_the_rotation(tiny_model_dir):
+    """Granite scales the embedding, each branch before its Add, and the logits: rotated, the logits stay."""
+    graph = tokopt.load(tiny_model_dir("granite")[0])
+    assert len(graph.nodes("Scale")) >= 3
+    rotated = graph.copy()
+    rotate_residual(rotated)
+    ids = sample_ids(seq=24, vocab=graph.meta.vocab_size)
+    assert torch.allclose(_logits(rotated, ids), _logits(graph, ids), atol=1e-5)
+
+
+def test_a_post_norm_model_is_refused(tiny_model_dir):
+    graph = tokopt.load(tiny_model_dir("olmo2")[0])  # post-norm: the Linears read the raw stream, not a norm
+    with pytest.raises(NotRotatable, match="q_proj \\(Linear\\) reads the residual stream"):
+        rotate_residual(graph)
 
 
 def test_gptq_rotates_by_default_and_keeps_the_added_linear_in_float(tmp_path):

@@ -153,8 +153,10 @@ def _float_weight(graph: Graph, node: Node, role: str = "weight") -> torch.Tenso
 def _residual_stream(graph: Graph) -> tuple[Node, list[Node], list[Node]]:
     """The token embedding, the RMSNorms reading the residual stream and the Linears writing into it.
 
-    Walks from the embedding along residual Adds; anything else reading the stream (a LayerNorm, a MoE, a
-    graph output) means a rotation would not fold exactly, and NotRotatable says which node.
+    Walks from the embedding along residual Adds and constant multipliers (``Scale``: Gemma's embedding scale,
+    Granite's multipliers, which commute with a rotation); anything else reading the stream (a LayerNorm, a MoE,
+    a norm between a branch and its Add, a graph output) means a rotation would not fold exactly, and
+    NotRotatable says which node.
     """
     embeddings = graph.nodes("Embedding")
     if len(embeddings) != 1:
@@ -173,10 +175,14 @@ def _residual_stream(graph: Graph) -> tuple[Node, list[Node], list[Node]]:
             node = graph.node(user)
             if node.op == "RMSNorm":
                 norms.append(node)
+            elif node.op == "Scale":
+                stream.append(Value(user, 0))
             elif node.op == "Add":
                 for other in graph.inputs_of(user):
                     if other not in stream and other.node not in seen:
                         writer = graph.node(other.node)
+                        while writer.op == "Scale" and len(graph.users_of(Value(writer.name, 0))) == 1:
+                            writer = graph.node(graph.inputs_of(writer.name)[0].node)  # a branch multiplier
                         if writer.op != "Linear":
                             raise NotRotatable(f"{user} adds the output of {writer.name} ({writer.op}) to the stream")
                         writers.append(writer)

@@ -152,7 +152,19 @@ class Graph:
     # -- rewriting -------------------------------------------------------------------
     def replace_uses(self, old: Value, new: Value) -> None:
         """Point every consumer of ``old`` (and graph outputs) at ``new``."""
-        for dst, slot in self.users_of(old):
+        self._move_uses(old, new, self.users_of(old))
+
+    def insert_after(self, value: Value, op: str, name: str, attrs: dict[str, Any] | None = None,
+                     params: dict[str, str] | None = None) -> Value:
+        """Add a node reading ``value`` and move every other consumer of ``value`` (and graph outputs) onto it."""
+        users = self.users_of(value)  # taken before the new node becomes one of them
+        out = self.add_node(op, name, [value], attrs, params)
+        self._move_uses(value, out, users)
+        return out
+
+    def _move_uses(self, old: Value, new: Value, users: list[tuple[str, int]]) -> None:
+        """Point the given (consumer, slot) uses of ``old``, and graph outputs naming it, at ``new``."""
+        for dst, slot in users:
             keys = [
                 k for k, d in self.nx.get_edge_data(old.node, dst).items()
                 if d["src_slot"] == old.slot and d["dst_slot"] == slot
@@ -163,22 +175,6 @@ class Graph:
         for key, value in self.outputs.items():
             if value == old:
                 self.outputs[key] = new
-
-    def insert_after(self, value: Value, op: str, name: str, attrs: dict[str, Any] | None = None,
-                     params: dict[str, str] | None = None) -> Value:
-        """Add a node reading ``value`` and move every other consumer of ``value`` (and graph outputs) onto it."""
-        users = self.users_of(value)
-        outputs = [k for k, v in self.outputs.items() if v == value]
-        out = self.add_node(op, name, [value], attrs, params)
-        for dst, slot in users:
-            keys = [k for k, d in self.nx.get_edge_data(value.node, dst).items()
-                    if d["src_slot"] == value.slot and d["dst_slot"] == slot]
-            for k in keys:
-                self.nx.remove_edge(value.node, dst, key=k)
-            self._connect(out, dst, slot)
-        for key in outputs:
-            self.outputs[key] = out
-        return out
 
     def remove_node(self, name: str) -> None:
         self.nx.remove_node(name)

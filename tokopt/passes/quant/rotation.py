@@ -19,6 +19,8 @@ rotates only for GPTQ.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -72,11 +74,11 @@ def hadamard(n: int) -> torch.Tensor:
     while n % (power * 2) == 0:
         power *= 2
     m = n // power
-    while m <= n:
+    while True:
         base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
         if base is not None:
             return torch.kron(base, _sylvester(n // m)) / n ** 0.5
-        if n // m == 1:
+        if m == n:
             break
         m *= 2
     raise ValueError(f"no Hadamard construction of order {n} (a power of two times a Paley order)")
@@ -89,10 +91,7 @@ def rotatable_heads(graph: Graph) -> list[tuple[Node, Node, Node]]:
     output goes straight into one Linear, both weights are float and used by no other node, and the head
     size is a power of two.
     """
-    uses: dict[str, int] = {}
-    for node in graph.nodes():
-        for pname in node.params.values():
-            uses[pname] = uses.get(pname, 0) + 1
+    uses = _param_users(graph)
     triples = []
     for att in graph.nodes("Attention"):
         hd = att.attrs["head_dim"]
@@ -105,10 +104,20 @@ def rotatable_heads(graph: Graph) -> list[tuple[Node, Node, Node]]:
         if o_proj.op != "Linear" or att.name in graph.outputs.values():
             continue
         weights = [v_proj.params["weight"], o_proj.params["weight"]]
-        if any(uses[p] != 1 or isinstance(graph.params[p], QuantizedWeight) for p in weights):
+        if any(len(uses[p]) != 1 or isinstance(graph.params[p], QuantizedWeight) for p in weights):
             continue
         triples.append((att, v_proj, o_proj))
     return triples
+
+
+def _head_rows(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``H^T`` applied to each head's block of rows (a v_proj weight or bias)."""
+    return torch.einsum("ji,kj...->ki...", h, w.reshape(-1, h.shape[0], *w.shape[1:])).reshape(w.shape)
+
+
+def _head_columns(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each head's block of columns (an o_proj weight) times ``H``."""
+    return (w.reshape(w.shape[0], -1, h.shape[0]) @ h).reshape(w.shape)
 
 
 def rotate_value_heads(graph: Graph) -> int:
@@ -120,19 +129,11 @@ def rotate_value_heads(graph: Graph) -> int:
     """
     triples = rotatable_heads(graph)
     for att, v_proj, o_proj in triples:
-        hd = att.attrs["head_dim"]
-        h = hadamard(hd)
+        h = hadamard(att.attrs["head_dim"])
         for role in ("weight", "bias"):
             if role in v_proj.params:
-                name = v_proj.params[role]
-                w = materialize(graph.params[name])
-                per_head = w.double().reshape(-1, hd, *w.shape[1:])
-                rotated = torch.einsum("ji,kj...->ki...", h, per_head)  # H^T per head along the head's rows
-                graph.params[name] = rotated.reshape(w.shape).to(w.dtype).contiguous()
-        name = o_proj.params["weight"]
-        w = materialize(graph.params[name])
-        rotated = w.double().reshape(w.shape[0], -1, hd) @ h
-        graph.params[name] = rotated.reshape(w.shape).to(w.dtype).contiguous()
+                _transform(graph, v_proj.params[role], partial(_head_rows, h))
+        _transform(graph, o_proj.params["weight"], partial(_head_columns, h))
     if triples:
         log.info("rotated the values of %d attention layers (per-head Hadamard, folded into v_proj/o_proj)",
                  len(triples))
@@ -143,11 +144,24 @@ class NotRotatable(Exception):
     """Why a graph's residual stream cannot take a folded rotation (the pass reports it and goes on)."""
 
 
-def _float_weight(graph: Graph, node: Node, role: str = "weight") -> torch.Tensor:
-    w = graph.params[node.params[role]]
-    if isinstance(w, QuantizedWeight):
+def _param_users(graph: Graph) -> dict[str, set[str]]:
+    """Parameter name → the nodes that read it."""
+    users: dict[str, set[str]] = {}
+    for node in graph.nodes():
+        for pname in node.params.values():
+            users.setdefault(pname, set()).add(node.name)
+    return users
+
+
+def _transform(graph: Graph, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace parameter ``name`` by ``fn`` of it, computed in float64 and stored in its own dtype."""
+    w = materialize(graph.params[name])
+    graph.params[name] = fn(w.double()).to(w.dtype).contiguous()
+
+
+def _require_float(graph: Graph, node: Node, role: str = "weight") -> None:
+    if isinstance(graph.params[node.params[role]], QuantizedWeight):
         raise NotRotatable(f"{node.name}'s {role} is already quantized")
-    return materialize(w).double()
 
 
 def _residual_stream(graph: Graph) -> tuple[Node, list[Node], list[Node]]:
@@ -206,15 +220,12 @@ def rotate_residual(graph: Graph, seed: int = 0) -> list[str]:
         for reader in readers[norm.name]:
             if reader.op != "Linear":
                 raise NotRotatable(f"{norm.name} feeds {reader.name} ({reader.op})")
-            _float_weight(graph, reader)
-    for node in [embedding, *writers]:
-        _float_weight(graph, node)
+            _require_float(graph, reader)
+    for node in [embedding, *writers, *norms]:
+        _require_float(graph, node)
     # each rotated tensor must have no user the rotation does not also account for (a tied table: only the lookup
     # and Linears reading a norm; a twice-rotated graph's lm_head reads the earlier rotation's matrix instead)
-    users: dict[str, set[str]] = {}
-    for node in graph.nodes():
-        for pname in node.params.values():
-            users.setdefault(pname, set()).add(node.name)
+    users = _param_users(graph)
     allowed = {table: {embedding.name}}
     for node in [*writers, *(r for rs in readers.values() for r in rs)]:
         allowed.setdefault(node.params["weight"], set()).add(node.name)
@@ -230,29 +241,26 @@ def rotate_residual(graph: Graph, seed: int = 0) -> list[str]:
     signs = torch.randint(0, 2, (hidden,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
     q = signs[:, None] * h
 
-    def put(name: str, value: torch.Tensor) -> None:
-        graph.params[name] = value.to(materialize(graph.params[name]).dtype).contiguous()
-
     added: list[str] = []
     rotated: set[str] = set()
     for norm in norms:
-        gain = _float_weight(graph, norm)
+        gain = materialize(graph.params[norm.params["weight"]]).double()
         tied = any(r.params["weight"] == table for r in readers[norm.name])
         if tied:  # the table must hold E Q for the lookup: the gain moves into a float Linear after the norm
             pname = graph.add_param(f"{norm.params['weight']}.rotation", (q.T @ torch.diag(gain) @ q).float())
             graph.insert_after(Value(norm.name, 0), "Linear", f"{norm.name}.rotation", params={"weight": pname})
             added.append(f"{norm.name}.rotation")
+        folded = torch.ones_like(gain) if tied else gain
         for reader in readers[norm.name]:
             if reader.params["weight"] != table and reader.params["weight"] not in rotated:
-                folded = _float_weight(graph, reader) if tied else _float_weight(graph, reader) * gain
-                put(reader.params["weight"], folded @ q)
+                _transform(graph, reader.params["weight"], lambda w, g=folded: w * g @ q)
                 rotated.add(reader.params["weight"])
-        put(norm.params["weight"], torch.ones_like(gain))
-    put(table, _float_weight(graph, embedding) @ q)
+        _transform(graph, norm.params["weight"], torch.ones_like)
+    _transform(graph, table, lambda w: w @ q)
     for writer in writers:
-        put(writer.params["weight"], q.T @ _float_weight(graph, writer))
+        _transform(graph, writer.params["weight"], lambda w: q.T @ w)
         if "bias" in writer.params:
-            put(writer.params["bias"], _float_weight(graph, writer, "bias") @ q)
+            _transform(graph, writer.params["bias"], lambda b: b @ q)
     graph.reinfer()
     log.info("rotated the residual stream (%d norms, %d writers; Hadamard of order %d)", len(norms), len(writers),
              hidden)

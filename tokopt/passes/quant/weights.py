@@ -207,9 +207,10 @@ def _drift(hessian: torch.Tensor, cross: torch.Tensor, damp: float = DRIFT_DAMP)
     it would run on drifted inputs (GPTAQ's asymmetric calibration).  ``H`` is damped by ``damp`` times its mean
     diagonal (:data:`DRIFT_DAMP`, a ridge far stronger than GPTQ's own).
     """
-    h = hessian.double()
-    damped = h + damp * float(torch.diagonal(h).mean()) * torch.eye(h.shape[0], dtype=h.dtype)
-    return torch.linalg.solve(damped, (cross.double() - h).T).T.float()
+    damped = hessian + damp * float(torch.diagonal(hessian).double().mean()) * torch.eye(hessian.shape[0])
+    # float32 is enough with a ridge this strong (SmolLM2's layers: within 1e-6 of float64, in half the time)
+    factor = torch.linalg.cholesky(damped)
+    return torch.cholesky_solve((cross - hessian).T.contiguous(), factor).T
 
 
 def _from_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,

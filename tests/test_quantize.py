@@ -22,6 +22,7 @@ from tokopt.optimizer.ir.cost import static_metrics
 from tokopt.optimizer.ir.verify import verify
 from tokopt.optimizer.ir.weights import QuantizedWeight, materialize, pack_codes, unpack_codes
 from tokopt.optimizer.pass_api import PassContext
+from tokopt.passes.quant.calibration import add_upper_gram, mirror_upper
 from tokopt.passes.quant.gptq import gptq_quantize, output_error
 from tokopt.passes.quant.rtn import quantize_rtn
 from tokopt.passes.quant.weights import _drift
@@ -210,6 +211,19 @@ def test_gptq_pass_is_reproducible_and_close(tiny):
     gptq = ReferenceExecutor(a).forward(ids).log_softmax(-1)
     kl = lambda p: float((base.exp() * (base - p)).sum(-1).mean())  # noqa: E731
     assert kl(gptq) < kl(rtn)
+
+
+@pytest.mark.parametrize("width", [3, 5, 64, 130])
+def test_block_triangular_gram_is_the_symmetric_x_transpose_x(width):
+    gen = torch.Generator().manual_seed(width)
+    batches = [torch.randn(40, width, generator=gen) for _ in range(3)]
+    h = torch.zeros(width, width)
+    for x in batches:
+        add_upper_gram(h, x)
+    mirror_upper(h)
+    every = torch.cat(batches).double()
+    assert torch.equal(h, h.T)
+    assert torch.allclose(h.double(), every.T @ every, rtol=1e-5, atol=1e-4)
 
 
 def test_drift_correction_is_the_least_squares_fit_to_the_float_layer():

@@ -208,7 +208,7 @@ def _drift(hessian: torch.Tensor, cross: torch.Tensor, damp: float = DRIFT_DAMP)
     diagonal (:data:`DRIFT_DAMP`, a ridge far stronger than GPTQ's own).
     """
     damped = hessian + damp * float(torch.diagonal(hessian).double().mean()) * torch.eye(hessian.shape[0])
-    # float32 is enough with a ridge this strong (SmolLM2's layers: within 1e-6 of float64, in half the time)
+    # float32 is enough with a ridge this strong (1,536-wide test systems: within 1e-6 of float64, in half the time)
     factor = torch.linalg.cholesky(damped)
     return torch.cholesky_solve((cross - hessian).T.contiguous(), factor).T
 

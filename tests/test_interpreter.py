@@ -22,6 +22,7 @@ from conftest import ARCHITECTURES
 
 import tokopt
 from tokopt.backends.torch.compiled import CompiledSession
+from tokopt.backends.torch.native import ENV_SWITCH
 from tokopt.optimizer.interpret import ReferenceExecutor
 from tokopt.optimizer.ir.graph import Graph
 from tokopt.optimizer.ir.verify import verify
@@ -97,7 +98,11 @@ def assert_attributes_set(graph: Graph, variant: str) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_eager_policy_gives_the_reference_logits(graphs, arch, variant):
+def test_every_eager_policy_gives_the_reference_logits(graphs, arch, variant, monkeypatch):
+    # the policies here are caches and walks, held to float tolerance: the compiled session's Linears on the
+    # reference's dense weights (its low-bit kernels sum in another order, which flips run-time int8 codes;
+    # they are held to the reference in test_lowbit_weights.py and the compiled test below)
+    monkeypatch.setenv(ENV_SWITCH, "0")
     g = graphs(arch, variant)
     assert_attributes_set(g, variant)
     ids = ids_for(g)

@@ -79,8 +79,8 @@ def _signature(interp: Interpreter, inputs: list[list[int]], weights: Callable[[
 
 def _layout(w: Any) -> Any:
     """What a block's compiled code specializes on besides the shape: a dense weight's dtype, a low-bit one's
-    kernel and group (:class:`~tokopt.backends.torch.lowbit.LowBitLinear`)."""
-    return (w.kernel, w.group_size) if hasattr(w, "kernel") else w.dtype
+    kernel, bits, group and formats (:mod:`tokopt.backends.torch.lowbit`)."""
+    return w.layout if hasattr(w, "layout") else w.dtype
 
 
 class RegionWeights(dict):

@@ -27,15 +27,16 @@ if TYPE_CHECKING:
 class KernelWeight(Protocol):
     """A weight an executor keeps in a low-bit kernel's own layout instead of a dense tensor.
 
-    Only ``act_dtype`` or ``act_quant`` Linears and Embeddings read one (the compiled session hands
-    them out, :mod:`tokopt.backends.torch.lowbit`); it computes what the IR defines for them, so the
-    kernels below stay the definition and the executor chooses how fast it runs.
+    Only Linears and Embeddings read one (the compiled session hands them out,
+    :mod:`tokopt.backends.torch.lowbit`); it computes what the IR defines for them, so the kernels
+    below stay the definition and the executor chooses how fast it runs.
     """
 
     shape: tuple[int, ...]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ weight.T`` for ``x`` already in the act dtype, accumulated in float32, in the act dtype."""
+        """``x @ weight.T`` for ``x`` already in the act dtype (float32 without one), accumulated in float32,
+        in that dtype."""
 
     def quantized_matmul(self, x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
         """``quantize_activations(x, bits, block) @ weight.T`` in float32 (integer dot products, then scaled)."""
@@ -150,19 +151,21 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, act_quant
            act_dtype: str | None = None) -> torch.Tensor:
     """A Linear as the IR defines it, run-time activation quantization and rounding included."""
     if act_quant is not None and not isinstance(weight, torch.Tensor):  # the kernel quantizes its own input
-        y = weight.quantized_matmul(x, act_quant["bits"], act_quant["block"])
-        return y if bias is None else y + bias
+        return _plus(weight.quantized_matmul(x, act_quant["bits"], act_quant["block"]), bias)
     if act_quant is not None:
         x = quantize_activations(x, act_quant["bits"], act_quant["block"])
     if act_dtype is None:
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else _plus(weight.matmul(x), bias)
     dtype = ACT_TORCH_DTYPES[act_dtype]
     rounded = jittered(x).to(dtype)
     if isinstance(weight, torch.Tensor):
         y = jittered(F.linear(rounded.to(x.dtype), weight)).to(dtype)
     else:
         y = weight.matmul(rounded)
-    y = y.to(x.dtype)
+    return _plus(y.to(x.dtype), bias)
+
+
+def _plus(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 

@@ -1,12 +1,13 @@
 """The torch-compile backend's low-bit weights on SmolLM2, side by side with onnxruntime's artifacts.
 
-Seven artifacts, each written by its backend from the same model, measured alternating in one
+Eight artifacts, each written by its backend from the same model, measured alternating in one
 process by ``tokopt bench``'s job (:func:`tokopt.jobs.bench.compare`): the torch-compile
 backend's fp32, int8 and int4 artifacts (``quantize:bits=8`` / ``quantize:bits=4`` as a user
 types them with ``--backend torch-compile``: ``act_dtype=bfloat16`` and bfloat16 scales, run by
-``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``) and its
+``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``), its
 ``quantize:bits=8,group_size=-1,act_bits=8`` (per-channel int8 codes times int8 inputs per row
-on ``torch._int_mm``: "w8a8-rows"); onnxruntime's fp32, int8 and int4 as typed (int8
+on ``torch._int_mm``: "w8a8-rows") and ``quantize:bits=4,symmetric=false`` (zero points, on
+tokopt's native kernel: "asym"); onnxruntime's fp32, int8 and int4 as typed (int8
 activations).  Printed per artifact: weight bytes on disk, decode tok/s (the bench defaults and
 the peers' way: batch 1, 9-token prompt, 128 greedy tokens), the ratio to the same backend's
 fp32 artifact, and the issue's bar for it — half the fp32/low-bit bytes ratio.  A torch-compile
@@ -37,6 +38,8 @@ from tokopt.passes.quantize import QuantizePass
 
 PROMPT = [1, 504, 3458, 314, 253, 1345, 28, 2219, 30]
 W8A8_ROWS = {"group_size": -1, "act_bits": 8}  # int8 codes times int8 inputs per row: torch._int_mm
+ASYMMETRIC = {"symmetric": False}  # zero points: no torch kernel takes them, tokopt's native kernel does
+VARIANT_LABELS = {repr(W8A8_ROWS): " w8a8-rows", repr(ASYMMETRIC): " asym"}
 
 
 def main() -> None:
@@ -48,6 +51,7 @@ def main() -> None:
     plan: list[tuple[str, int | None, dict]] = [
         (backend, bits, {}) for backend in ("torch-compile", "onnxruntime") for bits in (None, 8, 4)]
     plan.insert(2, ("torch-compile", 8, W8A8_ROWS))
+    plan.insert(4, ("torch-compile", 4, ASYMMETRIC))
     with tempfile.TemporaryDirectory(prefix="tokopt-lowbit-") as tmp:
         paths, labels, compile_s = [], [], {}
         for backend, bits, extra in plan:
@@ -55,7 +59,7 @@ def main() -> None:
             if bits is not None:
                 opts = {"bits": bits} | ({"method": args.method} if bits == 4 else {}) | extra
                 g = QuantizePass(**opts).run(graph, PassContext(backend=backend, seed=0)).graph
-            label = f"{backend} {'fp32' if bits is None else f'int{bits}'}{' w8a8-rows' if extra else ''}"
+            label = f"{backend} {'fp32' if bits is None else f'int{bits}'}{VARIANT_LABELS.get(repr(extra), '')}"
             path = Path(tmp) / label.replace(" ", "-")
             get_backend(backend).lower(g, path)
             if backend == "torch-compile":

@@ -122,9 +122,11 @@ class TorchCompileBackend(TorchBackend):
 
         caps = super().capabilities()
         return replace(caps, kv_storages=("dynamic", "static"), notes=(
-            *caps.notes, "act_dtype=bfloat16 Linears run on torch's low-bit CPU kernels (symmetric int4 groups of "
-            "32-256 with bfloat16 scales: _weight_int4pack_mm_for_cpu; per-channel int8: _weight_int8pack_mm); "
-            "other weights are dequantized once at load",
+            *caps.notes, "quantized Linears keep their codes: act_dtype=bfloat16 ones with bfloat16 scales on torch's "
+            "low-bit CPU kernels (symmetric int4 groups of 32-256: _weight_int4pack_mm_for_cpu; per-channel int8: "
+            "_weight_int8pack_mm), per-row int8 inputs on torch._int_mm, every other 4/8-bit format in groups of "
+            "32k/16k (zero points, float16/float32 scales, float or int8-block inputs) on tokopt's native kernel, "
+            "built for the CPU on first use; a weight no kernel takes is dequantized once at load",
             f"static layers pre-allocate their slots; dynamic ones grow by blocks of {GROWTH_BLOCK} tokens "
             "(up to their sinks + window ring); no pages, so no paged storage"))
 

@@ -59,6 +59,11 @@ GROWTH_BLOCK = 256
 #: Inductor skips a cast that is undone right after (fp32 -> fp16 -> fp32) unless told to emulate it;
 #: the KV cache's float16 scales are exactly such a cast, and skipping it changes the quantized codes.
 COMPILE_OPTIONS = {"emulate_precision_casts": True}
+#: Dynamo keeps compiled variants per *code object*, for the whole process: every session specializes the same
+#: block on its weights' layouts and its batch sizes, so a process holding several sessions (``tokopt bench A B``,
+#: the benchmarks) passes dynamo's default of 8 variants, after which it runs the block eagerly without a word
+#: but a warning — a benchmark of five torch-compile artifacts did.  Raised, never lowered, when a session compiles.
+RECOMPILE_LIMIT = 64
 
 
 class CompiledSession(GreedyGeneration):
@@ -83,6 +88,9 @@ class CompiledSession(GreedyGeneration):
         self._regions = find_regions(self.interpreter, self._weights)
         self.compiled = compile
         self._decode = self._run
+        if compile:
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         if compile and self._regions:
             first = self._regions[0]
             self._entry = self.interpreter.inputs[self.interpreter.order[first[0]].name][0]

@@ -115,3 +115,18 @@ def test_optimize_and_bench_from_the_cli(tiny_dir, tmp_path):
                                 "--json"])
     assert bench.exit_code == 0, bench.output
     assert json.loads(bench.stdout)["backend"] == "torch-compile"
+
+
+def test_the_report_says_which_kernel_runs_each_quantized_linear(tiny_dir, tmp_path):
+    """Zero points: no torch kernel takes them, the native one does — the report's artifact section counts the
+    Linears per kernel, so a weight held in float32 since load ("dequantized") cannot hide behind int4 bits."""
+    from tokopt.backends.torch.native import load_kernel
+
+    out = tmp_path / "out"
+    passes = "quantize:bits=4,method=rtn,symmetric=false"
+    result = CliRunner().invoke(cli, ["optimize", str(tiny_dir), "--passes", passes, "--backend", "torch-compile",
+                                      "-o", str(out), "--json", "--eval-tokens", "2x32", "--calib-tokens", "2x32"])
+    assert result.exit_code == 0, result.output
+    kernels = json.loads((out / "report.json").read_text())["artifact"]["linear_kernels"]
+    expected = "native" if load_kernel() is not None else "dequantized"
+    assert kernels == {expected: len(tokopt.load(str(tiny_dir)).nodes("Linear"))}

@@ -462,10 +462,14 @@ def _parity(backend_obj: Any, graph: Graph, path: Path, lowered: Any, weights: A
             report = check_parity(graph, session, label=label, reference=reference)
             child["session_peak_rss_bytes"] = session.peak_rss_bytes()
     else:
-        report = check_parity(graph, session or backend_obj.load(path), label=label, reference=reference)
+        session = session or backend_obj.load(path)
+        report = check_parity(graph, session, label=label, reference=reference)
     files = list(getattr(lowered, "files", []) or [])
+    # a session that chooses kernels per weight format says which ran: a weight held in float32 since load
+    # ("dequantized") must not hide behind the graph's int4 bits_per_param
+    kernels = getattr(session, "linear_kernels", None)
     return {"backend": backend_obj.name, "plugin": getattr(backend_obj, "plugin", "tokopt"), "files": files,
-            "parity": {**report.to_dict(), **child}}
+            "parity": {**report.to_dict(), **child}, **({"linear_kernels": kernels} if kernels else {})}
 
 
 def _stage_record(stage: StageResult) -> dict[str, Any]:

@@ -16,7 +16,9 @@ Schema (``schema_version`` 2: the measured ``artifact_bytes``/``kv_bytes_measure
                metrics: {STAGE_METRIC_KEYS}, quality_measured_on,
                speed: {batch_size, prefill_tok_s_batch, decode_tok_s_batch, measured_on},
                mismatches: [{metric, context, measured, analytic, ratio, message}]}],
-     gates: [{gate, limit, value, passed, message}], passed, warnings: [...], artifact: {...} | null}
+     gates: [{gate, limit, value, passed, message}], passed, warnings: [...],
+     artifact: {backend, plugin, files, parity: {...}, [linear_kernels: {kernel: quantized Linears it runs;
+                "dequantized": held in float32 since load}]} | null}
 
 Units: bytes, tokens/s, FLOPs; ``ppl_delta_pct`` in percent of the baseline; ``kl`` in nats.
 Analytic figures come from the graph (``weight_bytes``, ``kv_bytes_at``); measured ones from the

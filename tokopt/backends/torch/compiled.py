@@ -122,6 +122,11 @@ class CompiledSession(GreedyGeneration):
                 a = node.attrs
                 cache.layer(node.name, a).allocate(batch, a["num_kv_heads"], a["head_dim"], self.dtype)
 
+    @property
+    def linear_kernels(self) -> dict[str, int]:
+        """Quantized Linears by the kernel that runs them (``dequantized``: held in float32 since load)."""
+        return dict(self._weights.kernels)
+
     def kv_nbytes(self, cache: KVCache) -> int:
         """Bytes of the buffers ``cache`` holds now (an int8/int4 cache: its codes, scales and zeros)."""
         return cache.nbytes()

@@ -8,10 +8,15 @@ that need it skip with a reason when the wheel is absent.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+#: The suite opens hundreds of short-lived compiled sessions in one process: dynamo's default of 8 compiled variants
+#: per function bounds their compile time (a session past it runs its block eagerly — the same numbers).
+os.environ.setdefault("TOKOPT_RECOMPILE_LIMIT", "8")
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=512, initializer_range=0.2)

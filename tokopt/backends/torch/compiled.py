@@ -37,6 +37,7 @@ Its logits are checked against the reference in ``tests/test_torch_backend.py`` 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 
 import torch
@@ -62,7 +63,8 @@ COMPILE_OPTIONS = {"emulate_precision_casts": True}
 #: Dynamo keeps compiled variants per *code object*, for the whole process: every session specializes the same
 #: block on its weights' layouts and its batch sizes, so a process holding several sessions (``tokopt bench A B``,
 #: the benchmarks) passes dynamo's default of 8 variants, after which it runs the block eagerly without a word
-#: but a warning — a benchmark of five torch-compile artifacts did.  Raised, never lowered, when a session compiles.
+#: but a warning — a benchmark of five torch-compile artifacts did.  Raised, never lowered, when a session compiles
+#: (``TOKOPT_RECOMPILE_LIMIT`` overrides it: the test suite, hundreds of short-lived sessions, keeps dynamo's 8).
 RECOMPILE_LIMIT = 64
 
 
@@ -90,7 +92,8 @@ class CompiledSession(GreedyGeneration):
         self._decode = self._run
         if compile:
             dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+            limit = int(os.environ.get("TOKOPT_RECOMPILE_LIMIT", RECOMPILE_LIMIT))
+            dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
         if compile and self._regions:
             first = self._regions[0]
             self._entry = self.interpreter.inputs[self.interpreter.order[first[0]].name][0]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokopt.errors import ModelSourceError, OutputExistsError, OutputLocationError
-from tokopt.interrupts import raise_if_interrupted
+from tokopt.interrupts import deferred_interrupts, raise_if_interrupted
 from tokopt.io_boundary import make_parents, output_failure, probe_output_location, reading, remove_empty
 
 if TYPE_CHECKING:
@@ -136,7 +136,9 @@ def atomic_directory(out: str | Path, force: bool = False, empty_ok: bool = Fals
     try:
         yield tmp
         raise_if_interrupted()  # a signal a library swallowed on its way up: an interrupted run publishes nothing
-        with _parent_locked(out):
+        # the swap through a trash directory must not be cut in half (an interrupt there left the trash behind):
+        # a signal arriving inside is raised once it is done, as if it had come just after
+        with _parent_locked(out), deferred_interrupts():
             _commit(tmp, out, force, empty_ok)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

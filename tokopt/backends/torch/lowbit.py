@@ -12,7 +12,7 @@ bfloat16 rounding, ``act_quant``'s run-time int8 inputs):
 - ``int4pack`` / ``int8pack``: torch's ``_weight_int4pack_mm_for_cpu`` (symmetric int4 groups of
   32–256, codes repacked at load) and ``_weight_int8pack_mm`` (symmetric per-channel int8) for
   ``act_dtype=bfloat16`` Linears with bfloat16 scales (then the kernel's weight is the IR's to
-  the bit) — the quantize pass's default for this target; at one token they read 1.4–1.9× the
+  the bit) — the quantize pass's default for this target; at one token they read 1.4–2.2× the
   bytes per second the native kernel does (``python benchmarks/bench_native_lowbit.py``);
 - ``native``: tokopt's own kernel (:mod:`tokopt.backends.torch.native`, built for the machine on
   first use) for every other 4- and 8-bit format in groups of 32·k (4-bit) or 16·k (8-bit) or per

@@ -12,7 +12,7 @@
 // Why a kernel of our own: torch's low-bit CPU kernels take symmetric int4 groups and per-channel
 // int8 with bfloat16 inputs and scales only; every other format (zero points, float16 scales, float
 // or int8 inputs, grouped int8) would otherwise be dequantized to float32 — 4 to 8 times the bytes in
-// memory and per token.  Where torch's kernels apply they are faster here (they read 1.4-1.9x the
+// memory and per token.  Where torch's kernels apply they are faster here (they read 1.4-2.2x the
 // bytes per second at one token: benchmarks/bench_native_lowbit.py) and the session prefers them.
 // Each vector of codes is unpacked and scaled once and multiplied into up to two inputs; several
 // output rows' accumulators are in flight at once (the FMA latency, not bandwidth, bounds one

@@ -229,7 +229,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   const int64_t m = xc.size(0), k = xc.size(1), n = packed.size(0);
   check_format(packed, scales, zeros, bits, group, k);
   const float* xp = xc.data_ptr<float>();
-  std::vector<float> xd = bits == 4 ? deinterleave(xp, m, k) : std::vector<float>(xp, xp + m * k);
+  // 4-bit codes read x de-interleaved (a copy per call); 8-bit ones read it in place
+  const std::vector<float> xd4 = bits == 4 ? deinterleave(xp, m, k) : std::vector<float>();
+  const float* xd = bits == 4 ? xd4.data() : xp;
   at::Tensor y = at::empty({m, n}, xc.options());
   const uint8_t* zp = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -238,7 +240,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 16) / std::max<int64_t>(1, packed.size(1) * m));
   dispatch(scales, bits, [&](auto b, auto* sp) {
     at::parallel_for(0, (n + 3) / 4, (grain + 3) / 4, [&](int64_t t0, int64_t t1) {
-      gemv_rows<decltype(b)::value>(xd.data(), m, k, qp, sp, zp, group, yp, n, t0 * 4, std::min(n, t1 * 4));
+      gemv_rows<decltype(b)::value>(xd, m, k, qp, sp, zp, group, yp, n, t0 * 4, std::min(n, t1 * 4));
     });
   });
   return y;
